@@ -1,0 +1,43 @@
+"""Reading input images safely: unreadable, truncated and decompression-bomb files are refused
+with an error naming the field."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+from PIL import Image
+
+from .errors import InvalidRequest
+
+
+def load_image(source: str | Path | bytes, field: str, max_pixels: int = 4096 * 4096,
+               mode: str = "RGB") -> Image.Image:
+    """Open and fully decode an image from a path or bytes; `field` names it in errors."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise InvalidRequest(f"{field}: no such file {str(source)!r}", field=field)
+        data = path.read_bytes()
+    else:
+        data = source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as probe:
+                width, height = probe.size
+                if width * height > max_pixels:
+                    raise InvalidRequest(
+                        f"{field} is {width}x{height}, over the limit of {max_pixels} pixels",
+                        field=field,
+                    )
+                image = probe.convert(mode)  # decodes everything: truncation shows here
+    except InvalidRequest:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidRequest(f"{field} is too large to decode safely", field=field) from exc
+    except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for bad files
+        raise InvalidRequest(f"{field} is not a readable image (or is truncated)",
+                             field=field) from exc
+    return image

@@ -1,0 +1,212 @@
+"""Model references -> loaded components.
+
+A reference (REF) is one of
+* a local diffusers folder (`model_index.json`, or a component's `config.json`),
+* a local single-file checkpoint `*.safetensors` (original layout; needs a config),
+* a hub repo id `owner/name`, optionally `owner/name/file.safetensors` for one file in it.
+
+Pickle-based formats (.ckpt, .pt, .pth, .bin, .pkl) are refused before anything is opened, and
+folders are loaded with `use_safetensors=True`, so no weights are ever unpickled."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError, NotFound, OfflineError, UnsafeFormat
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(/[\w.\-/]+\.safetensors)?$")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A parsed reference: exactly one of `path` (local) or `repo` (hub) is set."""
+
+    text: str
+    path: Path | None = None
+    repo: str | None = None
+    filename: str | None = None  # a file inside a hub repo
+
+    @property
+    def is_file(self) -> bool:
+        return (self.path is not None and self.path.is_file()) or self.filename is not None
+
+
+def parse_ref(text: str, field: str) -> Ref:
+    text = str(text).strip()
+    if not text:
+        raise NotFound(f"{field} is empty", field=field)
+    if text.lower().endswith(PICKLE_SUFFIXES):
+        raise UnsafeFormat(
+            f"{field} {text!r} is a pickle-based file, which can run arbitrary code when loaded; "
+            "fewstep only loads .safetensors (convert it once with a trusted tool)",
+            field=field,
+        )
+    path = Path(text).expanduser()
+    if path.exists():
+        return Ref(text=text, path=path.resolve())
+    looks_local = text.startswith((".", "/", "~")) or os.sep in text.replace("/", "", 1) or (
+        text.endswith(".safetensors") and text.count("/") < 2
+    )
+    if looks_local or not _HUB_ID.match(text):
+        raise NotFound(f"{field} {text!r}: no such file or folder", field=field)
+    parts = text.split("/")
+    if len(parts) > 2:
+        return Ref(text=text, repo="/".join(parts[:2]), filename="/".join(parts[2:]))
+    return Ref(text=text, repo=text)
+
+
+def offline_mode() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def hub_error(ref: Ref, field: str, exc: Exception) -> OfflineError | NotFound:
+    """Map the many failures of a hub download to one clear error."""
+    name = type(exc).__name__
+    if name in ("RepositoryNotFoundError", "EntryNotFoundError", "RevisionNotFoundError"):
+        return NotFound(f"{field} {ref.text!r} was not found on the hub", field=field)
+    return OfflineError(
+        f"{field} {ref.text!r} is not in the local cache and the hub could not be reached "
+        f"({name}). Download it where you have a connection, or pass a local diffusers folder "
+        "or .safetensors file instead (e.g. --model /path/to/folder)",
+        field=field,
+    )
+
+
+def hub_file(ref: Ref, filename: str, field: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(ref.repo, filename, local_files_only=offline_mode()))
+    except Exception as exc:  # noqa: BLE001 - every hub failure becomes one typed error
+        raise hub_error(ref, field, exc) from exc
+
+
+def read_unet_config(ref: Ref, config_ref: Ref | None, field: str = "model") -> dict[str, Any]:
+    """The UNet config of a model, read without loading any weights (for family detection)."""
+    if ref.path is not None and ref.path.is_dir():
+        for candidate in (ref.path / "unet" / "config.json", ref.path / "config.json"):
+            if candidate.is_file():
+                return json.loads(candidate.read_text())
+        raise ModelError(
+            f"{field} {ref.text!r} is a folder but not a diffusers model "
+            "(no unet/config.json)",
+            field=field,
+        )
+    if ref.is_file:
+        if config_ref is None:
+            return {}  # single file: the family comes from its keys
+        return read_unet_config(config_ref, None, "config")
+    return json.loads(hub_file(ref, "unet/config.json", field).read_text())
+
+
+def single_file_family(path: Path) -> str:
+    """Family of an original-layout checkpoint, from its keys alone (no tensors are read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"model file {str(path)!r} is not a readable .safetensors file: {exc}",
+                         field="model") from exc
+    if any(k.startswith("conditioner.embedders.1") for k in keys):
+        # SSD-1B drops transformer blocks that SDXL has
+        deep = "model.diffusion_model.output_blocks.0.1.transformer_blocks.9.attn1.to_q.weight"
+        return "sdxl" if deep in keys else "ssd-1b"
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return "sd15"
+    raise ModelError(
+        f"model file {str(path)!r} is not a Stable Diffusion checkpoint in the original layout "
+        "(no model.diffusion_model.* keys)",
+        field="model",
+    )
+
+
+def load_pipeline(cls, ref: Ref, *, config_ref: Ref | None, family, torch_dtype, field="model"):
+    """Load `cls` (a diffusers pipeline class) from a reference, safetensors only."""
+    kwargs: dict[str, Any] = dict(torch_dtype=torch_dtype)
+    if not family.sdxl_like:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        if ref.is_file:
+            path = ref.path if ref.path is not None else hub_file(ref, ref.filename, field)
+            if path.suffix != ".safetensors":
+                raise UnsafeFormat(f"{field} {ref.text!r} is not a .safetensors file", field=field)
+            config = None
+            if config_ref is not None:
+                config = str(config_ref.path) if config_ref.path else config_ref.repo
+            elif offline_mode():
+                config = _cached_family_config(family)
+            return cls.from_single_file(
+                str(path), config=config or family.default_model,
+                local_files_only=offline_mode() or config_ref is not None, **kwargs
+            )
+        source = str(ref.path) if ref.path is not None else ref.repo
+        return cls.from_pretrained(
+            source, use_safetensors=True, local_files_only=offline_mode(), **kwargs
+        )
+    except (ModelError, NotFound):
+        raise
+    except Exception as exc:  # noqa: BLE001 - mapped to typed errors below
+        raise _load_error(ref, field, exc, single=ref.is_file) from exc
+
+
+def load_component(cls, ref: Ref, *, torch_dtype, field: str):
+    """A ControlNet, T2I-Adapter or motion adapter, from a folder or hub repo."""
+    if ref.is_file:
+        raise ModelError(
+            f"{field} {ref.text!r}: give the component's diffusers folder or hub repo id, "
+            "not a single file",
+            field=field,
+        )
+    source = str(ref.path) if ref.path is not None else ref.repo
+    try:
+        return cls.from_pretrained(
+            source, torch_dtype=torch_dtype, use_safetensors=True,
+            local_files_only=offline_mode(),
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise _load_error(ref, field, exc, single=False) from exc
+
+
+def _cached_family_config(family) -> str | None:
+    """The family's default repo folder, when it is already in the local hub cache."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            family.default_model, local_files_only=True,
+            allow_patterns=["*.json", "*.txt"],
+        )
+    except Exception:  # noqa: BLE001 - not cached: the caller explains how to pass --config
+        return None
+
+
+def _load_error(ref: Ref, field: str, exc: Exception, *, single: bool):
+    text = str(exc)
+    name = type(exc).__name__
+    if ref.repo is not None and (
+        "Hub" in name or "Connect" in name or "Offline" in name or "LocalEntryNotFound" in name
+        or "Repository" in name or "cannot find the requested files" in text
+        or "Entry" in name or "local_files_only" in text or "offline" in text.lower()
+    ):
+        return hub_error(ref, field, exc)
+    if single and ("config" in text.lower() or "local_files_only" in text):
+        return OfflineError(
+            f"{field} {ref.text!r}: a single-file checkpoint needs a config; pass a local "
+            "diffusers folder of the same family with --config",
+            field=field,
+        )
+    if "safetensors" in text and (".bin" in text or "use_safetensors" in text):
+        return UnsafeFormat(
+            f"{field} {ref.text!r} has no .safetensors weights (only pickle files), refused",
+            field=field,
+        )
+    return ModelError(f"{field} {ref.text!r} could not be loaded: {name}: {text[:300]}",
+                      field=field)

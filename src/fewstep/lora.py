@@ -1,0 +1,253 @@
+"""LoRA files: reading, checking against a model, and per-request stacks.
+
+Both key formats load: kohya-style (`lora_unet_...` / `lora_te_...` with `.alpha`, with diffusers
+or original LDM module names) and diffusers/peft (`unet.<module>.lora_A.weight`). A file is read
+and checked in full -- finite values, known keys, every target module present with matching
+shapes -- before anything touches the model, so a bad or foreign LoRA is refused with the model
+unchanged.
+
+The family's LCM-LoRA is baked into the base weights once (`bake_lora`): it is the same for every
+request of an engine. Style and motion LoRAs are peft adapters, activated per request with
+`set_adapters` and deactivated (not merely scaled to zero) when a request does not ask for them,
+so one request's stack never reaches the next."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from pathlib import Path
+
+import torch
+
+from .errors import InvalidRequest, LoraError, NotFound
+from .loading import Ref, hub_file, parse_ref
+
+MAX_LORA_WEIGHT = 4.0
+LORA_FILENAME = "pytorch_lora_weights.safetensors"
+_PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+_TE_PREFIXES = ("text_encoder", "text_encoder_2")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One entry of a stack: a reference (path or hub id) and its weight."""
+
+    ref: str
+    weight: float = 1.0
+
+
+def parse_lora_arg(text: str, field: str = "lora", default_weight: float = 1.0) -> LoraSpec:
+    """`REF[:WEIGHT]`. The weight is split off only when what follows the last colon is a
+    number, so Windows drive letters and hub ids stay intact."""
+    ref, weight = text, default_weight
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            weight = float(tail)
+            ref = head
+        except ValueError:
+            pass
+    return LoraSpec(ref=ref, weight=check_weight(weight, field))
+
+
+def check_weight(weight: float, field: str) -> float:
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+        raise InvalidRequest(f"{field} weight must be a number, got {weight!r}", field=field)
+    if not math.isfinite(weight) or abs(weight) > MAX_LORA_WEIGHT:
+        raise InvalidRequest(
+            f"{field} weight must be finite and within ±{MAX_LORA_WEIGHT}, got {weight!r}",
+            field=field,
+        )
+    return float(weight)
+
+
+def resolve_lora_file(text: str, field: str = "lora") -> Path:
+    """A LoRA reference -> the .safetensors file to read (downloaded when it is a hub id)."""
+    ref = parse_ref(text, field)
+    if ref.path is not None:
+        if ref.path.is_dir():
+            candidates = [ref.path / LORA_FILENAME] + sorted(ref.path.glob("*.safetensors"))
+            for candidate in candidates:
+                if candidate.is_file():
+                    return candidate
+            raise NotFound(f"{field} {text!r}: the folder holds no .safetensors file", field=field)
+        if ref.path.suffix != ".safetensors":
+            raise LoraError(f"{field} {text!r} is not a .safetensors file", field=field)
+        return ref.path
+    return hub_file(ref, ref.filename or LORA_FILENAME, field)
+
+
+@dataclass
+class LoraFile:
+    """A LoRA read from disk and checked for sanity; `fits()` checks it against a model."""
+
+    ref: str
+    path: Path
+    raw: dict[str, torch.Tensor]
+    digest: str  # names the adapter; changes when the file changes
+    field: str = "lora"
+    checked: set = dc_field(default_factory=set)  # ids of the module sets it was checked against
+
+    @property
+    def adapter_name(self) -> str:
+        return "fs_" + self.digest
+
+
+def read_lora(text: str, field: str = "lora") -> LoraFile:
+    from safetensors.torch import load_file
+
+    path = resolve_lora_file(text, field)
+    stat = path.stat()
+    try:
+        raw = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - truncated, corrupt or not safetensors
+        raise LoraError(
+            f"{field} {text!r} is not a readable .safetensors file (truncated or corrupt?): "
+            f"{type(exc).__name__}",
+            field=field,
+        ) from exc
+    if not raw:
+        raise LoraError(f"{field} {text!r} holds no tensors", field=field)
+    for key, tensor in raw.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LoraError(f"{field} {text!r}: tensor {key!r} holds NaN or Inf values",
+                            field=field)
+    digest = hashlib.sha1(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return LoraFile(ref=text, path=path, raw=raw, digest=digest, field=field)
+
+
+def canonical_parts(lora: LoraFile, pipeline_cls, unet_config) -> dict[str, dict]:
+    """The file's tensors in peft layout, split by component: {"unet": {...}, "text_encoder": ...}.
+
+    Uses diffusers' own converters (the same ones `load_lora_weights` uses), so what is checked
+    here is what would be loaded."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    try:
+        kwargs = {"unet_config": unet_config} if "XL" in pipeline_cls.__name__ else {}
+        state, _alphas = pipeline_cls.lora_state_dict(dict(lora.raw), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds on foreign files
+        raise LoraError(f"{lora.field} {lora.ref!r}: not a LoRA format fewstep knows ({exc})",
+                        field=lora.field) from exc
+    parts: dict[str, dict] = {}
+    for key, value in state.items():
+        prefix, _, rest = key.partition(".")
+        if prefix not in ("unet",) + _TE_PREFIXES or not rest:
+            raise LoraError(f"{lora.field} {lora.ref!r}: unknown key {key!r}", field=lora.field)
+        parts.setdefault(prefix, {})[rest] = value
+    if "unet" in parts and not any("lora_A" in k for k in parts["unet"]):
+        parts["unet"] = convert_unet_state_dict_to_peft(parts["unet"])
+    for prefix in _TE_PREFIXES:
+        if prefix in parts:
+            parts[prefix] = convert_state_dict_to_peft(convert_state_dict_to_diffusers(parts[prefix]))
+    return parts
+
+
+def _weight_shape(module) -> tuple[int, int] | None:
+    base = getattr(module, "base_layer", module)  # a module that already carries adapters
+    if isinstance(base, torch.nn.Linear):
+        return base.out_features, base.in_features
+    if isinstance(base, torch.nn.Conv2d):
+        return base.out_channels, base.in_channels
+    return None
+
+
+def check_fits(lora: LoraFile, pipe, unet) -> None:
+    """Refuse a LoRA whose keys or shapes do not fit `unet` and the pipe's text encoders:
+    a LoRA for another family, a mis-shaped or foreign file. Reads the model, changes nothing."""
+    token = (id(unet), type(pipe).__name__)
+    if token in lora.checked:
+        return
+    parts = canonical_parts(lora, type(pipe), unet.config)
+    if not parts:
+        raise LoraError(f"{lora.field} {lora.ref!r} holds no LoRA weights", field=lora.field)
+    for prefix, tensors in parts.items():
+        model = unet if prefix == "unet" else getattr(pipe, prefix, None)
+        if model is None:
+            raise LoraError(
+                f"{lora.field} {lora.ref!r} has {prefix} weights but this model has no {prefix}; "
+                "is it a LoRA for another model family?",
+                field=lora.field,
+            )
+        modules = dict(model.named_modules())
+        if not hasattr(model, "text_model"):  # flattened CLIP in recent transformers
+            tensors = {k.removeprefix("text_model."): v for k, v in tensors.items()}
+        for key, tensor in tensors.items():
+            match = _PEFT_KEY.match(key)
+            if match is None:
+                if key.endswith((".alpha", ".lora_magnitude_vector")) or ".lora_B.bias" in key:
+                    continue
+                raise LoraError(f"{lora.field} {lora.ref!r}: unknown key {prefix}.{key!r}",
+                                field=lora.field)
+            module = modules.get(match["module"])
+            shape = _weight_shape(module) if module is not None else None
+            if shape is None:
+                raise LoraError(
+                    f"{lora.field} {lora.ref!r} targets {prefix}.{match['module']}, which this "
+                    "model does not have; is it a LoRA for another model family?",
+                    field=lora.field,
+                )
+            out_f, in_f = shape
+            ok = tensor.shape[1] == in_f if match["part"] == "lora_A" else tensor.shape[0] == out_f
+            if tensor.ndim < 2 or not ok:
+                raise LoraError(
+                    f"{lora.field} {lora.ref!r}: {prefix}.{key} has shape {tuple(tensor.shape)}, "
+                    f"which does not fit the model's layer ({out_f} out, {in_f} in); is it a LoRA "
+                    "for another model family?",
+                    field=lora.field,
+                )
+    lora.checked.add(token)
+
+
+def bake_lora(pipe, lora: LoraFile, weight: float) -> None:
+    """Add `weight` x the LoRA into the base weights for good (used for the LCM-LoRA): the
+    model runs at plain speed afterwards, with no adapter layers in the way."""
+    pipe.load_lora_weights(dict(lora.raw), adapter_name="fs_bake")
+    try:
+        pipe.fuse_lora(adapter_names=["fs_bake"], lora_scale=weight)
+    finally:
+        pipe.unload_lora_weights()
+
+
+@dataclass
+class AdapterSlots:
+    """The adapters loaded into one UNet (and the text encoders beside it), least recently used
+    first. Bounded: the oldest unused adapter is deleted when a new one would exceed `limit`."""
+
+    limit: int = 8
+    loaded: OrderedDict = dc_field(default_factory=OrderedDict)  # adapter name -> LoraFile
+
+
+def apply_stack(pipe, slots: AdapterSlots, stack: list[tuple[LoraFile, float]]) -> None:
+    """Make exactly `stack` active on `pipe` (already checked with `check_fits`)."""
+    wanted = [lora.adapter_name for lora, _ in stack]
+    for lora, _ in stack:
+        name = lora.adapter_name
+        if name in slots.loaded:
+            slots.loaded.move_to_end(name)
+            continue
+        while len(slots.loaded) >= max(slots.limit, len(stack)):
+            oldest = next(n for n in slots.loaded if n not in wanted)
+            pipe.delete_adapters(oldest)
+            del slots.loaded[oldest]
+        pipe.load_lora_weights(dict(lora.raw), adapter_name=name)
+        slots.loaded[name] = lora
+    if not slots.loaded:
+        return
+    if stack:
+        pipe.enable_lora()
+        pipe.set_adapters(wanted, adapter_weights=[w for _, w in stack])
+    else:
+        pipe.disable_lora()
+
+
+def clear_adapters(pipe, slots: AdapterSlots) -> None:
+    """Remove every adapter layer (the base weights stay as they are)."""
+    if slots.loaded:
+        pipe.unload_lora_weights()
+        slots.loaded.clear()

@@ -1,0 +1,127 @@
+"""What every task shares: the typed request (validated, with limits from Settings) and the
+call of a diffusers pipeline with a seed, progress, cancellation and a LoRA stack."""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..config import Settings
+from ..errors import InvalidRequest
+from ..lora import MAX_LORA_WEIGHT
+
+if TYPE_CHECKING:
+    from ..engine import Engine, Result
+
+MAX_SEED = 2**63 - 1
+
+
+class LoraRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    ref: str = Field(min_length=1, max_length=1000)
+    weight: float = Field(1.0, ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT)
+
+
+class Request(BaseModel):
+    """Fields common to every task. Subclasses set `task` and their own defaults."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, arbitrary_types_allowed=True,
+                              validate_assignment=True)
+    task: ClassVar[str] = ""
+
+    prompt: str
+    negative_prompt: str | None = None
+    steps: int = Field(4, ge=1)
+    guidance: float = Field(1.0, ge=0.0, le=30.0)
+    width: int | None = Field(None, ge=8)
+    height: int | None = Field(None, ge=8)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    num_images: int = Field(1, ge=1)
+    loras: list[LoraRequest] = Field(default_factory=list)
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _printable(cls, value):
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
+
+    @classmethod
+    def build(cls, **values) -> "Request":
+        """Construct, turning pydantic's errors into one InvalidRequest naming the field."""
+        try:
+            return cls(**{k: v for k, v in values.items() if v is not None})
+        except ValidationError as exc:
+            raise invalid_from_pydantic(exc) from None
+
+    # -- checks that need Settings or the loaded model -----------------------------------
+
+    def check_limits(self, settings: Settings) -> None:
+        if len(self.prompt) > settings.max_prompt_chars:
+            raise InvalidRequest(
+                f"prompt is {len(self.prompt)} characters, over the limit of "
+                f"{settings.max_prompt_chars}", field="prompt")
+        if self.negative_prompt and len(self.negative_prompt) > settings.max_prompt_chars:
+            raise InvalidRequest(
+                f"negative_prompt is over the limit of {settings.max_prompt_chars} characters",
+                field="negative_prompt")
+        if self.steps > settings.max_steps:
+            raise InvalidRequest(f"steps must be at most {settings.max_steps}, got {self.steps}",
+                                 field="steps")
+        if self.num_images > settings.max_num_images:
+            raise InvalidRequest(
+                f"num_images must be at most {settings.max_num_images}, got {self.num_images}",
+                field="num_images")
+        if len(self.loras) > settings.max_loras:
+            raise InvalidRequest(f"at most {settings.max_loras} LoRAs per request, "
+                                 f"got {len(self.loras)}", field="loras")
+
+    def check_size(self, width: int, height: int, multiple: int, settings: Settings) -> None:
+        for name, value in (("width", width), ("height", height)):
+            if value % multiple:
+                raise InvalidRequest(
+                    f"{name} must be a multiple of {multiple}, got {value}", field=name)
+        if width * height > settings.max_pixels:
+            raise InvalidRequest(
+                f"width x height is {width}x{height} = {width * height} pixels, over the limit "
+                f"of {settings.max_pixels}", field="width")
+
+    def warnings(self) -> list[str]:
+        if self.negative_prompt and self.guidance <= 1.0:
+            return [f"guidance {self.guidance} <= 1 disables classifier-free guidance: "
+                    "the negative prompt has no effect"]
+        return []
+
+    def with_seed(self) -> "Request":
+        """A copy with a concrete seed (drawn at random when none was given), for the record."""
+        if self.seed is not None:
+            return self
+        return self.model_copy(update={"seed": random.randrange(2**32)})
+
+    def record(self) -> dict[str, Any]:
+        """The request as plain data, images left out (for metadata and logs)."""
+        data = self.model_dump(exclude=set(self.image_fields()))
+        data["task"] = self.task
+        return data
+
+    @classmethod
+    def image_fields(cls) -> tuple[str, ...]:
+        return ()
+
+    # -- running ------------------------------------------------------------------------
+
+    def run(self, engine: "Engine", progress: Callable | None, cancel) -> "Result":
+        raise NotImplementedError
+
+
+def invalid_from_pydantic(exc: ValidationError) -> InvalidRequest:
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or None
+    value = first.get("input")
+    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return InvalidRequest(f"{field}: {first['msg']} (got {shown})", field=field)

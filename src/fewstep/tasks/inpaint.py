@@ -1,0 +1,42 @@
+"""Inpainting, with 9-channel inpainting checkpoints and with plain ones (latent blending)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from ..errors import InvalidRequest
+from .base import Request
+from .img2img import check_strength, input_size, resized
+
+
+class InpaintRequest(Request):
+    """White in `mask` is repainted. The mask must have the image's size."""
+
+    task = "inpaint"
+    image: object
+    mask: object
+    strength: float = Field(1.0, gt=0.0, le=1.0)
+    guidance: float = Field(4.0, ge=0.0, le=30.0)  # the recipe's value for inpainting
+
+    @classmethod
+    def image_fields(cls):
+        return ("image", "mask")
+
+    def run(self, engine, progress, cancel):
+        check_strength(self)
+        if self.mask.size != self.image.size:
+            raise InvalidRequest(
+                f"mask is {self.mask.width}x{self.mask.height} but image is "
+                f"{self.image.width}x{self.image.height}; they must have the same size",
+                field="mask")
+        width, height = input_size(self, self.image)
+        self.check_size(width, height, 8, engine.settings)
+        pipe = engine.pipeline("inpaint")
+        kwargs = {
+            "image": resized(self.image, width, height),
+            "mask_image": resized(self.mask, width, height),
+            "strength": self.strength,
+            "width": width,
+            "height": height,
+        }
+        return engine.call(pipe, self, kwargs, progress, cancel)
