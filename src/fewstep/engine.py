@@ -267,10 +267,12 @@ class Engine:
             raise InvalidRequest(str(exc)[:500]) from exc
         images = output.frames if hasattr(output, "frames") else output.images
         images = np.asarray(images, dtype=np.float32)
+        params = self.describe(request)
+        params.update(width=int(images.shape[-2]), height=int(images.shape[-3]))
         return Result(
             task=request.task,
             images=images,
-            params=self.describe(request),
+            params=params,
             warnings=request.warnings(),
         )
 

@@ -68,3 +68,36 @@ def recipe_call(pipe, prompt: str, seed: int, **kwargs):
     """Step 5: call with a seeded generator; float images in 0..1."""
     out = pipe(prompt=prompt, generator=torch.manual_seed(seed), output_type="np", **kwargs)
     return out.frames if hasattr(out, "frames") else out.images
+
+
+def recipe_arguments(request, *, sdxl: bool = False, adapter_channels: int = 3) -> dict:
+    """The pipeline arguments the guide would pass for a fewstep request."""
+    from .control import canny
+
+    kw: dict[str, Any] = dict(num_inference_steps=request.steps,
+                              guidance_scale=request.guidance)
+    if request.negative_prompt:
+        kw["negative_prompt"] = request.negative_prompt
+    if request.num_images != 1:
+        key = "num_videos_per_prompt" if request.task == "animate" else "num_images_per_prompt"
+        kw[key] = request.num_images
+    if request.width and request.task in ("txt2img", "animate"):
+        kw.update(width=request.width, height=request.height)
+    if request.task == "img2img":
+        kw.update(image=request.image, strength=request.strength)
+    elif request.task == "inpaint":
+        kw.update(image=request.image, mask_image=request.mask, strength=request.strength)
+    elif request.task in ("controlnet", "t2i-adapter"):
+        channels = adapter_channels if request.task == "t2i-adapter" else 3
+        image = canny(request.control_image, request.canny_low, request.canny_high, channels) \
+            if request.canny else request.control_image
+        if request.task == "controlnet":
+            kw.update(image=image, controlnet_conditioning_scale=request.conditioning_scale,
+                      cross_attention_kwargs={"scale": 1})
+        else:
+            kw.update(image=image, adapter_conditioning_scale=request.conditioning_scale)
+            if sdxl:
+                kw["adapter_conditioning_factor"] = request.conditioning_factor
+    elif request.task == "animate":
+        kw.update(num_frames=request.num_frames, cross_attention_kwargs={"scale": 1})
+    return kw

@@ -1,0 +1,82 @@
+"""API-key authentication (Bearer, or HTTP Basic with the key as password, the form A1111
+clients send) and the loopback-by-default bind rule."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import ipaddress
+import json
+
+from ..errors import InvalidRequest
+
+OPEN_PATHS = ("/healthz", "/readyz")
+OPEN_PREFIXES = ("/v1/files/",)  # capability URLs: the random token is the secret
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Any address but loopback needs an API key: refuse to start without one."""
+    if not is_loopback(host) and not api_key:
+        raise InvalidRequest(
+            f"binding {host!r} exposes the service beyond this machine: give --api-key (or "
+            "FEWSTEP_API_KEY), or bind 127.0.0.1", field="api_key")
+
+
+def key_matches(header: str | None, api_key: str) -> bool:
+    if not header:
+        return False
+    scheme, _, value = header.strip().partition(" ")
+    value = value.strip()
+    expected = api_key.encode()
+    if scheme.lower() == "bearer":
+        return hmac.compare_digest(value.encode(), expected)
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value, validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            return False
+        _, sep, password = decoded.partition(":")
+        return bool(sep) and hmac.compare_digest(password.encode(), expected)
+    return False
+
+
+class AuthMiddleware:
+    """Pure ASGI: 401 with a typed body unless the request carries the key."""
+
+    def __init__(self, app, api_key: str | None, on_reject=None):
+        self.app = app
+        self.api_key = api_key
+        self.on_reject = on_reject
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.api_key:
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+            return await self.app(scope, receive, send)
+        header = None
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                header = value.decode("latin-1")
+                break
+        if key_matches(header, self.api_key):
+            return await self.app(scope, receive, send)
+        if self.on_reject is not None:
+            self.on_reject()
+        body = json.dumps({"error": {
+            "type": "unauthorized", "field": "authorization",
+            "message": "missing or wrong API key (send 'Authorization: Bearer KEY')"}}).encode()
+        await send({"type": "http.response.start", "status": 401, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"www-authenticate", b'Bearer realm="fewstep", Basic realm="fewstep"')]})
+        await send({"type": "http.response.body", "body": body})
