@@ -2,19 +2,21 @@
 
 __version__ = "0.1.0"
 
+_PUBLIC = {
+    "Engine": "engine", "Result": "engine", "Settings": "config",
+    "Request": "tasks", "LoraRequest": "tasks", "Txt2ImgRequest": "tasks",
+    "Img2ImgRequest": "tasks", "InpaintRequest": "tasks", "ControlNetRequest": "tasks",
+    "T2IAdapterRequest": "tasks", "AnimateRequest": "tasks", "save_result": "outputs",
+}
+
 
 def __getattr__(name):
     # the public API, imported lazily so `import fewstep` stays light (no torch at import)
-    if name in ("Engine", "Result"):
-        from . import engine
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'fewstep' has no attribute {name!r}")
+    import importlib
 
-        return getattr(engine, name)
-    if name == "Settings":
-        from .config import Settings
+    return getattr(importlib.import_module(f"fewstep.{_PUBLIC[name]}"), name)
 
-        return Settings
-    from . import tasks
 
-    if name in tasks.__all__:
-        return getattr(tasks, name)
-    raise AttributeError(name)
+__all__ = sorted(_PUBLIC)

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import FewstepError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages stay on one line
 
 TASK_OUT = {"animate": "fewstep.gif"}
 DEFAULT_OUT = "fewstep.png"
@@ -118,16 +119,12 @@ def _request_values(args, task: str) -> dict:
 
 
 def _lcm(args, task: str) -> tuple[str, float]:
-    from .lora import parse_lora_arg
+    from .lora import check_weight, split_weight
 
-    if args.lcm_lora in ("auto", "none"):
-        ref, weight = args.lcm_lora, None
-    else:
-        spec = parse_lora_arg(args.lcm_lora, "lcm_lora", default_weight=float("nan"))
-        ref, weight = spec.ref, spec.weight
-    if weight is None or weight != weight:  # not given
+    ref, weight = split_weight(args.lcm_lora)
+    if weight is None:
         weight = 0.55 if task == "animate" else 1.0  # the recipe's weights
-    return ref, weight
+    return ref, check_weight(weight, "lcm_lora")
 
 
 def run_task(args) -> int:
@@ -183,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_serve(args)
         return run_task(args)
     except FewstepError as exc:
-        where = f" [{exc.field}]" if exc.field else ""
-        console.print(f"[red]error{where}:[/] {exc.message}", highlight=False)
+        where = f" ({exc.field})" if exc.field else ""
+        console.print(f"[red]error{escape(where)}:[/] {escape(exc.message)}", highlight=False)
         return exc.exit_code
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]")

@@ -40,18 +40,22 @@ class LoraSpec:
     weight: float = 1.0
 
 
-def parse_lora_arg(text: str, field: str = "lora", default_weight: float = 1.0) -> LoraSpec:
-    """`REF[:WEIGHT]`. The weight is split off only when what follows the last colon is a
-    number, so Windows drive letters and hub ids stay intact."""
-    ref, weight = text, default_weight
+def split_weight(text: str) -> tuple[str, float | None]:
+    """`REF[:WEIGHT]` -> (REF, WEIGHT or None). The weight is split off only when what follows
+    the last colon is a number, so Windows drive letters and hub ids stay intact."""
     head, sep, tail = text.rpartition(":")
     if sep and head:
         try:
-            weight = float(tail)
-            ref = head
+            return head, float(tail)
         except ValueError:
             pass
-    return LoraSpec(ref=ref, weight=check_weight(weight, field))
+    return text, None
+
+
+def parse_lora_arg(text: str, field: str = "lora", default_weight: float = 1.0) -> LoraSpec:
+    ref, weight = split_weight(text)
+    return LoraSpec(ref=ref, weight=check_weight(default_weight if weight is None else weight,
+                                                 field))
 
 
 def check_weight(weight: float, field: str) -> float:

@@ -85,7 +85,7 @@ def from_validation_errors(errors) -> FewstepError:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return BadBody("the body is not valid JSON", field="body")
-    field = field_from_loc(first.get("loc", ()))
+    field = field_from_loc(first.get("loc", ())) or "body"
     value = first.get("input")
     shown = repr(value) if isinstance(value, (int, float, bool)) or value is None else \
         type(value).__name__

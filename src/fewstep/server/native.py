@@ -140,7 +140,7 @@ def router(service) -> APIRouter:
             except Exception as exc:  # noqa: BLE001 - python-multipart's many parse errors
                 raise BadBody(f"the multipart body could not be parsed ({type(exc).__name__})",
                               field="body") from None
-            async with form:
+            try:
                 unknown = [k for k in form.keys() if k not in ("params", *image_fields)]
                 if unknown:
                     raise InvalidRequest(f"{unknown[0]}: unknown form field", field=unknown[0])
@@ -162,6 +162,8 @@ def router(service) -> APIRouter:
                     if upload is None or isinstance(upload, str):
                         raise InvalidRequest(f"{name}: a file upload is required", field=name)
                     images[name] = image_from_bytes(await upload.read(), name, service.settings)
+            finally:
+                await form.close()
             return await generate(request, workflow, values, images, wait=wait)
 
         endpoint.__name__ = f"{workflow.replace('-', '_')}_upload"

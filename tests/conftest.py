@@ -1,0 +1,37 @@
+"""Shared fixtures: the tiny models are built once per test session (a few seconds)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    from fewstep.testing import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def sd15_engine(tiny):
+    from fewstep.engine import Engine
+
+    return Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", dtype="fp32")
+
+
+def unet_fingerprint(unet):
+    """A cheap exact fingerprint of a UNet's weights (base weights only)."""
+    import torch
+
+    total = []
+    for name, tensor in sorted(unet.state_dict().items()):
+        if "lora_" in name:
+            continue
+        total.append(tensor.double().sum().item())
+    return torch.tensor(total)

@@ -1,0 +1,134 @@
+"""The CLI end to end on tiny models: files, metadata, numbering, animations, errors."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fewstep.cli import main
+from fewstep.selftest import sample_image, sample_mask
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    sample_image().save(folder / "image.png")
+    sample_mask().save(folder / "mask.png")
+    sample_mask(32).save(folder / "small-mask.png")
+    return folder
+
+
+def _base(tiny):
+    return ["--model", str(tiny.sd15), "--lcm-lora", str(tiny.lcm_sd15), "--device", "cpu",
+            "--quiet"]
+
+
+def test_txt2img_writes_png_with_parameters(tiny, tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    code = main(["txt2img", "a cat", *_base(tiny), "--seed", "42", "--negative", "dog",
+                 "--lora", f"{tiny.style_sd15}:0.7", "--out", str(out)])
+    assert code == 0
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    text = image.text["parameters"]
+    assert text.startswith("a cat\nNegative prompt: dog\nSteps: 4, Sampler: LCM, CFG scale: 1.0, "
+                           "Seed: 42, Size: 64x64")
+    assert "style-sd15.safetensors:0.7" in text
+    record = json.loads(image.text["fewstep"])
+    assert record["request"]["seed"] == 42 and record["request"]["loras"][0]["weight"] == 0.7
+    assert "no effect" in capsys.readouterr().err  # the negative-prompt warning
+
+
+def test_png_record_reproduces_the_image(tiny, tmp_path, sd15_engine):
+    from fewstep.tasks import REQUESTS
+
+    out = tmp_path / "a.png"
+    assert main(["txt2img", "a tree", *_base(tiny), "--out", str(out)]) == 0  # random seed
+    record = json.loads(Image.open(out).text["fewstep"])["request"]
+    request = REQUESTS[record.pop("task")].build(**record)
+    again = sd15_engine.generate(request).pil_images()[0]
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(Image.open(out).convert("RGB")))
+
+
+def test_num_images_writes_numbered_files(tiny, tmp_path):
+    out = tmp_path / "many.png"
+    assert main(["txt2img", "x", *_base(tiny), "--num-images", "3", "--seed", "1",
+                 "--out", str(out)]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["many-1.png", "many-2.png", "many-3.png"]
+    first, second = (np.asarray(Image.open(tmp_path / n)) for n in names[:2])
+    assert np.abs(first.astype(int) - second.astype(int)).max() > 0
+
+
+def test_every_task_command(tiny, tmp_path, inputs):
+    img, mask = str(inputs / "image.png"), str(inputs / "mask.png")
+    runs = {
+        "i2i.png": ["img2img", "x", "--image", img, "--strength", "0.5"],
+        "inp.png": ["inpaint", "x", "--image", img, "--mask", mask],
+        "cn.png": ["controlnet", "x", "--control-image", img, "--controlnet",
+                   str(tiny.controlnet), "--canny-low", "50"],
+        "t2i.png": ["t2i-adapter", "x", "--control-image", img, "--adapter",
+                    str(tiny.adapter_sd15), "--no-canny"],
+    }
+    for name, args in runs.items():
+        assert main([*args, *_base(tiny), "--seed", "3", "--out", str(tmp_path / name)]) == 0
+        assert Image.open(tmp_path / name).size == (64, 64)
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".mp4"])
+def test_animate_writes_gif_and_mp4(tiny, tmp_path, suffix):
+    out = tmp_path / f"anim{suffix}"
+    assert main(["animate", "x", *_base(tiny), "--motion-adapter", str(tiny.motion_adapter),
+                 "--lora", f"{tiny.motion_lora}:1.2", "--num-frames", "4", "--width", "64",
+                 "--height", "64", "--steps", "2", "--seed", "5", "--out", str(out)]) == 0
+    import imageio.v3 as iio
+
+    frames = iio.imread(out, index=None)
+    assert frames.shape[0] == 4 and frames.shape[1:3] == (64, 64)
+
+
+@pytest.mark.parametrize("args", [
+    ["txt2img", "x", "--width", "63"],
+    ["txt2img", "x", "--steps", "0"],
+    ["txt2img", "x", "--guidance", "nan"],
+    ["txt2img", "x", "--lora", "missing.safetensors"],
+    ["txt2img", "x", "--lora", "evil.ckpt"],
+    ["img2img", "x", "--image", "INPUTS/image.png", "--strength", "0.1"],
+    ["inpaint", "x", "--image", "INPUTS/image.png", "--mask", "INPUTS/small-mask.png"],
+    ["inpaint", "x", "--image", "INPUTS/image.png", "--mask", "INPUTS/absent.png"],
+])
+def test_bad_input_exits_nonzero_and_writes_nothing(tiny, tmp_path, inputs, args, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [a.replace("INPUTS", str(inputs)) for a in args]
+    code = main([*args, *_base(tiny), "--out", str(out / "x.png")])
+    assert code != 0
+    assert list(out.iterdir()) == []
+    assert "error" in capsys.readouterr().err
+
+
+def test_bad_output_suffix_is_refused_before_loading(tmp_path, capsys):
+    assert main(["txt2img", "x", "--model", "/does/not/matter", "--out",
+                 str(tmp_path / "x.txt")]) == 2
+    assert "suffix" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_model_message(tmp_path, capsys):
+    assert main(["txt2img", "x", "--model", str(tmp_path / "nothing"), "--out",
+                 str(tmp_path / "x.png")]) != 0
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_pickle_model_is_refused(tmp_path, capsys):
+    path = tmp_path / "m.ckpt"
+    path.write_bytes(b"x")
+    assert main(["txt2img", "x", "--model", str(path), "--out", str(tmp_path / "x.png")]) == 2
+    assert "pickle" in capsys.readouterr().err
+
+
+def test_selftest_command_is_wired():
+    from fewstep.cli import build_parser
+
+    assert build_parser().parse_args(["selftest"]).command == "selftest"

@@ -1,0 +1,168 @@
+"""Bad input gets a clear error naming the field, and changes nothing."""
+
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from fewstep.config import Settings
+from fewstep.engine import Engine
+from fewstep.errors import (Cancelled, InvalidRequest, ModelError, NotFound, OfflineError,
+                            UnsafeFormat)
+from fewstep.selftest import sample_image, sample_mask
+from fewstep.tasks import (Img2ImgRequest, InpaintRequest, T2IAdapterRequest, Txt2ImgRequest)
+
+
+def _invalid(engine, cls, field, **values):
+    with pytest.raises(InvalidRequest) as info:
+        engine.generate(cls.build(**{"prompt": "x", "seed": 1, **values}))
+    assert info.value.field is not None and info.value.field.startswith(field), info.value
+    return info.value
+
+
+@pytest.mark.parametrize("values,field", [
+    ({"width": 60}, "width"),
+    ({"height": 100}, "height"),
+    ({"width": 4096, "height": 4096}, "width"),
+    ({"steps": 0}, "steps"),
+    ({"steps": 51}, "steps"),
+    ({"guidance": math.nan}, "guidance"),
+    ({"guidance": math.inf}, "guidance"),
+    ({"guidance": -1.0}, "guidance"),
+    ({"num_images": 0}, "num_images"),
+    ({"num_images": 99}, "num_images"),
+    ({"seed": -5}, "seed"),
+    ({"prompt": "y" * 100_000}, "prompt"),
+    ({"loras": [{"ref": "x", "weight": math.nan}]}, "loras"),
+    ({"loras": [{"ref": "x", "weight": 50}]}, "loras"),
+    ({"unknown_field": 1}, "unknown_field"),
+])
+def test_txt2img_bad_values(sd15_engine, values, field):
+    error = _invalid(sd15_engine, Txt2ImgRequest, field, **values)
+    assert field in error.message
+
+
+def test_strength(sd15_engine):
+    image = sample_image()
+    _invalid(sd15_engine, Img2ImgRequest, "strength", image=image, strength=1.5)
+    _invalid(sd15_engine, Img2ImgRequest, "strength", image=image, strength=math.nan)
+    error = _invalid(sd15_engine, Img2ImgRequest, "strength", image=image, strength=0.2, steps=4)
+    assert "strength x steps" in error.message
+
+
+def test_mask_of_another_size(sd15_engine):
+    error = _invalid(sd15_engine, InpaintRequest, "mask", image=sample_image(),
+                     mask=sample_mask(32))
+    assert "same size" in error.message
+
+
+def test_t2i_adapter_size_must_fit_its_factor(sd15_engine, tiny):
+    # the tiny SD1.5 adapter downscales by 4 overall; 8 is the stricter multiple here
+    _invalid(sd15_engine, T2IAdapterRequest, "width", control_image=sample_image(),
+             adapter=str(tiny.adapter_sd15), width=60, height=64)
+
+
+def test_unreadable_image(tmp_path):
+    from fewstep.images import load_image
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(InvalidRequest) as info:
+        load_image(bad, "mask")
+    assert info.value.field == "mask"
+    good = tmp_path / "good.png"
+    sample_image().save(good)
+    good.write_bytes(good.read_bytes()[:200])  # truncated
+    with pytest.raises(InvalidRequest):
+        load_image(good, "image")
+    with pytest.raises(InvalidRequest) as info:
+        load_image(tmp_path / "none.png", "control_image")
+    assert "no such file" in info.value.message
+
+
+def test_decompression_bomb(tmp_path):
+    from PIL import Image
+
+    from fewstep.images import load_image
+
+    path = tmp_path / "big.png"
+    Image.new("L", (5000, 5000)).save(path)
+    with pytest.raises(InvalidRequest) as info:
+        load_image(path, "image", max_pixels=4096 * 4096)
+    assert "limit" in info.value.message
+
+
+def test_negative_prompt_warning(sd15_engine):
+    result = sd15_engine.generate(Txt2ImgRequest(prompt="x", negative_prompt="y", seed=1))
+    assert any("negative prompt has no effect" in w for w in result.warnings)
+    assert not Txt2ImgRequest(prompt="x", negative_prompt="y", guidance=1.5).warnings()
+
+
+def test_progress_and_cancellation(sd15_engine):
+    steps = []
+    sd15_engine.generate(Txt2ImgRequest(prompt="x", seed=1, steps=3),
+                         progress=lambda step, total: steps.append((step, total)))
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+
+    cancel = threading.Event()
+
+    def stop_after_first(step, total):
+        cancel.set()
+
+    with pytest.raises(Cancelled):
+        sd15_engine.generate(Txt2ImgRequest(prompt="x", seed=1), progress=stop_after_first,
+                             cancel=cancel)
+    # the engine keeps serving
+    assert sd15_engine.generate(Txt2ImgRequest(prompt="x", seed=1)).images.shape == (1, 64, 64, 3)
+
+
+def test_unknown_and_unsafe_models(tmp_path, monkeypatch):
+    with pytest.raises(NotFound) as info:
+        Engine(str(tmp_path / "nope"))
+    assert info.value.field == "model"
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"x")
+    with pytest.raises(UnsafeFormat):
+        Engine(str(ckpt))
+    with pytest.raises(UnsafeFormat):
+        Engine(str(tmp_path / "weights.bin"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OfflineError) as info:
+        Engine("some-org/not-cached-model")
+    assert "local diffusers folder" in info.value.message
+
+
+def test_inpaint_model_runs_inpaint_only(tiny):
+    engine = Engine(str(tiny.sd15_inpaint), lcm_lora=str(tiny.lcm_sd15), device="cpu")
+    with pytest.raises(ModelError) as info:
+        engine.generate(Txt2ImgRequest(prompt="x", seed=1))
+    assert "inpaint" in info.value.message
+
+
+def test_lcm_lora_of_another_family_is_refused(tiny):
+    from fewstep.errors import LoraError
+
+    with pytest.raises(LoraError):
+        Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sdxl), device="cpu")
+
+
+def test_family_detection(tiny):
+    from fewstep.families import detect_family
+    import json
+
+    names = [detect_family(json.loads((p / "unet" / "config.json").read_text())).name
+             for p in (tiny.sd15, tiny.sdxl, tiny.ssd1b, tiny.sd15_inpaint)]
+    assert names == ["sd15", "sdxl", "ssd-1b", "sd15"]
+
+
+def test_settings_limits_apply(tiny):
+    engine = Engine(str(tiny.sd15), lcm_lora="none", device="cpu",
+                    settings=Settings(max_pixels=64 * 32, max_steps=2))
+    with pytest.raises(InvalidRequest) as info:
+        engine.generate(Txt2ImgRequest(prompt="x", steps=3))
+    assert info.value.field == "steps"
+    with pytest.raises(InvalidRequest):
+        engine.generate(Txt2ImgRequest(prompt="x", steps=2))  # 64x64 > limit
+    assert np.isfinite(engine.generate(
+        Txt2ImgRequest(prompt="x", steps=2, width=64, height=32)).images).all()
