@@ -132,3 +132,9 @@ def test_selftest_command_is_wired():
     from fewstep.cli import build_parser
 
     assert build_parser().parse_args(["selftest"]).command == "selftest"
+
+
+def test_progress_bar_run(tiny, tmp_path):
+    args = [a for a in _base(tiny) if a != "--quiet"]
+    assert main(["txt2img", "x", *args, "--seed", "1", "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").is_file()

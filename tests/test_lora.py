@@ -104,3 +104,19 @@ def test_lora_argument_parsing(tmp_path):
     assert "finite" in str(info.value)
     with pytest.raises(Exception):
         parse_lora_arg("a/b:99")
+
+
+def test_style_lora_on_every_sd15_task(sd15_engine, tiny):
+    """Pipelines without a LoRA loader of their own (SD1.5 T2I-Adapter) use the base's."""
+    from fewstep.selftest import sample_image
+    from fewstep.tasks import ControlNetRequest, T2IAdapterRequest
+
+    for cls, extra in ((T2IAdapterRequest, {"adapter": str(tiny.adapter_sd15)}),
+                       (ControlNetRequest, {"controlnet": str(tiny.controlnet)})):
+        def run(loras):
+            return sd15_engine.generate(cls(prompt="x", seed=3, control_image=sample_image(),
+                                            loras=loras, **extra)).images
+        plain = run([])
+        styled = run([LoraRequest(ref=str(tiny.style_sd15), weight=1.0)])
+        assert np.abs(plain - styled).max() > 1e-3
+        np.testing.assert_array_equal(plain, run([]))

@@ -166,3 +166,16 @@ def test_settings_limits_apply(tiny):
         engine.generate(Txt2ImgRequest(prompt="x", steps=2))  # 64x64 > limit
     assert np.isfinite(engine.generate(
         Txt2ImgRequest(prompt="x", steps=2, width=64, height=32)).images).all()
+
+
+def test_task_pipelines_share_the_loaded_weights(sd15_engine, tiny):
+    base = sd15_engine.base
+    for task, extra in (("img2img", {}), ("inpaint", {}),
+                        ("controlnet", {"controlnet": str(tiny.controlnet)})):
+        pipe = sd15_engine.pipeline(task, **extra)
+        assert pipe.unet is base.unet and pipe.vae is base.vae
+        assert pipe.text_encoder is base.text_encoder
+        assert sd15_engine.pipeline(task, **extra) is pipe  # built once
+    # the LCM-LoRA is fused: no adapter layers remain from it
+    assert not any("lora" in name for name, _ in base.unet.named_modules()
+                   if "fs_bake" in name)

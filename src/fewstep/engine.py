@@ -221,12 +221,13 @@ class Engine:
     def call(self, pipe, request, kwargs: dict[str, Any], progress: ProgressFn | None,
              cancel: threading.Event | None, batch_arg: str = "num_images_per_prompt") -> Result:
         """Run `pipe` for `request` with the task's extra `kwargs`. Used by the task modules."""
+        loader = self._loader_for(pipe)
         stack = []
         for i, spec in enumerate(request.loras):
             lora = self.lora(spec.ref, f"loras.{i}")
-            check_fits(lora, pipe, pipe.unet)  # every LoRA checked before any is applied
+            check_fits(lora, loader, pipe.unet)  # every LoRA checked before any is applied
             stack.append((lora, spec.weight))
-        apply_stack(self._loader_for(pipe), self._slots_for(pipe), stack)
+        apply_stack(loader, self._slots_for(pipe), stack)
 
         def on_step(step: int) -> None:
             if cancel is not None and cancel.is_set():
