@@ -248,7 +248,8 @@ class FastPath:
             rep.applied["dtype"] = f"off ({str(engine.dtype).removeprefix('torch.')})"
 
         self._tiny = self._fp16_vae = None
-        self._base_vae = engine.base.vae
+        earlier = engine.__dict__.get("_fast_paths", [])
+        self._base_vae = earlier[0]._base_vae if earlier else engine.base.vae
         if opts.tiny_vae is not None:
             self._tiny = self._load_vae(engine, opts.tiny_vae, "tiny_vae", tiny=True)
             rep.applied["tiny_vae"] = _name(opts.tiny_vae)
@@ -266,7 +267,8 @@ class FastPath:
                 "skipped: the tiny VAE replaces it"
 
         if opts.prompt_cache:
-            self.prompt_cache = PromptCache(opts.prompt_cache_size)
+            shared = [p.prompt_cache for p in earlier if p.prompt_cache is not None]
+            self.prompt_cache = shared[0] if shared else PromptCache(opts.prompt_cache_size)
         rep.applied["prompt_cache"] = "on" if opts.prompt_cache else "off"
         rep.applied["channels_last"] = "on" if opts.channels_last else "off"
         rep.applied["sdpa"] = "on" if opts.sdpa else "off"
@@ -285,24 +287,26 @@ class FastPath:
         else:
             rep.applied["compile_unet"] = "off"
 
+        paths = engine.__dict__.setdefault("_fast_paths", [])
+        paths.append(self)
         for pipe in list(engine._pipes.values()):
             self.prepare(pipe)
-        if "pipeline" not in engine.__dict__:  # wrap once, even when applied twice
+        if "pipeline" not in engine.__dict__:  # wrap once, however many paths are applied
             original = engine.pipeline
-            path = self
+            base_vae = self._base_vae
 
             def pipeline(task: str, **components):
                 # `from_pipe` drops a component whose class differs from the pipeline's type
                 # hint (AutoencoderTiny for AutoencoderKL): derive from the original VAE
-                swapped = path._base_vae is not None and engine.base.vae is not path._base_vae
-                if swapped:
-                    engine.base.vae = path._base_vae
+                current = engine.base.vae
+                if current is not base_vae:
+                    engine.base.vae = base_vae
                 try:
                     pipe = original(task, **components)
                 finally:
-                    if swapped:
-                        engine.base.vae = path._tiny or path._fp16_vae
-                path.prepare(pipe)
+                    engine.base.vae = current
+                for path in engine._fast_paths:
+                    path.prepare(pipe)
                 return pipe
 
             engine.pipeline = pipeline
