@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .errors import ModelError, NotFound, OfflineError, UnsafeFormat
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
@@ -148,9 +150,15 @@ def load_pipeline(cls, ref: Ref, *, config_ref: Ref | None, family, torch_dtype,
                 local_files_only=offline_mode() or config_ref is not None, **kwargs
             )
         source = str(ref.path) if ref.path is not None else ref.repo
-        return cls.from_pretrained(
-            source, use_safetensors=True, local_files_only=offline_mode(), **kwargs
-        )
+        kwargs.update(use_safetensors=True, local_files_only=offline_mode())
+        if torch_dtype == torch.float16:
+            # half-size downloads where the repo publishes them (as the recipe asks for SDXL)
+            try:
+                return cls.from_pretrained(source, variant="fp16", **kwargs)
+            except ValueError as exc:
+                if "variant" not in str(exc):
+                    raise
+        return cls.from_pretrained(source, **kwargs)
     except (ModelError, NotFound):
         raise
     except Exception as exc:  # noqa: BLE001 - mapped to typed errors below
