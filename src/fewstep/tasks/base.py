@@ -4,9 +4,10 @@ call of a diffusers pipeline with a seed, progress, cancellation and a LoRA stac
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      field_validator)
 
 from ..config import Settings
 from ..errors import InvalidRequest
@@ -16,6 +17,26 @@ if TYPE_CHECKING:
     from ..engine import Engine, Result
 
 MAX_SEED = 2**63 - 1
+
+
+def _to_image(value):
+    """Image fields take a PIL image or encoded image bytes (decoded safely), never a path:
+    reading files is the caller's business (the CLI does it; the service never does)."""
+    from PIL import Image
+
+    from ..images import load_image
+
+    if isinstance(value, Image.Image):
+        return value if value.mode == "RGB" else value.convert("RGB")
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return load_image(bytes(value), "image")
+        except InvalidRequest as exc:
+            raise ValueError(exc.message.removeprefix("image ")) from None
+    raise ValueError(f"must be a PIL image or encoded image bytes, not {type(value).__name__}")
+
+
+ImageInput = Annotated[Any, BeforeValidator(_to_image)]
 
 
 class LoraRequest(BaseModel):

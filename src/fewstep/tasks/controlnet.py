@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from ..control import canny
-from .base import Request
+from .base import ImageInput, Request
 from .img2img import input_size, resized
 
 
@@ -13,7 +13,7 @@ class ControlRequest(Request):
     """Shared by ControlNet and T2I-Adapter: a control image, optionally turned into canny
     edges first (the recipe's thresholds by default)."""
 
-    control_image: object
+    control_image: ImageInput
     canny: bool = True
     canny_low: int = Field(100, ge=0, le=255)
     canny_high: int = Field(200, ge=0, le=255)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from ..errors import InvalidRequest
-from .base import Request
+from .base import ImageInput, Request
 
 
 def input_size(request, image, multiple: int = 8) -> tuple[int, int]:
@@ -36,7 +36,7 @@ class Img2ImgRequest(Request):
     rounded down to a multiple of 8, is the output size."""
 
     task = "img2img"
-    image: object
+    image: ImageInput
     strength: float = Field(0.6, gt=0.0, le=1.0)
 
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from ..errors import InvalidRequest
-from .base import Request
+from .base import ImageInput, Request
 from .img2img import check_strength, input_size, resized
 
 
@@ -13,8 +13,8 @@ class InpaintRequest(Request):
     """White in `mask` is repainted. The mask must have the image's size."""
 
     task = "inpaint"
-    image: object
-    mask: object
+    image: ImageInput
+    mask: ImageInput
     strength: float = Field(1.0, gt=0.0, le=1.0)
     guidance: float = Field(4.0, ge=0.0, le=30.0)  # the recipe's value for inpainting
 
