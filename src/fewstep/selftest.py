@@ -86,6 +86,9 @@ def cases() -> list[Case]:
             prompt=prompt, seed=1, image=sample_image()), **sdxl),
         Case("inpaint", request=lambda m: InpaintRequest(
             prompt=prompt, seed=2, image=sample_image(), mask=sample_mask()), **sdxl),
+        Case("controlnet canny", request=lambda m: ControlNetRequest(
+            prompt=prompt, seed=3, control_image=sample_image(),
+            controlnet=str(m.controlnet_sdxl)), component=lambda m: m.controlnet_sdxl, **sdxl),
         Case("t2i-adapter canny", request=lambda m: T2IAdapterRequest(
             prompt=prompt, seed=4, control_image=sample_image(), adapter=str(m.adapter_sdxl),
             negative_prompt="blurry"), component=lambda m: m.adapter_sdxl, **sdxl),

@@ -214,10 +214,26 @@ def build_sdxl_pipeline(tmp: Path, ssd: bool = False):
     )
 
 
-def build_controlnet():
+def build_controlnet(sdxl: bool = False):
     from diffusers import ControlNetModel
 
     torch.manual_seed(0)
+    if sdxl:
+        return ControlNetModel(
+            block_out_channels=_BLOCKS,
+            layers_per_block=2,
+            in_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=80,
+            cross_attention_dim=64,
+            norm_num_groups=2,
+            conditioning_embedding_out_channels=(16, 32),
+        )
     return ControlNetModel(
         block_out_channels=_BLOCKS,
         layers_per_block=2,
@@ -370,6 +386,7 @@ class TinyModels:
     ssd1b: Path
     sd15_single_file: Path
     controlnet: Path
+    controlnet_sdxl: Path
     adapter_sd15: Path
     adapter_sdxl: Path
     motion_adapter: Path
@@ -404,6 +421,7 @@ def build_tiny_models(root: Path) -> TinyModels:
     save_sd15_single_file(sd15, root / "sd15-single.safetensors")
 
     build_controlnet().save_pretrained(root / "controlnet")
+    build_controlnet(sdxl=True).save_pretrained(root / "controlnet-sdxl")
     build_t2i_adapter(False).save_pretrained(root / "t2i-adapter-sd15")
     build_t2i_adapter(True).save_pretrained(root / "t2i-adapter-sdxl")
     motion = build_motion_adapter()
@@ -447,6 +465,7 @@ def build_tiny_models(root: Path) -> TinyModels:
         ssd1b=root / "ssd-1b",
         sd15_single_file=root / "sd15-single.safetensors",
         controlnet=root / "controlnet",
+        controlnet_sdxl=root / "controlnet-sdxl",
         adapter_sd15=root / "t2i-adapter-sd15",
         adapter_sdxl=root / "t2i-adapter-sdxl",
         motion_adapter=root / "motion-adapter",
