@@ -195,5 +195,14 @@ def test_job_events_stream_progress(server):
     assert names[0] == "state" and names[-1] == "done", names
     steps = [e["step"] for n, e in events if n == "progress"]
     assert steps == [1, 2, 3], names
+    previews = [e for n, e in events if n == "preview"]
+    assert [e["step"] for e in previews] == [1, 2, 3], names
+    import base64
+    import io
+
+    from PIL import Image
+
+    preview = Image.open(io.BytesIO(base64.b64decode(previews[-1]["image"])))
+    assert preview.size == (32, 32)  # latent resolution of a 64x64 image
     result = httpx.get(f"{url}/v1/jobs/{job_id}").json()["result"]
     assert result["images"] and result["seed"] >= 0

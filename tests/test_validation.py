@@ -179,3 +179,17 @@ def test_task_pipelines_share_the_loaded_weights(sd15_engine, tiny):
     # the LCM-LoRA is fused: no adapter layers remain from it
     assert "fs_bake" not in getattr(base.unet, "peft_config", {})
     assert sd15_engine.lcm_ref == str(tiny.lcm_sd15)
+
+
+def test_step_previews(sd15_engine):
+    previews = []
+    sd15_engine.generate(Txt2ImgRequest(prompt="x", seed=1, steps=3),
+                         preview=lambda step, image: previews.append((step, image.size)))
+    assert previews == [(1, (32, 32)), (2, (32, 32)), (3, (32, 32))]  # latent resolution
+
+
+def test_fp16_load_falls_back_when_no_variant(tiny):
+    import torch
+
+    engine = Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", dtype="fp16")
+    assert engine.base.unet.dtype == torch.float16

@@ -39,6 +39,7 @@ from .lora import (
 )
 
 ProgressFn = Callable[[int, int], None]
+PreviewFn = Callable[[int, Any], None]
 
 
 @dataclass
@@ -206,14 +207,21 @@ class Engine:
     # -- running ---------------------------------------------------------------------------
 
     def generate(self, request, progress: ProgressFn | None = None,
-                 cancel: threading.Event | None = None) -> Result:
-        """Validate and run one request. Raises a FewstepError subclass on bad input."""
+                 cancel: threading.Event | None = None,
+                 preview: PreviewFn | None = None) -> Result:
+        """Validate and run one request. Raises a FewstepError subclass on bad input.
+
+        `progress(step, total)` is called after each step, `preview(step, image)` too with a
+        small approximate image of the current latents, and a set `cancel` event stops the
+        request after the current step (`Cancelled`)."""
         request.check_limits(self.settings)
         request = request.with_seed()
         with self._lock:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("cancelled before it started")
             start = time.perf_counter()
+            if preview is not None:
+                progress = self._with_preview(progress, preview)
             result = request.run(self, progress, cancel)
             result.seconds = time.perf_counter() - start
         return result
@@ -229,20 +237,24 @@ class Engine:
             stack.append((lora, spec.weight))
         apply_stack(loader, self._slots_for(pipe), stack)
 
-        def on_step(step: int) -> None:
+        def on_step(step: int, latents) -> None:
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"cancelled after step {step + 1}")
             if progress is not None:
-                progress(step + 1, len(pipe.scheduler.timesteps))
+                total = len(pipe.scheduler.timesteps)
+                if isinstance(progress, _PreviewingProgress):
+                    progress(step + 1, total, latents)
+                else:
+                    progress(step + 1, total)
 
         if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
             def on_step_end(p, step, timestep, tensors):
-                on_step(step)
+                on_step(step, tensors.get("latents"))
                 return tensors
 
             kwargs = {**kwargs, "callback_on_step_end": on_step_end}
         else:  # older pipelines (SD1.5 T2I-Adapter) only have the per-step callback
-            kwargs = {**kwargs, "callback": lambda step, t, latents: on_step(step),
+            kwargs = {**kwargs, "callback": lambda step, t, latents: on_step(step, latents),
                       "callback_steps": 1}
 
         # a CPU generator: the same seed gives the same noise on every device, as in the recipe
@@ -290,9 +302,27 @@ class Engine:
             "fewstep": __version__,
         }
 
+    def _with_preview(self, progress, preview):
+        return _PreviewingProgress(progress, preview, self.family.name)
+
     def release_memory(self) -> None:
         import gc
 
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class _PreviewingProgress:
+    """A progress callback that also hands a latent preview to `preview`."""
+
+    def __init__(self, progress, preview, family: str):
+        self.progress, self.preview, self.family = progress, preview, family
+
+    def __call__(self, step: int, total: int, latents=None) -> None:
+        if self.progress is not None:
+            self.progress(step, total)
+        if latents is not None:
+            from .previews import latent_preview
+
+            self.preview(step, latent_preview(latents, self.family))

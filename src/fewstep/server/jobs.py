@@ -8,6 +8,9 @@ that the worker completes with `call_soon_threadsafe`."""
 
 from __future__ import annotations
 
+import base64
+import io
+
 import asyncio
 import collections
 import itertools
@@ -298,10 +301,21 @@ class JobQueue:
             job.step, job.total = step, total
             job._emit({"event": "progress", "id": job.id, "step": step, "total": total})
 
+        def preview(step: int, image) -> None:
+            with job._lock:
+                if not job._watchers:  # nobody follows the events: skip the encoding
+                    return
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            job._emit({"event": "preview", "id": job.id, "step": step,
+                       "image": base64.b64encode(buffer.getvalue()).decode("ascii"),
+                       "media_type": "image/png"})
+
         job._emit({"event": "started", **job.summary()})
         start = time.perf_counter()
         try:
-            result = self.engine.generate(job.request, progress=progress, cancel=job.cancel)
+            result = self.engine.generate(job.request, progress=progress, cancel=job.cancel,
+                                          preview=preview)
         except Cancelled as exc:
             self._fail(job, CANCELLED, exc)
             return
