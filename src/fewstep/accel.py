@@ -224,7 +224,6 @@ class FastPath:
                 dtype=half_dtype_for(device),
                 tiny_vae=TINY_VAE.get(family or "sd15"),
                 compile_unet=device.startswith("cuda"),
-                compile_mode="max-autotune-no-cudagraphs" if device.startswith("cuda") else None,
             )
         else:
             raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
