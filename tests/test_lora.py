@@ -27,26 +27,67 @@ def _refused(engine, path, error=LoraError):
     return info.value
 
 
-def test_stack_does_not_leak_between_requests(sd15_engine, tiny):
-    plain = _run(sd15_engine)
-    styled = _run(sd15_engine, [(tiny.style_sd15, 0.8)])
-    both = _run(sd15_engine, [(tiny.style_sd15, 0.8), (tiny.style_sd15_peft, 1.0)])
-    plain_again = _run(sd15_engine)
-    styled_again = _run(sd15_engine, [(tiny.style_sd15, 0.8)])
+@pytest.fixture(scope="module")
+def unfused_engine(tiny):
+    from fewstep.engine import Engine
+
+    return Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", fuse_loras=False)
+
+
+@pytest.fixture(params=["fused", "unfused"])
+def any_engine(request, sd15_engine, unfused_engine):
+    return sd15_engine if request.param == "fused" else unfused_engine
+
+
+def test_stack_does_not_leak_between_requests(any_engine, tiny):
+    plain = _run(any_engine)
+    styled = _run(any_engine, [(tiny.style_sd15, 0.8)])
+    both = _run(any_engine, [(tiny.style_sd15, 0.8), (tiny.style_sd15_peft, 1.0)])
+    plain_again = _run(any_engine)
+    for weight in (0.1, 0.9, -0.5, 1.3):  # many switches: fused weights must not drift
+        _run(any_engine, [(tiny.style_sd15_peft, weight), (tiny.style_sd15, weight)])
+    styled_again = _run(any_engine, [(tiny.style_sd15, 0.8)])
     assert np.abs(plain - styled).max() > 1e-3, "the style LoRA had no effect"
     assert np.abs(styled - both).max() > 1e-3
     np.testing.assert_array_equal(plain, plain_again)
-    np.testing.assert_array_equal(styled, styled_again)
+    np.testing.assert_array_equal(plain, _run(any_engine))
+    np.testing.assert_allclose(styled, styled_again, atol=1e-6)
 
 
-def test_weights_matter_and_zero_weight_is_not_a_reset(sd15_engine, tiny):
-    plain = _run(sd15_engine)
-    half = _run(sd15_engine, [(tiny.style_sd15, 0.5)])
-    full = _run(sd15_engine, [(tiny.style_sd15, 1.0)])
-    zero = _run(sd15_engine, [(tiny.style_sd15, 0.0)])
+def test_fused_and_unfused_stacks_agree(sd15_engine, unfused_engine, tiny):
+    stack = [(tiny.style_sd15, 0.8), (tiny.style_sd15_peft, 0.5)]
+    fused, unfused = _run(sd15_engine, stack), _run(unfused_engine, stack)
+    np.testing.assert_allclose(fused, unfused, atol=1e-5)
+    # fused: the deltas live in the weights and the adapter layers are switched off
+    layers = [m for m in sd15_engine.base.unet.modules() if hasattr(m, "lora_A")]
+    assert layers and all(m.disable_adapters for m in layers)
+
+
+def test_text_encoder_lora_across_unets(any_engine, tiny):
+    """The text encoder is shared by the base and the motion UNet: stacks on one must not
+    reach the other, and making the motion UNet must not lose anything."""
+    from fewstep.tasks import AnimateRequest
+
+    styled = _run(any_engine, [(tiny.style_sd15, 0.8)])
+    animate = AnimateRequest(prompt="x", seed=2, steps=2, num_frames=2,
+                             motion_adapter=str(tiny.motion_adapter),
+                             loras=[LoraRequest(ref=str(tiny.style_sd15), weight=0.6),
+                                    LoraRequest(ref=str(tiny.motion_lora), weight=1.0)])
+    first = any_engine.generate(animate).images
+    np.testing.assert_allclose(_run(any_engine, [(tiny.style_sd15, 0.8)]), styled, atol=1e-6)
+    plain = _run(any_engine)
+    np.testing.assert_allclose(any_engine.generate(animate).images, first, atol=1e-6)
+    np.testing.assert_array_equal(_run(any_engine), plain)
+
+
+def test_weights_matter_and_zero_weight_is_not_a_reset(any_engine, tiny):
+    plain = _run(any_engine)
+    half = _run(any_engine, [(tiny.style_sd15, 0.5)])
+    full = _run(any_engine, [(tiny.style_sd15, 1.0)])
+    zero = _run(any_engine, [(tiny.style_sd15, 0.0)])
     assert np.abs(half - full).max() > 1e-4
     np.testing.assert_allclose(zero, plain, atol=1e-5)
-    np.testing.assert_array_equal(half, _run(sd15_engine, [(tiny.style_sd15, 0.5)]))
+    np.testing.assert_allclose(half, _run(any_engine, [(tiny.style_sd15, 0.5)]), atol=1e-6)
 
 
 def test_lora_for_another_family_is_refused(sd15_engine, tiny):

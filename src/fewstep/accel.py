@@ -180,7 +180,8 @@ def _adapter_state(module) -> tuple:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # pragma: no cover - peft is a dependency
         return ()
-    state = []
+    # a stack fused into the weights (the engine's default) leaves the adapters switched off
+    state = [("fused", getattr(module, "_fewstep_fused_stack", None))]
     for name, layer in module.named_modules():
         if isinstance(layer, BaseTunerLayer):
             scaling = getattr(layer, "scaling", {})

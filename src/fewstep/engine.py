@@ -30,11 +30,11 @@ from .loading import (
 from .lora import (
     AdapterSlots,
     LoraFile,
+    FusedStack,
     apply_stack,
     bake_lora,
     check_fits,
     check_weight,
-    clear_adapters,
     read_lora,
 )
 
@@ -92,6 +92,7 @@ class Engine:
         settings: Settings | None = None,
         device: str | None = None,
         dtype: str | None = None,
+        fuse_loras: bool = True,
     ):
         from diffusers import LCMScheduler
 
@@ -139,6 +140,9 @@ class Engine:
         self._components: dict[tuple, Any] = {}
         self._loras: dict[str, LoraFile] = {}
         self._slots: dict[int, AdapterSlots] = {}
+        # fused: a request's LoRA stack is written into the weights (plain speed, nothing to
+        # recompile when only weights change); unfused: peft adapters computed beside each layer
+        self._fused = FusedStack() if fuse_loras else None
         self._lock = threading.RLock()
 
     # -- resources -------------------------------------------------------------------------
@@ -175,7 +179,7 @@ class Engine:
         if task == "animate":
             # the motion UNet is a copy of the base UNet's weights, which must be free of
             # adapter layers when it is made
-            clear_adapters(self.base, self._slots_for(self.base))
+            self.clear_adapters()
         try:
             pipe = cls.from_pipe(self.base, **extra)
         except Exception as exc:  # noqa: BLE001 - components that do not fit the model
@@ -195,7 +199,23 @@ class Engine:
         return self.base if pipe.unet is self.base.unet else pipe
 
     def _slots_for(self, pipe) -> AdapterSlots:
-        return self._slots.setdefault(id(pipe.unet), AdapterSlots())
+        key = id(pipe.unet)
+        if key not in self._slots:
+            tag = "base" if pipe.unet is self.base.unet else f"u{len(self._slots)}"
+            self._slots[key] = AdapterSlots(tag=tag, fused=self._fused)
+        return self._slots[key]
+
+    def clear_adapters(self) -> None:
+        """Remove every adapter layer from every model; the weights are the originals again.
+        Adapters are loaded again when a request asks for them."""
+        if self._fused is not None:
+            self._fused.reset()
+        loaders = {id(p.unet): self._loader_for(p) for p in self._pipes.values()}
+        for key, loader in loaders.items():
+            slots = self._slots.get(key)
+            if slots is not None and slots.loaded:
+                loader.unload_lora_weights()
+                slots.loaded.clear()
 
     def lora(self, ref_text: str, field: str = "lora") -> LoraFile:
         cached = self._loras.get(ref_text)

@@ -223,35 +223,108 @@ class AdapterSlots:
     """The adapters loaded into one UNet (and the text encoders beside it), least recently used
     first. Bounded: the oldest unused adapter is deleted when a new one would exceed `limit`."""
 
+    tag: str = "base"  # text encoders are shared between UNets: names must differ per UNet
     limit: int = 8
     loaded: OrderedDict = dc_field(default_factory=OrderedDict)  # adapter name -> LoraFile
+    fused: "FusedStack | None" = None  # set: stacks are fused into the weights (shared)
+
+
+def slot_name(lora: LoraFile, tag: str) -> str:
+    return f"{lora.adapter_name}_{tag}"
+
+
+class FusedStack:
+    """Applies a stack by writing `W0 + sum(weight x delta)` into each adapted layer's weights,
+    with the adapter layers switched off: the model then runs at plain speed, and a compiled
+    model sees changed values, never a changed graph. `W0` is kept once per adapted layer, so
+    every stack starts from the original weights (exact, no drift from fuse/unfuse cycles).
+    The current stack is remembered: the same stack again costs nothing."""
+
+    def __init__(self):
+        self.pristine: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}
+        self.current: tuple = ()
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for layer, weight in self.pristine.values():
+                layer.base_layer.weight.copy_(weight)
+        self.current = ()
+
+    def reset(self) -> None:
+        """Restore the originals and forget them (before adapter layers are removed)."""
+        self.restore()
+        self.pristine.clear()
+
+    def apply(self, pipe, stack: list[tuple[LoraFile, float]], tag: str) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        names = [slot_name(lora, tag) for lora, _ in stack]
+        key = (id(pipe.unet), tuple(zip(names, (weight for _, weight in stack))))
+        if key == self.current:
+            return
+        if names:  # sets each adapter's scaling to weight x alpha / rank
+            pipe.enable_lora()
+            pipe.set_adapters(names, adapter_weights=[w for _, w in stack])
+        self.restore()
+        with torch.no_grad():
+            for model in _lora_models(pipe):
+                for module in model.modules():
+                    if not isinstance(module, LoraLayer):
+                        continue
+                    present = [n for n in names if n in module.lora_A]
+                    if not present:
+                        continue
+                    weight = module.base_layer.weight
+                    if id(module) not in self.pristine:
+                        self.pristine[id(module)] = (module, weight.detach().clone())
+                    delta = sum(module.get_delta_weight(n) for n in present)
+                    weight.add_(delta.to(weight.dtype))
+        if names or self.pristine:
+            pipe.disable_lora()  # the deltas are in the weights now
+        for model in _lora_models(pipe):
+            # the stack now in the weights, for caches keyed on them (prompt embeddings)
+            model._fewstep_fused_stack = key[1]
+        self.current = key
+
+
+def _lora_models(pipe):
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, name, None)
+        if model is not None:
+            yield model
 
 
 def apply_stack(pipe, slots: AdapterSlots, stack: list[tuple[LoraFile, float]]) -> None:
-    """Make exactly `stack` active on `pipe` (already checked with `check_fits`)."""
-    wanted = [lora.adapter_name for lora, _ in stack]
+    """Make exactly `stack` active on `pipe` (already checked with `check_fits`): as peft
+    adapters computed beside each layer, or fused into the weights when `slots.fused` is set."""
+    _load_adapters(pipe, slots, stack)
+    if slots.fused is not None:
+        slots.fused.apply(pipe, stack, slots.tag)
+        return
+    if not slots.loaded:
+        return
+    if stack:
+        pipe.enable_lora()
+        pipe.set_adapters([slot_name(lora, slots.tag) for lora, _ in stack],
+                          adapter_weights=[w for _, w in stack])
+    else:
+        pipe.disable_lora()
+
+
+def _load_adapters(pipe, slots: AdapterSlots, stack: list[tuple[LoraFile, float]]) -> None:
+    wanted = [slot_name(lora, slots.tag) for lora, _ in stack]
     for lora, _ in stack:
-        name = lora.adapter_name
+        name = slot_name(lora, slots.tag)
         if name in slots.loaded:
             slots.loaded.move_to_end(name)
             continue
         while len(slots.loaded) >= max(slots.limit, len(stack)):
             oldest = next(n for n in slots.loaded if n not in wanted)
+            if slots.fused is not None:
+                slots.fused.restore()
             pipe.delete_adapters(oldest)
             del slots.loaded[oldest]
+        if slots.fused is not None:
+            slots.fused.restore()  # deleting or adding layers must start from clean weights
         pipe.load_lora_weights(dict(lora.raw), adapter_name=name)
         slots.loaded[name] = lora
-    if not slots.loaded:
-        return
-    if stack:
-        pipe.enable_lora()
-        pipe.set_adapters(wanted, adapter_weights=[w for _, w in stack])
-    else:
-        pipe.disable_lora()
-
-
-def clear_adapters(pipe, slots: AdapterSlots) -> None:
-    """Remove every adapter layer (the base weights stay as they are)."""
-    if slots.loaded:
-        pipe.unload_lora_weights()
-        slots.loaded.clear()
