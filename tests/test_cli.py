@@ -138,3 +138,23 @@ def test_progress_bar_run(tiny, tmp_path):
     args = [a for a in _base(tiny) if a != "--quiet"]
     assert main(["txt2img", "x", *args, "--seed", "1", "--out", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").is_file()
+
+
+@pytest.mark.parametrize("speed", ["off", "fastest"])
+def test_speed_presets(tiny, tmp_path, speed):
+    out = tmp_path / f"{speed}.png"
+    extra = ["--tiny-vae", str(tiny.tiny_vae)] if speed == "fastest" else []
+    assert main(["txt2img", "x", *_base(tiny), "--speed", speed, *extra, "--seed", "1",
+                 "--out", str(out)]) == 0
+    assert Image.open(out).size == (64, 64)
+
+
+def test_default_speed_keeps_the_plain_picture(tiny, sd15_engine):
+    from fewstep.engine import Engine
+    from fewstep.tasks import Txt2ImgRequest
+
+    plain = Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", speed="off")
+    request = Txt2ImgRequest(prompt="x", seed=9)
+    assert sd15_engine.speed == "default"
+    np.testing.assert_allclose(sd15_engine.generate(request).images,
+                               plain.generate(request).images, atol=1e-4)

@@ -202,7 +202,7 @@ class FastReport:
 
 class FastPath:
     """Applies `FastOptions` to an Engine: its existing pipelines now, the ones it derives later
-    when they are made (the engine's `pipeline()` is wrapped on that instance)."""
+    through the engine's `pipeline_hooks`. An Engine applies its `speed` preset itself."""
 
     def __init__(self, options: FastOptions | None = None, **overrides):
         options = options or FastOptions()
@@ -240,7 +240,7 @@ class FastPath:
 
         if opts.dtype:
             dtype = pick_dtype(opts.dtype, engine.device)
-            for pipe in list(engine._pipes.values()):
+            for pipe in list(engine.pipelines()):
                 pipe.to(dtype=dtype)
             engine.dtype = dtype  # components the engine loads later follow
             rep.applied["dtype"] = str(dtype).removeprefix("torch.")
@@ -249,7 +249,6 @@ class FastPath:
 
         self._tiny = self._fp16_vae = None
         earlier = engine.__dict__.get("_fast_paths", [])
-        self._base_vae = earlier[0]._base_vae if earlier else engine.base.vae
         if opts.tiny_vae is not None:
             self._tiny = self._load_vae(engine, opts.tiny_vae, "tiny_vae", tiny=True)
             rep.applied["tiny_vae"] = _name(opts.tiny_vae)
@@ -289,27 +288,9 @@ class FastPath:
 
         paths = engine.__dict__.setdefault("_fast_paths", [])
         paths.append(self)
-        for pipe in list(engine._pipes.values()):
+        for pipe in list(engine.pipelines()):
             self.prepare(pipe)
-        if "pipeline" not in engine.__dict__:  # wrap once, however many paths are applied
-            original = engine.pipeline
-            base_vae = self._base_vae
-
-            def pipeline(task: str, **components):
-                # `from_pipe` drops a component whose class differs from the pipeline's type
-                # hint (AutoencoderTiny for AutoencoderKL): derive from the original VAE
-                current = engine.base.vae
-                if current is not base_vae:
-                    engine.base.vae = base_vae
-                try:
-                    pipe = original(task, **components)
-                finally:
-                    engine.base.vae = current
-                for path in engine._fast_paths:
-                    path.prepare(pipe)
-                return pipe
-
-            engine.pipeline = pipeline
+        engine.pipeline_hooks.append(self.prepare)  # pipelines the engine makes later
         engine._fast_path = self
         rep.seconds["apply"] = time.perf_counter() - start
 

@@ -340,7 +340,8 @@ def engine_modes(args, model, lora, taesd, dtype_name):
     from .tasks import Txt2ImgRequest
 
     load_start = time.perf_counter()
-    engine = Engine(str(model), lcm_lora=str(lora), device=args.device, dtype=dtype_name)
+    engine = Engine(str(model), lcm_lora=str(lora), device=args.device, dtype=dtype_name,
+                        speed="off")  # the fast paths below are applied explicitly
     load_s = time.perf_counter() - load_start
 
     def run(batch, steps, prompt_index):
@@ -403,7 +404,8 @@ def child(args) -> None:
         from .engine import Engine
         from .tasks import Txt2ImgRequest
 
-        engine = Engine(str(model), lcm_lora=str(lora), device=args.device, dtype=dtype_name)
+        engine = Engine(str(model), lcm_lora=str(lora), device=args.device, dtype=dtype_name,
+                        speed="off")  # the fast paths below are applied explicitly
         args.batch = [1]
         fast_path(args.child, args, taesd).apply(engine)  # includes compile warm-up
         t_loaded = time.time()
@@ -459,7 +461,7 @@ def lora_switch(args, workdir: Path) -> dict[str, Any]:
 
     tiny = build_tiny_models(workdir / "tiny-lora-switch")
     engine = Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device=args.device,
-                    dtype=args.dtype)
+                    dtype=args.dtype, speed="off")
     size = 64
     path = FastPath(FastOptions(compile_unet=True, compile_cache_dir=args.compile_cache_dir,
                                 warmup=((size, size, 1),)))

@@ -33,6 +33,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
                    help="a style or motion LoRA; repeatable")
     g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     g.add_argument("--dtype", help="auto (fp16 on GPUs, fp32 on cpu), fp16, bf16, fp32")
+    g.add_argument("--speed", default="default", choices=["off", "default", "fastest"],
+                   help="fast-path preset: default keeps the recipe's pictures; fastest adds half "
+                   "precision where it pays and a tiny VAE (approximate decoding)")
+    g.add_argument("--tiny-vae", metavar="REF",
+                   help="tiny autoencoder for --speed fastest (default: the family's taesd)")
     r = parser.add_argument_group("generation")
     r.add_argument("prompt")
     r.add_argument("--negative", dest="negative_prompt", metavar="TEXT")
@@ -141,7 +146,8 @@ def run_task(args) -> int:
     lcm_ref, lcm_weight = _lcm(args, task)
     with console.status("loading model"):
         engine = Engine(args.model, lcm_lora=lcm_ref, lcm_weight=lcm_weight, config=args.config,
-                        family=args.family, device=args.device, dtype=args.dtype)
+                        family=args.family, device=args.device, dtype=args.dtype,
+                        speed=args.speed, tiny_vae=args.tiny_vae)
     result = _generate(engine, request, quiet=args.quiet)
     paths = save_result(result, out)
     seed = result.params["request"]["seed"]

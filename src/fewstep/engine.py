@@ -93,6 +93,8 @@ class Engine:
         device: str | None = None,
         dtype: str | None = None,
         fuse_loras: bool = True,
+        speed: str = "default",
+        tiny_vae: str | None = None,
     ):
         from diffusers import LCMScheduler
 
@@ -143,6 +145,17 @@ class Engine:
         # fused: a request's LoRA stack is written into the weights (plain speed, nothing to
         # recompile when only weights change); unfused: peft adapters computed beside each layer
         self._fused = FusedStack() if fuse_loras else None
+        self.original_vae = base.vae
+        self.pipeline_hooks: list[Callable[[Any], None]] = []  # run on each derived pipeline
+        self.speed = speed
+        if speed != "off":
+            from .accel import PRESETS, FastPath
+
+            if speed not in PRESETS:
+                raise InvalidRequest(f"speed must be off, {', '.join(PRESETS)}; got {speed!r}",
+                                     field="speed")
+            extra = {"tiny_vae": tiny_vae} if tiny_vae else {}
+            self.fast_report = FastPath.preset(speed, self.device, chosen.name, **extra).apply(self)
         self._lock = threading.RLock()
 
     # -- resources -------------------------------------------------------------------------
@@ -181,7 +194,9 @@ class Engine:
             # adapter layers when it is made
             self.clear_adapters()
         try:
-            pipe = cls.from_pipe(self.base, **extra)
+            # the original VAE: from_pipe drops one whose class differs from the pipeline's
+            # type hint (a tiny VAE set by the fast path); the hooks set it again
+            pipe = cls.from_pipe(self.base, **{"vae": self.original_vae, **extra})
         except Exception as exc:  # noqa: BLE001 - components that do not fit the model
             raise ModelError(
                 f"{', '.join(components.values()) or task} does not fit {self.model_ref!r}: "
@@ -190,8 +205,14 @@ class Engine:
         pipe.set_progress_bar_config(disable=True)
         if task == "animate":
             pipe.to(self.device, self.dtype)
+        for hook in self.pipeline_hooks:
+            hook(pipe)
         self._pipes[key] = pipe
         return pipe
+
+    def pipelines(self) -> list:
+        """The pipelines made so far (the base first)."""
+        return list(self._pipes.values())
 
     def _loader_for(self, pipe):
         """The pipeline whose LoRA loader serves `pipe`'s modules: the base for every task

@@ -268,6 +268,16 @@ def build_t2i_adapter(sdxl: bool):
     )
 
 
+def build_tiny_vae():
+    """An AutoencoderTiny (taesd layout) that downscales like the tiny VAE (x2)."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    return AutoencoderTiny(encoder_block_out_channels=(16, 16),
+                           decoder_block_out_channels=(16, 16),
+                           num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1))
+
+
 def build_motion_adapter():
     from diffusers import MotionAdapter
 
@@ -390,6 +400,7 @@ class TinyModels:
     adapter_sd15: Path
     adapter_sdxl: Path
     motion_adapter: Path
+    tiny_vae: Path
     lcm_sd15: Path
     lcm_sdxl: Path
     lcm_ssd1b: Path
@@ -426,6 +437,7 @@ def build_tiny_models(root: Path) -> TinyModels:
     build_t2i_adapter(True).save_pretrained(root / "t2i-adapter-sdxl")
     motion = build_motion_adapter()
     motion.save_pretrained(root / "motion-adapter")
+    build_tiny_vae().save_pretrained(root / "taesd")
 
     # the published LCM-LoRAs: rank 64, alpha 8 on every target; tiny: rank 8, alpha 1
     lcm = dict(rank=8, alpha=1.0, suffixes=LCM_TARGET_SUFFIXES)
@@ -469,6 +481,7 @@ def build_tiny_models(root: Path) -> TinyModels:
         adapter_sd15=root / "t2i-adapter-sd15",
         adapter_sdxl=root / "t2i-adapter-sdxl",
         motion_adapter=root / "motion-adapter",
+        tiny_vae=root / "taesd",
         lcm_sd15=lcm_sd15,
         lcm_sdxl=lcm_sdxl,
         lcm_ssd1b=lcm_ssd,

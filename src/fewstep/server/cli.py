@@ -16,7 +16,8 @@ from pathlib import Path
 DEFAULTS = {"host": "127.0.0.1", "port": 7860, "queue_size": 16, "grace": 30.0,
             "max_body_mb": 64.0, "timeout": None, "device": None, "dtype": None,
             "model": None, "model_name": None, "lcm_lora": "auto", "api_key": None,
-            "lora": [], "controlnet": [], "adapter": [], "motion_adapter": [], "log_level": "info"}
+            "lora": [], "controlnet": [], "adapter": [], "motion_adapter": [], "log_level": "info",
+            "model_config": None, "family": None, "speed": "default", "tiny_vae": None}
 LISTS = ("lora", "controlnet", "adapter", "motion_adapter")
 
 
@@ -54,6 +55,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-mb", type=float, default=S, help="request body limit (64)")
     p.add_argument("--device", default=S, help="auto, cuda, cuda:1, mps, cpu")
     p.add_argument("--dtype", default=S, help="auto, fp16, bf16, fp32")
+    p.add_argument("--model-config", metavar="DIR", default=S, help="local diffusers folder "
+                   "with the configs of a single-file --model (needed offline)")
+    p.add_argument("--family", default=S, choices=["sd15", "sdxl", "ssd-1b"],
+                   help="override the detected family")
+    p.add_argument("--speed", default=S, choices=["off", "default", "fastest"],
+                   help="fast-path preset (default: default)")
+    p.add_argument("--tiny-vae", metavar="REF", default=S,
+                   help="tiny autoencoder for --speed fastest (default: the family's taesd)")
     p.add_argument("--log-level", default=S, help="uvicorn log level (info)")
 
 
@@ -198,7 +207,9 @@ def run_serve(args: argparse.Namespace) -> int:
         spec = parse_lora_arg(lcm, "lcm_lora")
         lcm_ref, lcm_weight = spec.ref, spec.weight
     engine = Engine(values["model"], lcm_lora=lcm_ref, lcm_weight=lcm_weight,
-                    device=values["device"], dtype=values["dtype"])
+                    config=values["model_config"], family=values["family"],
+                    device=values["device"], dtype=values["dtype"], speed=values["speed"],
+                    tiny_vae=values["tiny_vae"])
     catalog = build_catalog({**values, "model": values["model"] or engine.model_ref}, engine)
     for name, ref in catalog.loras.items():  # broken LoRA files fail the start, not a request
         engine.lora(ref, f"lora {name}")
