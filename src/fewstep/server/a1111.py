@@ -5,7 +5,6 @@ samplers, scripts; `<lora:name:weight>` in prompts; the `info` field."""
 import json
 import math
 import re
-import time
 from typing import Any, Optional
 
 from fastapi import APIRouter, Request
@@ -94,15 +93,7 @@ def router(service) -> APIRouter:
             raise InvalidRequest(f"batch_size x n_iter must be at most "
                                  f"{service.settings.max_num_images}", field="batch_size")
         core = service.build(workflow, values, images)
-        started = time.perf_counter()
-        status = "error"
-        try:
-            job = await service.run(request, workflow, core, body.timeout_s)
-            status = "ok"
-        finally:
-            service.metrics.requests.labels(workflow, status).inc()
-            service.metrics.request_seconds.labels(workflow).observe(
-                time.perf_counter() - started)
+        job = await service.run_counted(request, workflow, core, body.timeout_s)
         record = job.params["request"]
         from ..outputs import a1111_parameters
 

@@ -88,15 +88,7 @@ def router(service) -> APIRouter:
 
     async def respond(request: Request, workflow: str, body: _Common, values: dict, images=None):
         core = service.build(workflow, values, images)
-        started = time.perf_counter()
-        status = "error"
-        try:
-            job = await service.run(request, workflow, core, body.timeout_s)
-            status = "ok"
-        finally:
-            service.metrics.requests.labels(workflow, status).inc()
-            service.metrics.request_seconds.labels(workflow).observe(
-                time.perf_counter() - started)
+        job = await service.run_counted(request, workflow, core, body.timeout_s)
         data = []
         for payload, media in job.outputs:
             if body.response_format == "url":
