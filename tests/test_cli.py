@@ -158,3 +158,9 @@ def test_default_speed_keeps_the_plain_picture(tiny, sd15_engine):
     assert sd15_engine.speed == "default"
     np.testing.assert_allclose(sd15_engine.generate(request).images,
                                plain.generate(request).images, atol=1e-4)
+
+
+def test_bench_command_is_wired(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--help"])
+    assert info.value.code == 0 and "--resolution" in capsys.readouterr().out

@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=int, help="default 16")
     p.add_argument("--fps", type=int, help="default 8")
 
+    sub.add_parser("bench", add_help=False, prefix_chars="\0",
+                   help="benchmark against the reference recipe (see fewstep bench --help)")
     p = sub.add_parser("selftest", help="run every workflow on tiny built-in models")
     p.add_argument("--keep", metavar="DIR", help="build the models in DIR and keep them")
     try:
@@ -174,6 +176,11 @@ def _generate(engine, request, quiet: bool):
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own options: the benchmark's parser reads them
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "selftest":
