@@ -102,6 +102,11 @@ class Engine:
         self.device = pick_device(device or self.settings.device)
         self.dtype = pick_dtype(dtype or self.settings.dtype, self.device)
         lcm_weight = check_weight(lcm_weight, "lcm_lora")
+        from .accel import PRESETS
+
+        if speed != "off" and speed not in PRESETS:  # checked before anything is loaded
+            raise InvalidRequest(f"speed must be off, {', '.join(PRESETS)}; got {speed!r}",
+                                 field="speed")
 
         config_ref = parse_ref(config, "config") if config else None
         chosen = family_by_name(family) if family else None
@@ -149,11 +154,8 @@ class Engine:
         self.pipeline_hooks: list[Callable[[Any], None]] = []  # run on each derived pipeline
         self.speed = speed
         if speed != "off":
-            from .accel import PRESETS, FastPath
+            from .accel import FastPath
 
-            if speed not in PRESETS:
-                raise InvalidRequest(f"speed must be off, {', '.join(PRESETS)}; got {speed!r}",
-                                     field="speed")
             extra = {"tiny_vae": tiny_vae} if tiny_vae else {}
             self.fast_report = FastPath.preset(speed, self.device, chosen.name, **extra).apply(self)
         self._lock = threading.RLock()
