@@ -136,6 +136,20 @@ def sd15_unet(in_channels: int = 4):
     )
 
 
+# what the SDXL-family UNet and ControlNet share: two text encoders (32 + 32 wide) and size/crop
+# ids (`text_time`)
+_SDXL_CONDITIONING = dict(
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    transformer_layers_per_block=(1, 2),
+    projection_class_embeddings_input_dim=80,  # 6 * 8 + text_encoder_2 projection (32)
+    cross_attention_dim=64,
+    norm_num_groups=2,
+)
+
+
 def sdxl_unet(ssd: bool = False, in_channels: int = 4):
     from diffusers import UNet2DConditionModel
 
@@ -153,14 +167,7 @@ def sdxl_unet(ssd: bool = False, in_channels: int = 4):
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80,  # 6 * 8 + text_encoder_2 projection (32)
-        cross_attention_dim=64,
-        norm_num_groups=2,
+        **_SDXL_CONDITIONING,
         **extra,
     )
 
@@ -224,15 +231,8 @@ def build_controlnet(sdxl: bool = False):
             layers_per_block=2,
             in_channels=4,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=80,
-            cross_attention_dim=64,
-            norm_num_groups=2,
             conditioning_embedding_out_channels=(16, 32),
+            **_SDXL_CONDITIONING,
         )
     return ControlNetModel(
         block_out_channels=_BLOCKS,
