@@ -193,3 +193,23 @@ def test_fp16_load_falls_back_when_no_variant(tiny):
 
     engine = Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", dtype="fp16")
     assert engine.base.unet.dtype == torch.float16
+
+
+def test_animation_has_its_own_lcm_weight(tiny):
+    """The recipe animates at LCM weight 0.55 while images use 1.0: one engine serves both."""
+    from fewstep.tasks import AnimateRequest
+
+    request = AnimateRequest(prompt="x", seed=4, steps=2, num_frames=2,
+                             motion_adapter=str(tiny.motion_adapter))
+    both = Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), lcm_weight=1.0,
+                  animate_lcm_weight=0.55, device="cpu", speed="off")
+    only = Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), lcm_weight=0.55,
+                  animate_lcm_weight=0.55, device="cpu", speed="off")
+    full = Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), lcm_weight=1.0,
+                  animate_lcm_weight=1.0, device="cpu", speed="off")
+    animated = both.generate(request)
+    np.testing.assert_allclose(animated.images, only.generate(request).images, atol=1e-5)
+    assert np.abs(animated.images - full.generate(request).images).max() > 1e-3
+    assert animated.params["lcm_weight"] == 0.55
+    image = Txt2ImgRequest(prompt="x", seed=4)
+    np.testing.assert_array_equal(both.generate(image).images, full.generate(image).images)

@@ -147,7 +147,8 @@ def run_task(args) -> int:
         console.print(f"[yellow]warning:[/] {warning}")
     lcm_ref, lcm_weight = _lcm(args, task)
     with console.status("loading model"):
-        engine = Engine(args.model, lcm_lora=lcm_ref, lcm_weight=lcm_weight, config=args.config,
+        engine = Engine(args.model, lcm_lora=lcm_ref, lcm_weight=lcm_weight,
+                        animate_lcm_weight=lcm_weight, config=args.config,
                         family=args.family, device=args.device, dtype=args.dtype,
                         speed=args.speed, tiny_vae=args.tiny_vae)
     result = _generate(engine, request, quiet=args.quiet)

@@ -87,6 +87,7 @@ class Engine:
         *,
         lcm_lora: str | None = "auto",
         lcm_weight: float = 1.0,
+        animate_lcm_weight: float = 0.55,
         config: str | None = None,
         family: str | None = None,
         settings: Settings | None = None,
@@ -102,6 +103,7 @@ class Engine:
         self.device = pick_device(device or self.settings.device)
         self.dtype = pick_dtype(dtype or self.settings.dtype, self.device)
         lcm_weight = check_weight(lcm_weight, "lcm_lora")
+        animate_lcm_weight = check_weight(animate_lcm_weight, "animate_lcm_weight")
         from .accel import PRESETS
 
         if speed != "off" and speed not in PRESETS:  # checked before anything is loaded
@@ -136,6 +138,7 @@ class Engine:
 
         self.lcm_ref: str | None = None
         self.lcm_weight = lcm_weight
+        self.animate_lcm_weight = animate_lcm_weight  # the recipe's weight for AnimateDiff
         if lcm_lora and lcm_lora != "none":
             self.lcm_ref = chosen.lcm_lora if lcm_lora == "auto" else lcm_lora
             lcm = read_lora(self.lcm_ref, "lcm_lora")
@@ -207,6 +210,10 @@ class Engine:
         pipe.set_progress_bar_config(disable=True)
         if task == "animate":
             pipe.to(self.device, self.dtype)
+            if self.lcm_ref is not None and self.animate_lcm_weight != self.lcm_weight:
+                # the motion UNet is its own copy: move its LCM-LoRA to the animation weight
+                bake_lora(pipe, read_lora(self.lcm_ref, "lcm_lora"),
+                          self.animate_lcm_weight - self.lcm_weight)
         for hook in self.pipeline_hooks:
             hook(pipe)
         self._pipes[key] = pipe
@@ -339,7 +346,8 @@ class Engine:
             "model": self.model_ref,
             "family": self.family.name,
             "lcm_lora": self.lcm_ref,
-            "lcm_weight": self.lcm_weight,
+            "lcm_weight": self.animate_lcm_weight if request.task == "animate"
+            else self.lcm_weight,
             "scheduler": "LCMScheduler",
             "dtype": str(self.dtype).removeprefix("torch."),
             "fewstep": __version__,

@@ -17,7 +17,8 @@ DEFAULTS = {"host": "127.0.0.1", "port": 7860, "queue_size": 16, "grace": 30.0,
             "max_body_mb": 64.0, "timeout": None, "device": None, "dtype": None,
             "model": None, "model_name": None, "lcm_lora": "auto", "api_key": None,
             "lora": [], "controlnet": [], "adapter": [], "motion_adapter": [], "log_level": "info",
-            "model_config": None, "family": None, "speed": "default", "tiny_vae": None}
+            "model_config": None, "family": None, "speed": "default", "tiny_vae": None,
+            "animate_lcm_weight": 0.55}
 LISTS = ("lora", "controlnet", "adapter", "motion_adapter")
 
 
@@ -55,6 +56,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-mb", type=float, default=S, help="request body limit (64)")
     p.add_argument("--device", default=S, help="auto, cuda, cuda:1, mps, cpu")
     p.add_argument("--dtype", default=S, help="auto, fp16, bf16, fp32")
+    p.add_argument("--animate-lcm-weight", type=float, metavar="W", default=S,
+                   help="LCM-LoRA weight for animations (default 0.55, as in the recipe)")
     p.add_argument("--model-config", metavar="DIR", default=S, help="local diffusers folder "
                    "with the configs of a single-file --model (needed offline)")
     p.add_argument("--family", default=S, choices=["sd15", "sdxl", "ssd-1b"],
@@ -207,6 +210,7 @@ def run_serve(args: argparse.Namespace) -> int:
         spec = parse_lora_arg(lcm, "lcm_lora")
         lcm_ref, lcm_weight = spec.ref, spec.weight
     engine = Engine(values["model"], lcm_lora=lcm_ref, lcm_weight=lcm_weight,
+                    animate_lcm_weight=float(values["animate_lcm_weight"]),
                     config=values["model_config"], family=values["family"],
                     device=values["device"], dtype=values["dtype"], speed=values["speed"],
                     tiny_vae=values["tiny_vae"])
