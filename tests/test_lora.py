@@ -161,3 +161,26 @@ def test_style_lora_on_every_sd15_task(sd15_engine, tiny):
         styled = run([LoraRequest(ref=str(tiny.style_sd15), weight=1.0)])
         assert np.abs(plain - styled).max() > 1e-3
         np.testing.assert_array_equal(plain, run([]))
+
+
+def test_hub_lora_repo_with_one_differently_named_file(monkeypatch, tiny):
+    """A hub LoRA repo without pytorch_lora_weights.safetensors: its only .safetensors file is
+    taken; with several, the error lists them. (The hub is simulated: no network in tests.)"""
+    import huggingface_hub
+
+    from fewstep import lora as lora_module
+
+    repo_files = {"org/papercut": ["papercut.safetensors", "README.md"],
+                  "org/many": ["a.safetensors", "b.safetensors"]}
+
+    def download(repo, filename, local_files_only=False):
+        if filename not in repo_files[repo]:
+            raise type("EntryNotFoundError", (Exception,), {})(filename)
+        return str(tiny.style_sd15)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: repo_files[repo])
+    assert lora_module.resolve_lora_file("org/papercut") == tiny.style_sd15
+    with pytest.raises(NotFound) as info:
+        lora_module.resolve_lora_file("org/many")
+    assert "a.safetensors, b.safetensors" in info.value.message

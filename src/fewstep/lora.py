@@ -82,7 +82,30 @@ def resolve_lora_file(text: str, field: str = "lora") -> Path:
         if ref.path.suffix != ".safetensors":
             raise LoraError(f"{field} {text!r} is not a .safetensors file", field=field)
         return ref.path
-    return hub_file(ref, ref.filename or LORA_FILENAME, field)
+    if ref.filename is not None:
+        return hub_file(ref, ref.filename, field)
+    try:
+        return hub_file(ref, LORA_FILENAME, field)
+    except NotFound:
+        # many LoRA repos name their file otherwise: take it when it is the only one
+        return hub_file(ref, _only_safetensors(ref, field), field)
+
+
+def _only_safetensors(ref, field: str) -> str:
+    from huggingface_hub import list_repo_files
+
+    try:
+        files = [f for f in list_repo_files(ref.repo) if f.endswith(".safetensors")]
+    except Exception as exc:  # noqa: BLE001 - offline or gone: say what to pass instead
+        raise NotFound(f"{field} {ref.text!r} has no {LORA_FILENAME}; name the file as "
+                       f"{ref.repo}/<file>.safetensors", field=field) from exc
+    if len(files) != 1:
+        raise NotFound(
+            f"{field} {ref.text!r} has no {LORA_FILENAME} and "
+            f"{'no' if not files else len(files)} .safetensors files; name one as "
+            f"{ref.repo}/<file>.safetensors" + (f" ({', '.join(files[:5])})" if files else ""),
+            field=field)
+    return files[0]
 
 
 @dataclass
