@@ -248,10 +248,8 @@ class Engine:
                 slots.loaded.clear()
 
     def lora(self, ref_text: str, field: str = "lora") -> LoraFile:
-        cached = self._loras.get(ref_text)
-        fresh = read_lora(ref_text, field) if cached is None else None
-        if fresh is not None:
-            self._loras[ref_text] = fresh
+        if ref_text not in self._loras:
+            self._loras[ref_text] = read_lora(ref_text, field)
         return self._loras[ref_text]
 
     # -- running ---------------------------------------------------------------------------
@@ -271,7 +269,7 @@ class Engine:
                 raise Cancelled("cancelled before it started")
             start = time.perf_counter()
             if preview is not None:
-                progress = self._with_preview(progress, preview)
+                progress = _PreviewingProgress(progress, preview, self.family.name)
             result = request.run(self, progress, cancel)
             result.seconds = time.perf_counter() - start
         return result
@@ -352,9 +350,6 @@ class Engine:
             "dtype": str(self.dtype).removeprefix("torch."),
             "fewstep": __version__,
         }
-
-    def _with_preview(self, progress, preview):
-        return _PreviewingProgress(progress, preview, self.family.name)
 
     def release_memory(self) -> None:
         import gc
