@@ -43,6 +43,9 @@ TINY_TEXT = dict(
 )
 
 _BLOCKS = (32, 64)
+# The SDXL family's second text encoder is wider than the first, as OpenCLIP bigG (1280) is wider
+# than CLIP-L (768): diffusers' single-file loader tells the two apart by width alone.
+TEXT_2_WIDTH = 48
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -136,7 +139,7 @@ def sd15_unet(in_channels: int = 4):
     )
 
 
-# what the SDXL-family UNet and ControlNet share: two text encoders (32 + 32 wide) and size/crop
+# what the SDXL-family UNet and ControlNet share: two text encoders (32 + 48 wide) and size/crop
 # ids (`text_time`)
 _SDXL_CONDITIONING = dict(
     attention_head_dim=(2, 4),
@@ -145,7 +148,7 @@ _SDXL_CONDITIONING = dict(
     addition_time_embed_dim=8,
     transformer_layers_per_block=(1, 2),
     projection_class_embeddings_input_dim=80,  # 6 * 8 + text_encoder_2 projection (32)
-    cross_attention_dim=64,
+    cross_attention_dim=32 + TEXT_2_WIDTH,
     norm_num_groups=2,
 )
 
@@ -172,11 +175,11 @@ def sdxl_unet(ssd: bool = False, in_channels: int = 4):
     )
 
 
-def _text_encoder(projection: bool = False):
+def _text_encoder(projection: bool = False, hidden_size: int = TINY_TEXT["hidden_size"]):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
-    config = CLIPTextConfig(**TINY_TEXT)
+    config = CLIPTextConfig(**{**TINY_TEXT, "hidden_size": hidden_size})
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
@@ -214,7 +217,7 @@ def build_sdxl_pipeline(tmp: Path, ssd: bool = False):
         unet=sdxl_unet(ssd),
         vae=_vae(),
         text_encoder=_text_encoder(),
-        text_encoder_2=_text_encoder(projection=True),
+        text_encoder_2=_text_encoder(projection=True, hidden_size=TEXT_2_WIDTH),
         tokenizer=tok,
         tokenizer_2=tok,
         scheduler=_scheduler(True),
