@@ -9,7 +9,7 @@ smoke run exercise the real loading code without any download:
 * LCM-LoRAs in the published key format (kohya-style keys with diffusers module names, one rank
   on every target module, `.alpha` tensors), a kohya style LoRA with original-model (LDM) module
   names and text-encoder parts, a peft-format style LoRA, a motion LoRA,
-* a single-file (original layout) SD1.5 checkpoint.
+* single-file (original layout) checkpoints of the SD1.5, SDXL and SSD-1B models.
 """
 
 from __future__ import annotations
@@ -398,6 +398,8 @@ class TinyModels:
     sdxl: Path
     ssd1b: Path
     sd15_single_file: Path
+    sdxl_single_file: Path  # each written from the diffusers folder above
+    ssd1b_single_file: Path
     controlnet: Path
     controlnet_sdxl: Path
     adapter_sd15: Path
@@ -419,7 +421,7 @@ MOTION_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0")
 
 def build_tiny_models(root: Path) -> TinyModels:
     """Write every tiny model into `root` (about 15 MB) and return their paths."""
-    from .testing_checkpoint import save_sd15_single_file
+    from .testing_checkpoint import save_sd15_single_file, save_sdxl_single_file
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -433,6 +435,8 @@ def build_tiny_models(root: Path) -> TinyModels:
     ssd = build_sdxl_pipeline(tmp, ssd=True)
     ssd.save_pretrained(root / "ssd-1b")
     save_sd15_single_file(sd15, root / "sd15-single.safetensors")
+    save_sdxl_single_file(sdxl, root / "sdxl-single.safetensors")
+    save_sdxl_single_file(ssd, root / "ssd-1b-single.safetensors")
 
     build_controlnet().save_pretrained(root / "controlnet")
     build_controlnet(sdxl=True).save_pretrained(root / "controlnet-sdxl")
@@ -479,6 +483,8 @@ def build_tiny_models(root: Path) -> TinyModels:
         sdxl=root / "sdxl",
         ssd1b=root / "ssd-1b",
         sd15_single_file=root / "sd15-single.safetensors",
+        sdxl_single_file=root / "sdxl-single.safetensors",
+        ssd1b_single_file=root / "ssd-1b-single.safetensors",
         controlnet=root / "controlnet",
         controlnet_sdxl=root / "controlnet-sdxl",
         adapter_sd15=root / "t2i-adapter-sd15",
