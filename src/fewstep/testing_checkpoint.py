@@ -214,6 +214,9 @@ _OPEN_CLIP_LAYER = (
     ("mlp.fc2.", "mlp.c_proj."),
 )
 
+# torch.nn.MultiheadAttention stacks query, key and value in one `in_proj` weight, in this order
+_IN_PROJ_ORDER = ("q_proj", "k_proj", "v_proj")
+
 _OPEN_CLIP_TOP = {
     "embeddings.token_embedding.weight": "token_embedding.weight",
     "embeddings.position_embedding.weight": "positional_embedding",
@@ -251,7 +254,7 @@ def open_clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
         else:
             raise ValueError(f"no OpenCLIP name for text encoder parameter {key!r}")
     for key, parts in fused.items():
-        out[key] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]], 0)
+        out[key] = torch.cat([parts[name] for name in _IN_PROJ_ORDER], 0)
     out["logit_scale"] = torch.tensor(4.6052)  # ln(100), OpenCLIP's trained value
     return out
 
