@@ -137,15 +137,16 @@ def field_from_loc(loc) -> str | None:
     return ".".join(parts) or None
 
 
-def from_validation_errors(errors) -> FewstepError:
-    """FastAPI's RequestValidationError list -> one typed error naming the first field."""
+def from_validation_errors(errors, root: str = "body") -> FewstepError:
+    """pydantic's (or FastAPI's RequestValidationError's) error list -> one typed error naming
+    the first field; `root` names the whole value (the body, or a form field's JSON)."""
     errors = list(errors)
     if not errors:
-        return InvalidRequest("invalid request", field="body")
+        return InvalidRequest("invalid request", field=root)
     first = errors[0]
     if first.get("type") == "json_invalid":
-        return BadBody("the body is not valid JSON", field="body")
-    field = field_from_loc(first.get("loc", ())) or "body"
+        return BadBody(f"{root} is not valid JSON", field=root)
+    field = field_from_loc(first.get("loc", ())) or root
     if first.get("type") == "missing":
         return InvalidRequest(f"{field}: field required", field=field)
     return InvalidRequest(

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from ...errors import InvalidRequest
-from ...tasks.base import invalid_from_pydantic
 from ..backend import DONE, JobView
-from .common import image_from_bytes, parse_json
+from ..errors import from_validation_errors
+from .common import b64, image_from_bytes, parse_json
 
 
 def upload_values(params_model, image_fields, fields: dict, files: dict, settings):
@@ -21,7 +21,7 @@ def upload_values(params_model, image_fields, fields: dict, files: dict, setting
     try:
         values = params_model.model_validate(parse_json(text, "params")).model_dump()
     except ValidationError as exc:
-        raise invalid_from_pydantic(exc) from None
+        raise from_validation_errors(exc.errors(), "params") from None
     images = {}
     for name in image_fields:
         if name not in files:
@@ -31,8 +31,6 @@ def upload_values(params_model, image_fields, fields: dict, files: dict, setting
 
 
 def generation_result(view: JobView) -> dict:
-    from .common import b64
-
     output = view.output
     return {
         "id": view.id,

@@ -10,8 +10,8 @@ from typing import Optional
 from pydantic import ValidationError
 
 from ...errors import InvalidRequest
-from ...tasks.base import invalid_from_pydantic
 from ..backend import JobView
+from ..errors import from_validation_errors
 from ..protocol.openai import EditsForm, _Common
 from .common import b64, image_from_bytes, parse_json
 
@@ -57,7 +57,7 @@ def edit_request(fields: dict, files: dict, catalog, settings):
     try:
         body = EditsForm.model_validate(fields)
     except ValidationError as exc:
-        raise invalid_from_pydantic(exc) from None
+        raise from_validation_errors(exc.errors(), "body") from None
     if "image" not in files:
         raise InvalidRequest("image: a file upload is required", field="image")
     values = values_from(body, catalog)
