@@ -90,9 +90,9 @@ def router(service) -> APIRouter:
             "type": "object",
             "required": ["params", *image_fields],
             "properties": {
-                "params": {"type": "string", "description": (
-                    f"JSON text: the fields of /v1/{workflow} without the images "
-                    f"({Params.__name__} in the schemas)")},
+                "params": {"type": "string", "contentMediaType": "application/json",
+                           "description": (f"JSON text: the fields of /v1/{workflow} without "
+                                           "the images")},
                 **{f: {"type": "string", "format": "binary"} for f in image_fields},
             },
         }
