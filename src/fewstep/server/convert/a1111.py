@@ -11,7 +11,7 @@ from ...errors import InvalidRequest
 from ...lora import MAX_LORA_WEIGHT
 from ..backend import JobView
 from ..catalog import check_name
-from ..protocol.a1111 import Img2ImgPayload, _A1111
+from ..protocol.a1111 import Img2ImgPayload, A1111Payload
 from .common import b64, check_prompt_length, decode_image
 
 _TAG_START = re.compile(r"<lora:", re.I)
@@ -61,7 +61,7 @@ def split_loras(prompt: str, catalog, field: str = "prompt",
     return " ".join("".join(kept).split()), loras
 
 
-def values_from(body: _A1111, catalog, settings) -> tuple[dict, list[str]]:
+def values_from(body: A1111Payload, catalog, settings) -> tuple[dict, list[str]]:
     """(core values, warnings for the client)."""
     check_prompt_length(body.prompt, "prompt", settings)  # before the tags are parsed
     check_prompt_length(body.negative_prompt, "negative_prompt", settings)
@@ -97,7 +97,7 @@ def img2img_inputs(body: Img2ImgPayload, settings) -> tuple[str, dict]:
     return "inpaint", images
 
 
-def response(view: JobView, body: _A1111, warnings: list[str], model_name: str) -> dict:
+def response(view: JobView, body: A1111Payload, warnings: list[str], model_name: str) -> dict:
     from ...outputs import a1111_parameters
 
     output = view.output

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from ...errors import InvalidRequest
 from ..backend import JobView
 from ..errors import from_validation_errors
-from ..protocol.openai import EditsForm, _Common
+from ..protocol.openai import EditsForm, ImagesRequest
 from .common import b64, image_from_bytes, parse_json
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -35,7 +35,7 @@ def parse_size(size: Optional[str]) -> tuple[Optional[int], Optional[int]]:
     return int(match[1]), int(match[2])
 
 
-def values_from(body: _Common, catalog) -> dict:
+def values_from(body: ImagesRequest, catalog) -> dict:
     if body.model is not None:
         catalog.check_model(body.model)
     width, height = parse_size(body.size)
@@ -85,7 +85,7 @@ def edit_mask(rgba):
     return rgba.convert("L").convert("RGB")
 
 
-def images_response(view: JobView, body: _Common, store_file, public_url: str | None) -> dict:
+def images_response(view: JobView, body: ImagesRequest, store_file, public_url: str | None) -> dict:
     """`store_file(bytes, media type) -> token` keeps a file for a `url` response. URLs are the
     configured public URL's, or relative: never built from the client's Host header."""
     output = view.output

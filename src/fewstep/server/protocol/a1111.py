@@ -12,7 +12,9 @@ from .common import MAX_TIMEOUT_S
 Scalar = Union[str, int, float, bool, None]
 
 
-class _A1111(BaseModel):
+class A1111Payload(BaseModel):
+    """What txt2img and img2img share."""
+
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     prompt: str = ""
@@ -31,11 +33,11 @@ class _A1111(BaseModel):
     timeout_s: Optional[float] = Field(None, gt=0, le=MAX_TIMEOUT_S)
 
 
-class Txt2ImgPayload(_A1111):
+class Txt2ImgPayload(A1111Payload):
     pass
 
 
-class Img2ImgPayload(_A1111):
+class Img2ImgPayload(A1111Payload):
     init_images: list[str] = Field(min_length=1, max_length=1)
     mask: Optional[str] = None
     denoising_strength: float = Field(0.75, gt=0.0, le=1.0)

@@ -10,7 +10,9 @@ from pydantic import BaseModel, Field, field_validator
 from .common import MAX_TIMEOUT_S, ApiModel, LoraName
 
 
-class _Common(ApiModel):
+class ImagesRequest(ApiModel):
+    """What generations and edits share."""
+
     prompt: str
     model: Optional[str] = None
     n: Optional[int] = Field(None, ge=1)
@@ -39,11 +41,11 @@ class _Common(ApiModel):
         return value
 
 
-class GenerationsBody(_Common):
+class GenerationsBody(ImagesRequest):
     pass
 
 
-class EditsForm(_Common):
+class EditsForm(ImagesRequest):
     """The text fields of an edit's multipart form (values arrive as text: "2", "false")."""
 
     strength: Optional[float] = None

@@ -8,10 +8,12 @@ import contextlib
 import copy
 import time
 
+from fastapi import Request
 from fastapi.responses import Response
 
 from ..backend import JobView
 from ..convert.common import json_bytes
+from ..errors import BadBody
 
 
 class ClientGone(Exception):
@@ -69,3 +71,24 @@ async def json_response(payload, status_code: int = 200, headers: dict | None = 
     body = await asyncio.to_thread(json_bytes, payload)
     return Response(body, status_code=status_code, headers=headers,
                     media_type="application/json")
+
+
+async def read_form(request: Request, max_files: int, max_fields: int, max_part_size: int):
+    """(text fields, file bytes) of a multipart body; unparseable -> a typed 400."""
+    try:
+        form = await request.form(max_files=max_files, max_fields=max_fields,
+                                  max_part_size=max_part_size)
+    except Exception as exc:  # noqa: BLE001 - python-multipart's many parse errors
+        raise BadBody(f"the multipart body could not be parsed ({type(exc).__name__})",
+                      field="body") from None
+    try:
+        fields, files = {}, {}
+        for key, value in form.multi_items():
+            if isinstance(value, str):
+                fields[key] = value
+            else:
+                files.setdefault(key, [])
+                files[key].append(await value.read())
+        return fields, files
+    finally:
+        await form.close()

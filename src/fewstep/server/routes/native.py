@@ -9,7 +9,6 @@ from ...errors import InvalidRequest
 from ...tasks import REQUESTS
 from ..convert.common import build_request
 from ..convert.native import generation_result, job_info, upload_values
-from ..errors import BadBody
 from ..protocol.common import ERRORS
 from ..protocol.native import (
     BODY_MODELS,
@@ -19,32 +18,11 @@ from ..protocol.native import (
     GenerationResponse,
     JobInfo,
 )
-from .common import counted, json_response, run_job
+from .common import counted, json_response, read_form, run_job
 
 WAIT = Query(True, description=(
     "false: return 202 with a job at once; follow it at /v1/jobs/{id} and "
     "/v1/jobs/{id}/events"))
-
-
-async def read_form(request: Request, max_files: int, max_fields: int, max_part_size: int):
-    """(text fields, file bytes) of a multipart body; unparseable -> a typed 400."""
-    try:
-        form = await request.form(max_files=max_files, max_fields=max_fields,
-                                  max_part_size=max_part_size)
-    except Exception as exc:  # noqa: BLE001 - python-multipart's many parse errors
-        raise BadBody(f"the multipart body could not be parsed ({type(exc).__name__})",
-                      field="body") from None
-    try:
-        fields, files = {}, {}
-        for key, value in form.multi_items():
-            if isinstance(value, str):
-                fields[key] = value
-            else:
-                files.setdefault(key, [])
-                files[key].append(await value.read())
-        return fields, files
-    finally:
-        await form.close()
 
 
 def router(service) -> APIRouter:

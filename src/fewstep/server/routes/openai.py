@@ -13,8 +13,7 @@ from ..convert import openai as convert
 from ..convert.common import build_request, fields_renamed
 from ..protocol.common import ERRORS
 from ..protocol.openai import EditsForm, GenerationsBody, ImagesResponse
-from .common import counted, json_response, run_job
-from .native import read_form
+from .common import counted, json_response, read_form, run_job
 
 
 def router(service) -> APIRouter:
