@@ -33,7 +33,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
                    help="a style or motion LoRA; repeatable")
     g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     g.add_argument("--dtype", help="auto (fp16 on GPUs, fp32 on cpu), fp16, bf16, fp32")
-    g.add_argument("--speed", default="default", choices=["off", "default", "fastest"],
+    g.add_argument("--speed", default="auto", choices=["off", "auto", "default", "fastest"],
                    help="fast-path preset: default keeps the recipe's pictures; fastest adds half "
                    "precision where it pays and a tiny VAE (approximate decoding)")
     g.add_argument("--tiny-vae", metavar="REF",

@@ -117,10 +117,8 @@ def single_file_family(path: Path) -> str:
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"model file {str(path)!r} is not a readable .safetensors file: {exc}",
                          field="model") from exc
-    if any(k.startswith("conditioner.embedders.1") for k in keys):
-        # SSD-1B drops transformer blocks that SDXL has
-        deep = "model.diffusion_model.output_blocks.0.1.transformer_blocks.9.attn1.to_q.weight"
-        return "sdxl" if deep in keys else "ssd-1b"
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "ssd-1b" if _pruned_up_path(keys) else "sdxl"
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return "sd15"
     raise ModelError(
@@ -128,6 +126,44 @@ def single_file_family(path: Path) -> str:
         "(no model.diffusion_model.* keys)",
         field="model",
     )
+
+
+# original-layout UNet keys: `input_blocks.N.0.op` is a downsampler, `{input,output}_blocks.N.1`
+# an attention with `transformer_blocks.0..depth-1`
+_UNET_BLOCK = re.compile(r"model\.diffusion_model\.(input|output)_blocks\.(\d+)\.")
+_DOWNSAMPLER = re.compile(r"model\.diffusion_model\.input_blocks\.(\d+)\.0\.op\.")
+_TRANSFORMER = re.compile(
+    r"model\.diffusion_model\.(input|output)_blocks\.(\d+)\.1\.transformer_blocks\.(\d+)\.")
+
+
+def _pruned_up_path(keys: list[str]) -> bool:
+    """True when some up-path attention is not as deep as the down path's attentions at the same
+    resolution: SSD-1B's pruning (its config's `reverse_transformer_layers_per_block`), where SDXL
+    mirrors the down path exactly. Read from the pattern of depths alone, so it holds for any
+    number of blocks and layers (tiny test models included)."""
+    blocks = {"input": set(), "output": set()}
+    downsamplers = set()
+    depth: dict[tuple[str, int], int] = {}
+    for key in keys:
+        if m := _UNET_BLOCK.match(key):
+            blocks[m[1]].add(int(m[2]))
+        if m := _DOWNSAMPLER.match(key):
+            downsamplers.add(int(m[1]))
+        if m := _TRANSFORMER.match(key):
+            place = (m[1], int(m[2]))
+            depth[place] = max(depth.get(place, 0), int(m[3]) + 1)
+    levels = len(downsamplers) + 1
+    per_level = len(blocks["output"]) // levels  # layers per block + 1, in the LDM numbering
+    if per_level == 0:
+        return False
+    # input block 0 is conv_in; levels count from the highest resolution
+    down: dict[int, set[int]] = {}
+    for (side, index), n in depth.items():
+        if side == "input":
+            down.setdefault((index - 1) // per_level, set()).add(n)
+    # output blocks count from the lowest resolution
+    return any(down.get(levels - 1 - index // per_level) != {n}
+               for (side, index), n in depth.items() if side == "output")
 
 
 def load_pipeline(cls, ref: Ref, *, config_ref: Ref | None, family, torch_dtype, field="model"):
@@ -145,6 +181,15 @@ def load_pipeline(cls, ref: Ref, *, config_ref: Ref | None, family, torch_dtype,
                 config = str(config_ref.path) if config_ref.path else config_ref.repo
             elif offline_mode():
                 config = _cached_family_config(family)
+                if config is None:
+                    # diffusers would try to download the configs and fail deep inside
+                    raise OfflineError(
+                        f"{field} {ref.text!r} is a single-file checkpoint, which needs the "
+                        f"configs of a {family.name} diffusers model; {family.default_model} is "
+                        "not in the local cache and the hub is offline: pass a local diffusers "
+                        "folder of the same family with --config",
+                        field="config",
+                    )
             return cls.from_single_file(
                 str(path), config=config or family.default_model,
                 local_files_only=offline_mode() or config_ref is not None, **kwargs

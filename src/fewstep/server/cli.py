@@ -17,7 +17,7 @@ DEFAULTS = {"host": "127.0.0.1", "port": 7860, "queue_size": 16, "grace": 30.0,
             "max_body_mb": 64.0, "timeout": None, "device": None, "dtype": None,
             "model": None, "model_name": None, "lcm_lora": "auto", "api_key": None,
             "lora": [], "controlnet": [], "adapter": [], "motion_adapter": [], "log_level": "info",
-            "model_config": None, "family": None, "speed": "default", "tiny_vae": None,
+            "model_config": None, "family": None, "speed": "auto", "tiny_vae": None,
             "animate_lcm_weight": 0.55}
 LISTS = ("lora", "controlnet", "adapter", "motion_adapter")
 
@@ -62,7 +62,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "with the configs of a single-file --model (needed offline)")
     p.add_argument("--family", default=S, choices=["sd15", "sdxl", "ssd-1b"],
                    help="override the detected family")
-    p.add_argument("--speed", default=S, choices=["off", "default", "fastest"],
+    p.add_argument("--speed", default=S, choices=["off", "auto", "default", "fastest"],
                    help="fast-path preset (default: default)")
     p.add_argument("--tiny-vae", metavar="REF", default=S,
                    help="tiny autoencoder for --speed fastest (default: the family's taesd)")

@@ -1,6 +1,8 @@
 """Speed techniques for an Engine: each one switchable, each one measured by `fewstep.bench`.
+They reach the engine only through its public seam (`add_pipeline_hook`, `add_call_context`,
+`convert_dtype`, `replace_vae`, `set_scheduler`, `prompt_cache`).
 
-    >>> engine = Engine(model)
+    >>> engine = Engine(model, speed="off")
     >>> FastPath.preset("fastest", engine.device).apply(engine)
 
 What each technique does, and whether the picture stays the same:
@@ -8,10 +10,12 @@ What each technique does, and whether the picture stays the same:
 =================  ===========================================================  ==============
 technique          what                                                          same image?
 =================  ===========================================================  ==============
-prompt_cache       reuse `encode_prompt` output for a prompt seen before; the    exact (bitwise)
-                   key holds every argument and the text encoders' adapter
-                   state, so a LoRA stack with text-encoder parts misses
-channels_last      UNet / VAE / ControlNet weights in NHWC memory order          1e-4 (conv order)
+prompt_cache       reuse the prompt embeddings of a prompt seen before (key:     exact (bitwise)
+                   prompt, negative prompt, guidance on/off, LoRA stack)
+static_scheduler   the LCM scheduler with every per-step scalar and all the     exact (bitwise)
+                   noise prepared before the loop: no host sync inside it
+channels_last      UNet / ControlNet / adapter weights in NHWC memory order      1e-4 (conv order)
+                   (not the VAE: its GroupNorms run slower in NHWC)
 sdpa               every attention processor on `F.scaled_dot_product_attention` 1e-4
                    (diffusers 0.42 already does this; checked, set if not)
 dtype              run the whole engine in bf16 (CPU with AMX / AVX512-BF16) or  no: half precision
@@ -19,35 +23,37 @@ dtype              run the whole engine in bf16 (CPU with AMX / AVX512-BF16) or 
 tiny_vae           `AutoencoderTiny` (taesd / taesdxl) instead of the full VAE   no: a preview VAE
 fp16_vae           an fp16-safe SDXL VAE (madebyollin/sdxl-vae-fp16-fix) so the  close (its own
                    float32 `force_upcast` decode is not needed                   weights)
-compile_unet       `torch.compile` of the UNet with fixed shapes, warmed up,     ~1e-3 (fused
-                   inductor cache on disk; opt-in, pays on GPUs, see bench notes  kernels)
+compile_unet       `torch.compile` of the UNet for declared shapes, compiled at  ~1e-3 (fused
+                   start-up, cached on disk; other shapes run plain at once      kernels)
 =================  ===========================================================  ==============
+
+Presets: `off` (nothing), `default` (the exact techniques), `auto` (the exact techniques, plus on
+CUDA the compiled UNet with CUDA graphs for the declared shapes), `fastest` (also half precision
+where it pays and the tiny VAE: approximate).
 
 Classifier-free guidance at guidance <= 1 does not double the batch: diffusers' own
 `do_classifier_free_guidance` is `guidance_scale > 1` (checked by `cfg_batch`), so nothing is done
-here for it.
-
-The engine's LCM-LoRA is already fused into the weights by the Engine itself (`bake_lora`); that is
-the largest single gain over the recipe and is not repeated here.
+here for it. The engine's LCM-LoRA is already fused into the weights by the Engine itself
+(`bake_lora`); that is the largest single gain over the recipe and is not repeated here.
 """
 
 from __future__ import annotations
 
-import inspect
-import os
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from .config import pick_dtype
+from ..config import pick_dtype
+from ..prompts import PromptCache
+from .compile import DEFAULT_SHAPES, AheadOfTimeCompiler, default_cache_dir, use_cache_dir
 
 # the published tiny autoencoders, per family (taesd for SD1.x, taesdxl for SDXL and SSD-1B)
 TINY_VAE = {"sd15": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl",
             "ssd-1b": "madebyollin/taesdxl"}
 FP16_SDXL_VAE = "madebyollin/sdxl-vae-fp16-fix"
+PRESETS = ("off", "auto", "default", "fastest")
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class FastOptions:
 
     prompt_cache: bool = True
     prompt_cache_size: int = 64
+    static_scheduler: bool = True
     channels_last: bool = True
     sdpa: bool = True
     dtype: str | None = None  # "bf16" / "fp16": convert the engine (not exact)
@@ -65,7 +72,7 @@ class FastOptions:
     compile_unet: bool = False
     compile_mode: str | None = None  # torch.compile mode; None: inductor's default
     compile_cache_dir: str | None = None  # inductor / FX graph cache kept on disk
-    warmup: tuple[tuple[int, int, int], ...] = ()  # (width, height, batch) to compile ahead
+    compile_shapes: tuple[tuple[int, int, int], ...] = ()  # (width, height, batch) compiled ahead
 
     def describe(self) -> dict[str, Any]:
         out = {}
@@ -88,109 +95,6 @@ def half_dtype_for(device: str) -> str | None:
     return None
 
 
-PRESETS = ("default", "fastest")
-
-
-class PromptCache:
-    """`encode_prompt` results by (pipeline class, arguments, text-encoder adapter state, dtype),
-    least recently used dropped first. Stored and returned as clones, so no caller can change a
-    cached tensor. Call `clear()` after changing text-encoder weights other than through
-    adapters (fewstep itself never does)."""
-
-    def __init__(self, size: int = 64):
-        self.size = size
-        self._data: OrderedDict = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def clear(self) -> None:
-        self._data.clear()
-
-    def wrap(self, pipe) -> None:
-        if not hasattr(pipe, "encode_prompt") or getattr(pipe, "_fewstep_prompt_cache", None):
-            return
-        original = pipe.encode_prompt
-        signature = inspect.signature(original)
-        cache = self
-
-        def encode_prompt(*args, **kwargs):
-            key = cache._key(pipe, signature, args, kwargs)
-            if key is None:
-                return original(*args, **kwargs)
-            if key in cache._data:
-                cache._data.move_to_end(key)
-                cache.hits += 1
-                return _clone(cache._data[key])
-            cache.misses += 1
-            out = original(*args, **kwargs)
-            cache._data[key] = _clone(out)
-            while len(cache._data) > cache.size:
-                cache._data.popitem(last=False)
-            return out
-
-        pipe.encode_prompt = encode_prompt
-        pipe._fewstep_prompt_cache = self
-
-    def _key(self, pipe, signature, args, kwargs):
-        try:
-            bound = signature.bind(*args, **kwargs)
-        except TypeError:
-            return None
-        bound.apply_defaults()
-        items = []
-        for name, value in bound.arguments.items():
-            value = _hashable(value)
-            if value is _UNCACHEABLE:  # given embeddings, images, generators: not cached
-                return None
-            items.append((name, value))
-        encoders = tuple(
-            (id(te), str(te.dtype), _adapter_state(te))
-            for te in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))
-            if te is not None)
-        return (type(pipe).__name__, tuple(items), encoders)
-
-
-_UNCACHEABLE = object()
-
-
-def _hashable(value):
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    if isinstance(value, torch.device):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        parts = tuple(_hashable(v) for v in value)
-        return _UNCACHEABLE if any(p is _UNCACHEABLE for p in parts) else ("seq", parts)
-    return _UNCACHEABLE
-
-
-def _clone(value):
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, tuple):
-        return tuple(_clone(v) for v in value)
-    if isinstance(value, list):
-        return [_clone(v) for v in value]
-    return value
-
-
-def _adapter_state(module) -> tuple:
-    """What a text encoder's peft adapters contribute: active names, scales, disabled/merged."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return ()
-    # a stack fused into the weights (the engine's default) leaves the adapters switched off
-    state = [("fused", getattr(module, "_fewstep_fused_stack", None))]
-    for name, layer in module.named_modules():
-        if isinstance(layer, BaseTunerLayer):
-            scaling = getattr(layer, "scaling", {})
-            state.append((name, tuple(layer.active_adapters), bool(layer.disable_adapters),
-                          tuple(layer.merged_adapters),
-                          tuple(sorted((k, float(v)) for k, v in scaling.items()))))
-    return tuple(state)
-
-
 @dataclass
 class FastReport:
     """What `FastPath.apply` did: technique -> "on" / "off" / "skipped: why", and the checks."""
@@ -201,31 +105,41 @@ class FastReport:
 
 
 class FastPath:
-    """Applies `FastOptions` to an Engine: its existing pipelines now, the ones it derives later
-    through the engine's `pipeline_hooks`. An Engine applies its `speed` preset itself."""
+    """Applies `FastOptions` to an Engine through its public seam: its existing pipelines now,
+    the ones it derives later through a pipeline hook. An Engine applies its `speed` preset
+    itself."""
 
     def __init__(self, options: FastOptions | None = None, **overrides):
         options = options or FastOptions()
         self.options = replace(options, **overrides) if overrides else options
-        self.prompt_cache: PromptCache | None = None
         self.report = FastReport()
+        self.compiler: AheadOfTimeCompiler | None = None
         self._done: set[tuple[str, int]] = set()
-        self._engine = None
+        self._dtype = None
+        self._vae = None
 
     @classmethod
     def preset(cls, name: str, device: str = "cpu", family: str | None = None,
                **overrides) -> "FastPath":
-        """`default`: the exact techniques only (prompt cache, channels_last, SDPA).
-        `fastest`: also half precision where it pays, the family's tiny VAE (a download unless
-        `tiny_vae=` names a local one) and, on CUDA, `torch.compile` of the UNet."""
-        if name == "default":
+        """`off`: nothing. `default`: the exact techniques only. `auto`: `default`, plus on CUDA
+        the UNet compiled ahead for the family's shapes with CUDA graphs. `fastest`: also half
+        precision where it pays, the family's tiny VAE (a download unless `tiny_vae=` names a
+        local one) and, on CUDA, the compiled UNet."""
+        cuda = device.startswith("cuda")
+        shapes = DEFAULT_SHAPES.get(family or "sd15", ())
+        if name == "off":
+            options = FastOptions(prompt_cache=False, static_scheduler=False,
+                                  channels_last=False, sdpa=False)
+        elif name == "default":
             options = FastOptions()
+        elif name == "auto":
+            options = FastOptions(compile_unet=cuda, compile_mode="reduce-overhead",
+                                  compile_shapes=shapes if cuda else ())
         elif name == "fastest":
-            options = FastOptions(
-                dtype=half_dtype_for(device),
-                tiny_vae=TINY_VAE.get(family or "sd15"),
-                compile_unet=device.startswith("cuda"),
-            )
+            options = FastOptions(dtype=half_dtype_for(device),
+                                  tiny_vae=TINY_VAE.get(family or "sd15"), compile_unet=cuda,
+                                  compile_mode="reduce-overhead" if cuda else None,
+                                  compile_shapes=shapes if cuda else ())
         else:
             raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
         return cls(options, **overrides)
@@ -234,23 +148,18 @@ class FastPath:
 
     def apply(self, engine) -> FastReport:
         opts = self.options
-        self._engine = engine
         rep = self.report
         start = time.perf_counter()
 
         if opts.dtype:
-            dtype = pick_dtype(opts.dtype, engine.device)
-            for pipe in list(engine.pipelines()):
-                pipe.to(dtype=dtype)
-            engine.dtype = dtype  # components the engine loads later follow
-            rep.applied["dtype"] = str(dtype).removeprefix("torch.")
+            self._dtype = pick_dtype(opts.dtype, engine.device)
+            engine.convert_dtype(self._dtype)
+            rep.applied["dtype"] = str(self._dtype).removeprefix("torch.")
         else:
             rep.applied["dtype"] = f"off ({str(engine.dtype).removeprefix('torch.')})"
 
-        self._tiny = self._fp16_vae = None
-        earlier = engine.__dict__.get("_fast_paths", [])
         if opts.tiny_vae is not None:
-            self._tiny = self._load_vae(engine, opts.tiny_vae, "tiny_vae", tiny=True)
+            self._vae = self._load_vae(engine, opts.tiny_vae, "tiny_vae", tiny=True)
             rep.applied["tiny_vae"] = _name(opts.tiny_vae)
         else:
             rep.applied["tiny_vae"] = "off"
@@ -258,44 +167,39 @@ class FastPath:
             if not engine.family.sdxl_like:
                 rep.applied["fp16_vae"] = "skipped: only the SDXL family upcasts its VAE"
             else:
-                self._fp16_vae = self._load_vae(engine, opts.fp16_vae, "fp16_vae", tiny=False)
-                self._fp16_vae.register_to_config(force_upcast=False)
+                self._vae = self._load_vae(engine, opts.fp16_vae, "fp16_vae", tiny=False)
+                self._vae.register_to_config(force_upcast=False)
                 rep.applied["fp16_vae"] = _name(opts.fp16_vae)
         else:
             rep.applied["fp16_vae"] = "off" if opts.fp16_vae is None else \
                 "skipped: the tiny VAE replaces it"
+        if self._vae is not None:
+            engine.replace_vae(self._vae)
 
         if opts.prompt_cache:
-            shared = [p.prompt_cache for p in earlier if p.prompt_cache is not None]
-            self.prompt_cache = shared[0] if shared else PromptCache(opts.prompt_cache_size)
+            if engine.prompt_cache is None:
+                engine.prompt_cache = PromptCache(opts.prompt_cache_size)
         rep.applied["prompt_cache"] = "on" if opts.prompt_cache else "off"
+        if opts.static_scheduler:
+            from .scheduler import StaticLCMScheduler
+
+            engine.set_scheduler(StaticLCMScheduler.from_config(engine.base.scheduler.config))
+        rep.applied["static_scheduler"] = "on" if opts.static_scheduler else "off"
         rep.applied["channels_last"] = "on" if opts.channels_last else "off"
         rep.applied["sdpa"] = "on" if opts.sdpa else "off"
 
+        engine.add_pipeline_hook(self.prepare)
         if opts.compile_unet:
-            if opts.compile_cache_dir:
-                os.makedirs(opts.compile_cache_dir, exist_ok=True)
-                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", opts.compile_cache_dir)
-            try:
-                import torch._inductor.config as inductor_config
-
-                inductor_config.fx_graph_cache = True
-            except Exception:  # noqa: BLE001 - the cache is an optimisation only
-                pass
-            rep.applied["compile_unet"] = f"on (mode={opts.compile_mode or 'default'})"
+            cache = use_cache_dir(opts.compile_cache_dir or default_cache_dir())
+            self.compiler = AheadOfTimeCompiler(opts.compile_shapes, opts.compile_mode)
+            self.compiler.install(engine)
+            rep.applied["compile_unet"] = (f"on (mode={opts.compile_mode or 'default'}, "
+                                           f"shapes={len(opts.compile_shapes)}, cache={cache})")
         else:
             rep.applied["compile_unet"] = "off"
-
-        paths = engine.__dict__.setdefault("_fast_paths", [])
-        paths.append(self)
-        for pipe in list(engine.pipelines()):
-            self.prepare(pipe)
-        engine.pipeline_hooks.append(self.prepare)  # pipelines the engine makes later
-        engine._fast_path = self
         rep.seconds["apply"] = time.perf_counter() - start
-
-        if opts.compile_unet and opts.warmup:
-            rep.seconds["warmup"] = self.warm_up(engine, opts.warmup)
+        if self.compiler is not None and opts.compile_shapes:
+            rep.seconds["warmup"] = self.compiler.warm_up(engine)
         return rep
 
     def _load_vae(self, engine, ref, field_name: str, tiny: bool):
@@ -311,30 +215,20 @@ class FastPath:
     def prepare(self, pipe) -> None:
         """Apply the options to one pipeline (idempotent: shared modules are done once)."""
         opts = self.options
-        engine = self._engine
-        if opts.dtype and engine is not None:
+        if self._dtype is not None:
             for module in _modules(pipe):
-                if module.dtype != engine.dtype and self._first("dtype", module):
-                    module.to(dtype=engine.dtype)
-        vae = self._tiny or self._fp16_vae
-        if vae is not None and getattr(pipe, "vae", None) is not None and pipe.vae is not vae:
-            pipe.vae = vae
-        if opts.prompt_cache and self.prompt_cache is not None:
-            self.prompt_cache.wrap(pipe)
+                if module.dtype != self._dtype and self._first("dtype", module):
+                    module.to(dtype=self._dtype)
         if opts.sdpa:
             for module in (getattr(pipe, "unet", None), getattr(pipe, "vae", None),
                            getattr(pipe, "controlnet", None)):
                 if module is not None and self._first("sdpa", module):
                     self.report.checks.setdefault("sdpa", {}).update(ensure_sdpa(module))
         if opts.channels_last:
-            for name in ("unet", "vae", "controlnet", "adapter"):
+            for name in ("unet", "controlnet", "adapter"):
                 module = getattr(pipe, name, None)
                 if isinstance(module, torch.nn.Module) and self._first("channels_last", module):
                     module.to(memory_format=torch.channels_last)
-        if opts.compile_unet:
-            unet = getattr(pipe, "unet", None)
-            if unet is not None and self._first("compile", unet):
-                unet.compile(mode=opts.compile_mode, dynamic=False)
 
     def _first(self, what: str, module) -> bool:
         key = (what, id(module))
@@ -342,16 +236,6 @@ class FastPath:
             return False
         self._done.add(key)
         return True
-
-    def warm_up(self, engine, shapes) -> float:
-        """Run each (width, height, batch) once so compilation happens now, not on a request."""
-        from .tasks import Txt2ImgRequest
-
-        start = time.perf_counter()
-        for width, height, batch in shapes:
-            engine.generate(Txt2ImgRequest(prompt="warm-up", steps=1, seed=0, width=width,
-                                           height=height, num_images=batch))
-        return time.perf_counter() - start
 
 
 def _modules(pipe):
