@@ -127,7 +127,10 @@ def test_cancel_stops_a_running_job_and_the_next_one_runs(server):
     wait_until(lambda: httpx.get(f"{url}/v1/jobs/{job_id}").json()["state"] == "cancelled",
                "the job to be cancelled")
     job = httpx.get(f"{url}/v1/jobs/{job_id}").json()
-    assert job["step"] < 8 and job["error"]["type"] == "cancelled"
+    assert job["error"]["type"] == "cancelled"
+    # the first step was under way when the cancel came: it ran, and job and message say so
+    assert job["step"] == 1 and job["total"] == 8
+    assert job["error"]["message"] == "cancelled after step 1 of 8"
     assert post(url, {"prompt": "next", **SMALL}).status_code == 200
 
 
