@@ -20,6 +20,9 @@ DEFAULTS = {"host": "127.0.0.1", "port": 7860, "queue_size": 16, "grace": 30.0,
             "model_config": None, "family": None, "speed": "auto", "tiny_vae": None,
             "animate_lcm_weight": 0.55}
 LISTS = ("lora", "controlnet", "adapter", "motion_adapter")
+from .ray_cli import RAY_DEFAULTS  # noqa: E402 - `--ray` and its options (scale out)
+
+DEFAULTS.update(RAY_DEFAULTS)
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -67,6 +70,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny-vae", metavar="REF", default=S,
                    help="tiny autoencoder for --speed fastest (default: the family's taesd)")
     p.add_argument("--log-level", default=S, help="uvicorn log level (info)")
+    from .ray_cli import add_ray_arguments
+
+    add_ray_arguments(p)
 
 
 def read_config(path: str) -> dict:
@@ -186,6 +192,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from .auth import check_bind
 
     values = resolve_options(args)
+    if values.get("ray"):
+        from .ray_cli import run_ray_serve
+
+        return run_ray_serve(values)
     try:
         check_bind(values["host"], values["api_key"])  # before loading anything
         if values["queue_size"] < 1:

@@ -1,0 +1,131 @@
+"""Helpers of the Ray Serve tests: one small local Ray instance (2 CPUs, no dashboard) per test
+module, the tiny model's service deployed on it, a gate that holds every replica inside a UNet
+call (a file: the replicas are other processes), and a check that no Ray process is left.
+
+Imported by the replicas too (the engine factory): keep its imports light."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+WAIT = 120.0  # upper bound of every wait in these tests (replicas load models on 2 cores)
+RAY_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "TOKENIZERS_PARALLELISM": "false"}
+
+
+def gated_engine(values: dict, gate_dir: str):
+    """Runs in a replica: the engine `fewstep serve` makes, with a hook that holds each UNet
+    call while `gate_dir/hold` exists, after writing `gate_dir/held-<replica>` (its pid)."""
+    from ray import serve
+
+    from fewstep.engine import Engine
+
+    engine = Engine(values["model"], lcm_lora=values["lcm_lora"], device="cpu")
+    replica = serve.get_replica_context().replica_id.unique_id
+    gate = Path(gate_dir)
+
+    def hold(module, args):
+        if not (gate / "hold").exists():
+            return
+        (gate / f"held-{replica}").write_text(str(os.getpid()))
+        end = time.monotonic() + WAIT
+        while (gate / "hold").exists():
+            if time.monotonic() > end:
+                raise RuntimeError("the gate was never released")
+            time.sleep(0.01)
+
+    engine.base.unet.register_forward_pre_hook(hold)
+    return engine
+
+
+class FileGate:
+    """The test side of `gated_engine`'s gate."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        for held in self.dir.glob("held-*"):
+            held.unlink()
+        (self.dir / "hold").touch()
+
+    def open(self) -> None:
+        (self.dir / "hold").unlink(missing_ok=True)
+
+    def held(self) -> dict[str, int]:
+        """Replica name -> pid of the replicas holding a job at the gate."""
+        return {p.name.removeprefix("held-"): int(p.read_text() or 0)
+                for p in self.dir.glob("held-*") if p.read_text()}
+
+    @contextlib.contextmanager
+    def closed(self):
+        self.close()
+        try:
+            yield self
+        finally:
+            self.open()
+
+
+def service_values(models, **extra) -> dict:
+    """`fewstep serve` option values for the tiny model and the catalogue of the service
+    tests (`conftest_server.make_catalog`)."""
+    from fewstep.server.cli import DEFAULTS
+
+    return {**DEFAULTS, "model": str(models.sd15), "lcm_lora": str(models.lcm_sd15),
+            "model_name": "tiny-sd15", "device": "cpu",
+            "lora": [f"style={models.style_sd15}", f"style-peft={models.style_sd15_peft}",
+                     f"motion={models.motion_lora}"],
+            "controlnet": [f"canny={models.controlnet}"],
+            "adapter": [f"canny={models.adapter_sd15}"],
+            "motion_adapter": [f"motion={models.motion_adapter}"], **extra}
+
+
+def ray_processes(root_pid: int) -> list:
+    """Processes under `root_pid` that Ray started (its services and workers)."""
+    import psutil
+
+    try:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            text = " ".join(child.cmdline()) + " " + child.name()
+            if "ray" in text.lower() or "gcs_server" in text or "raylet" in text:
+                found.append(child)
+    return found
+
+
+def wait_gone(processes, timeout: float = 30.0) -> list:
+    """The processes still alive (not zombies) after `timeout`."""
+    import psutil
+
+    end = time.monotonic() + timeout
+    alive = list(processes)
+    while alive and time.monotonic() < end:
+        alive = [p for p in alive if _alive(p, psutil)]
+        if alive:
+            time.sleep(0.2)
+    return [p for p in alive if _alive(p, psutil)]
+
+
+def _alive(process, psutil) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def kill_leftovers(processes) -> None:
+    """Last resort of a teardown: ends what is left of the processes this test started, by
+    pid (never every Ray process of the machine)."""
+    import psutil
+
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
