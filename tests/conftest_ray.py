@@ -85,19 +85,41 @@ def service_values(models, **extra) -> dict:
 
 
 def ray_processes(root_pid: int) -> list:
-    """Processes under `root_pid` that Ray started (its services and workers)."""
+    """Every process under `root_pid` (Ray's services, workers and their helpers: the test
+    starts nothing else below it)."""
     import psutil
 
     try:
-        children = psutil.Process(root_pid).children(recursive=True)
+        return psutil.Process(root_pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    found = []
-    for child in children:
+
+
+def session_of(processes) -> str | None:
+    """The Ray session directory named on these processes' command lines."""
+    import re
+
+    import psutil
+
+    for process in processes:
         with contextlib.suppress(psutil.Error):
-            text = " ".join(child.cmdline()) + " " + child.name()
-            if "ray" in text.lower() or "gcs_server" in text or "raylet" in text:
-                found.append(child)
+            for arg in process.cmdline():
+                found = re.search(r"(/[^=\s]*/session_\d[\w-]*)", arg)
+                if found:
+                    return found.group(1)
+    return None
+
+
+def processes_of_session(session: str) -> list:
+    """Any process on this machine whose command line names the Ray session (also one that
+    left its parent)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if any(session in arg for arg in process.cmdline()):
+                found.append(process)
     return found
 
 
