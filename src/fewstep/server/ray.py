@@ -116,6 +116,9 @@ class EngineReplica:
         from .convert.common import encode_result
         from .local import LocalBackend
 
+        from ..cli import _quiet_libraries
+
+        _quiet_libraries()  # a replica's log is the cluster's: no progress bars or notices
         context = serve.get_replica_context()
         self.name = context.replica_id.unique_id
         engine = spec.make_engine()

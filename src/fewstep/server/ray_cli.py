@@ -146,7 +146,8 @@ def run_ray_serve(values: dict) -> int:
         while deploy.is_alive() and not stop.is_set():
             deploy.join(0.2)
         if getattr(deploy, "error", None) is not None:
-            print(f"error: the service did not start: {deploy.error}", file=sys.stderr)
+            reason = _failure_reason(serve) or deploy.error
+            print(f"error: the service did not start: {reason}", file=sys.stderr)
             return 1
         if not stop.is_set():
             print(f"serving on Ray: {spec.min_replicas}"
@@ -212,6 +213,23 @@ def _shut_down(ray, serve, started_ray: bool, log) -> None:
         log.warning("removing the application failed: %s", type(exc).__name__)
     ray.shutdown()
     log.info("stopped")
+
+
+def _failure_reason(serve) -> str | None:
+    """The fewstep error that failed a deployment (a replica's constructor), from the
+    deployments' status messages, which carry the replica's traceback."""
+    import re
+
+    try:
+        app = serve.status().applications.get(APP_NAME)
+    except Exception:  # noqa: BLE001
+        return None
+    for deployment in (app.deployments.values() if app else ()):
+        found = re.findall(r"fewstep\.\S*?(?:errors|server\.errors)\.\w+: (.+)",
+                           deployment.message or "")
+        if found:
+            return found[-1].strip()
+    return None
 
 
 def _last_line(text: str) -> str:
