@@ -254,10 +254,6 @@ class LocalBackend:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
     def drain(self) -> None:
         with self._cond:
             self._draining = True
