@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewstep.accel import FastOptions, FastPath, cfg_batch, ensure_sdpa
+from fewstep.accel import FastOptions, FastPath, ensure_sdpa
 from fewstep.prompts import PromptCache
 from fewstep.engine import Engine
 from fewstep.tasks import Img2ImgRequest, LoraRequest, Txt2ImgRequest
@@ -120,6 +120,22 @@ def test_sdxl_family_fast_path_equals_plain(tiny, family):
     hits = fast.prompt_cache.hits
     assert np.array_equal(b, _image(fast))
     assert fast.prompt_cache.hits == hits + 1
+
+
+def cfg_batch(pipe, guidance: float, **call) -> int:
+    """The batch the UNet sees for one image at `guidance`: 1 when classifier-free guidance is
+    off (diffusers' `guidance_scale > 1` rule), 2 when it doubles the batch."""
+    seen: list[int] = []
+    handle = pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(int((args[0] if args else
+                                                       kwargs["sample"]).shape[0])),
+        with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            pipe(guidance_scale=guidance, num_inference_steps=1, output_type="latent", **call)
+    finally:
+        handle.remove()
+    return seen[0]
 
 
 def test_no_cfg_batch_doubling_at_guidance_one(pair):

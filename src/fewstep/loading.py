@@ -67,17 +67,53 @@ def offline_mode() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def hub_error(ref: Ref, field: str, exc: Exception) -> OfflineError | NotFound:
-    """Map the many failures of a hub download to one clear error."""
-    name = type(exc).__name__
-    if name in ("RepositoryNotFoundError", "EntryNotFoundError", "RevisionNotFoundError"):
-        return NotFound(f"{field} {ref.text!r} was not found on the hub", field=field)
-    return OfflineError(
-        f"{field} {ref.text!r} is not in the local cache and the hub could not be reached "
-        f"({name}). Download it where you have a connection, or pass a local diffusers folder "
-        "or .safetensors file instead (e.g. --model /path/to/folder)",
-        field=field,
-    )
+def _chain(exc: BaseException):
+    """`exc` and the exceptions it was raised from or while handling (diffusers re-raises hub
+    errors as OSError inside its `except` blocks)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _unreachable_types() -> tuple[type, ...]:
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    types: list[type] = [LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError,
+                         TimeoutError]
+    for module, name in (("requests.exceptions", "ConnectionError"),
+                         ("requests.exceptions", "Timeout"), ("httpx", "TransportError"),
+                         ("httpx2", "TransportError")):
+        try:
+            types.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(types)
+
+
+def hub_error(ref: Ref, field: str, exc: BaseException) -> OfflineError | NotFound | None:
+    """The typed error for a hub failure anywhere in `exc`'s chain, recognised by the
+    huggingface_hub error classes; None when the chain holds no hub failure."""
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    unreachable = _unreachable_types()
+    for error in _chain(exc):
+        if isinstance(error, GatedRepoError):
+            return NotFound(f"{field} {ref.text!r} is a gated repository: accept its terms on "
+                            "the hub and log in (HF_TOKEN), or pass a local copy", field=field)
+        # checked first: a missing cache entry is also an EntryNotFoundError
+        if isinstance(error, unreachable):
+            return OfflineError(
+                f"{field} {ref.text!r} is not in the local cache and the hub could not be "
+                f"reached ({type(error).__name__}). Download it where you have a connection, "
+                "or pass a local diffusers folder or .safetensors file instead (e.g. --model "
+                "/path/to/folder)", field=field)
+        if isinstance(error, (RepositoryNotFoundError, RevisionNotFoundError,
+                              EntryNotFoundError)):
+            return NotFound(f"{field} {ref.text!r} was not found on the hub", field=field)
+    return None
 
 
 def hub_file(ref: Ref, filename: str, field: str) -> Path:
@@ -86,7 +122,10 @@ def hub_file(ref: Ref, filename: str, field: str) -> Path:
     try:
         return Path(hf_hub_download(ref.repo, filename, local_files_only=offline_mode()))
     except Exception as exc:  # noqa: BLE001 - every hub failure becomes one typed error
-        raise hub_error(ref, field, exc) from exc
+        error = hub_error(ref, field, exc) or ModelError(
+            f"{field} {ref.text!r}: {filename} could not be read from the hub "
+            f"({type(exc).__name__})", field=field)
+        raise error from exc
 
 
 def read_unet_config(ref: Ref, config_ref: Ref | None, field: str = "model") -> dict[str, Any]:
@@ -242,24 +281,20 @@ def _cached_family_config(family) -> str | None:
 
 
 def _load_error(ref: Ref, field: str, exc: Exception, *, single: bool):
+    if ref.repo is not None or single:
+        error = hub_error(ref, field, exc)
+        if error is not None:
+            if single and ref.repo is None:  # a local file whose configs were looked up
+                return OfflineError(
+                    f"{field} {ref.text!r}: a single-file checkpoint needs a config; pass a "
+                    "local diffusers folder of the same family with --config", field=field)
+            return error
     text = str(exc)
-    name = type(exc).__name__
-    if ref.repo is not None and (
-        "Hub" in name or "Connect" in name or "Offline" in name or "LocalEntryNotFound" in name
-        or "Repository" in name or "cannot find the requested files" in text
-        or "Entry" in name or "local_files_only" in text or "offline" in text.lower()
-    ):
-        return hub_error(ref, field, exc)
-    if single and ("config" in text.lower() or "local_files_only" in text):
-        return OfflineError(
-            f"{field} {ref.text!r}: a single-file checkpoint needs a config; pass a local "
-            "diffusers folder of the same family with --config",
-            field=field,
-        )
     if "safetensors" in text and (".bin" in text or "use_safetensors" in text):
+        # diffusers' own refusal (an OSError) when a repo has pickle weights only
         return UnsafeFormat(
             f"{field} {ref.text!r} has no .safetensors weights (only pickle files), refused",
             field=field,
         )
-    return ModelError(f"{field} {ref.text!r} could not be loaded: {name}: {text[:300]}",
-                      field=field)
+    return ModelError(f"{field} {ref.text!r} could not be loaded: {type(exc).__name__}: "
+                      f"{text[:300]}", field=field)

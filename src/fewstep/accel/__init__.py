@@ -21,8 +21,8 @@ sdpa               every attention processor on `F.scaled_dot_product_attention`
 dtype              run the whole engine in bf16 (CPU with AMX / AVX512-BF16) or  no: half precision
                    fp16 (GPU); on CPU bf16 pays only together with channels_last
 tiny_vae           `AutoencoderTiny` (taesd / taesdxl) instead of the full VAE   no: a preview VAE
-fp16_vae           an fp16-safe SDXL VAE (madebyollin/sdxl-vae-fp16-fix) so the  close (its own
-                   float32 `force_upcast` decode is not needed                   weights)
+fp16_vae           an fp16-safe SDXL VAE (a local copy of sdxl-vae-fp16-fix) so  close (its own
+                   the float32 `force_upcast` decode is not needed               weights)
 compile_unet       `torch.compile` of the UNet for declared shapes, compiled at  ~1e-3 (fused
                    start-up, cached on disk; other shapes run plain at once      kernels)
 =================  ===========================================================  ==============
@@ -32,8 +32,8 @@ CUDA the compiled UNet with CUDA graphs for the declared shapes), `fastest` (als
 where it pays and the tiny VAE: approximate).
 
 Classifier-free guidance at guidance <= 1 does not double the batch: diffusers' own
-`do_classifier_free_guidance` is `guidance_scale > 1` (checked by `cfg_batch`), so nothing is done
-here for it. The engine's LCM-LoRA is already fused into the weights by the Engine itself
+`do_classifier_free_guidance` is `guidance_scale > 1` (a test checks it), so nothing is done here
+for it. The engine's LCM-LoRA is already fused into the weights by the Engine itself
 (`bake_lora`); that is the largest single gain over the recipe and is not repeated here.
 """
 
@@ -52,7 +52,6 @@ from .compile import DEFAULT_SHAPES, AheadOfTimeCompiler, default_cache_dir, use
 # the published tiny autoencoders, per family (taesd for SD1.x, taesdxl for SDXL and SSD-1B)
 TINY_VAE = {"sd15": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl",
             "ssd-1b": "madebyollin/taesdxl"}
-FP16_SDXL_VAE = "madebyollin/sdxl-vae-fp16-fix"
 PRESETS = ("off", "auto", "default", "fastest")
 
 
@@ -266,19 +265,3 @@ def ensure_sdpa(model) -> dict[str, int]:
     for p in processors.values():
         counts[type(p).__name__] = counts.get(type(p).__name__, 0) + 1
     return counts
-
-
-def cfg_batch(pipe, guidance: float, **call) -> int:
-    """The batch the UNet sees for one image at `guidance`: 1 when classifier-free guidance is
-    off (diffusers' `guidance_scale > 1` rule), 2 when it doubles the batch."""
-    seen: list[int] = []
-    handle = pipe.unet.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(int((args[0] if args else
-                                                       kwargs["sample"]).shape[0])),
-        with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            pipe(guidance_scale=guidance, num_inference_steps=1, output_type="latent", **call)
-    finally:
-        handle.remove()
-    return seen[0]

@@ -66,7 +66,8 @@ class AheadOfTimeCompiler:
         return torch.compiler.set_stance("eager_on_recompile")
 
     def warm_up(self, engine) -> float:
-        """Run every declared shape once (text-to-image, one step): compiles now, not later."""
+        """Run every declared shape (text-to-image, twice two steps: CUDA graph trees record on
+        a later call than the one that compiles): compiles now, not inside a request."""
         from ..tasks import Txt2ImgRequest
 
         start = time.perf_counter()
@@ -74,8 +75,10 @@ class AheadOfTimeCompiler:
         try:
             for width, height, batch in self.shapes:
                 began = time.perf_counter()
-                engine.generate(Txt2ImgRequest(prompt="warm-up", steps=1, seed=0, width=width,
-                                               height=height, num_images=batch))
+                for _ in range(2):
+                    engine.generate(Txt2ImgRequest(prompt="warm-up", steps=2, seed=0,
+                                                   width=width, height=height,
+                                                   num_images=batch))
                 self.warm_seconds[f"{width}x{height}x{batch}"] = time.perf_counter() - began
         finally:
             self._warming = False

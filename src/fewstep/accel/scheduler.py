@@ -40,7 +40,7 @@ class StaticLCMScheduler(LCMScheduler):
         """Per-index tables for the whole schedule and the noise for every step still to run."""
         timesteps = self._host_timesteps
         alphas = self.alphas_cumprod  # on the CPU, as the stock step reads it
-        alpha_t, alpha_prev, scaled = [], [], []
+        alpha_t, alpha_prev = [], []
         for k, t in enumerate(timesteps):
             prev = timesteps[k + 1] if k + 1 < len(timesteps) else t
             alpha_t.append(alphas[t])
