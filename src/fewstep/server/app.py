@@ -129,11 +129,12 @@ def create_app(engine, catalog: Catalog | None = None,
 
     _install_error_handlers(app, service)
 
-    from . import a1111, native, openai_api
+    from . import a1111, native, openai_api, studio
 
     app.include_router(native.router(service))
     app.include_router(openai_api.router(service))
     app.include_router(a1111.router(service))
+    app.include_router(studio.router(service))
     return app
 
 

@@ -11,8 +11,9 @@ import json
 
 from ..errors import InvalidRequest
 
-OPEN_PATHS = ("/healthz", "/readyz")
-OPEN_PREFIXES = ("/v1/files/",)  # capability URLs: the random token is the secret
+OPEN_PATHS = ("/healthz", "/readyz", "/")  # "/": the studio page, which then asks for the key
+OPEN_PREFIXES = ("/v1/files/",  # capability URLs: the random token is the secret
+                 "/studio/")  # the page's static files (no data)
 
 
 def is_loopback(host: str) -> bool:
