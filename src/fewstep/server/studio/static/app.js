@@ -505,6 +505,8 @@ function setInputImage(image) {
   if (state.image?.url?.startsWith("blob:")) URL.revokeObjectURL(state.image.url);
   state.image = image;
   $("input-image").src = image.url;
+  $("input-image").classList.toggle("pixelated", image.width < 256);
+  $("image-stage").style.setProperty("--aspect", String(image.width / image.height));
   $("image-stage").hidden = false;
   $("drop-zone").classList.add("has-image");
   $("image-meta").textContent = `${image.name} · ${image.width} × ${image.height}`;
@@ -604,7 +606,9 @@ async function updateCanny() {
     caption.textContent = `Canny edges, thresholds ${low}–${high}: what the model will follow.`;
     if (["canny_low", "canny_high", "image"].includes($("error").dataset.field)) clearError();
   } catch (err) {
-    if (seq === state.cannySeq) showError(err);
+    // the endpoint names its own fields; the page's are the request's
+    const field = { low: "canny_low", high: "canny_high" }[err.field] || err.field;
+    if (seq === state.cannySeq) showError({ status: err.status, message: err.message, field });
   } finally {
     if (seq === state.cannySeq) preview.classList.remove("stale");
   }
