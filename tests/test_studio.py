@@ -57,6 +57,24 @@ def test_page_and_its_files_are_served(client):
         assert client.get(f"/studio/{module}").status_code == 200, module
 
 
+STABLE_TEST_IDS = [
+    "task-txt2img", "task-img2img", "task-inpaint", "task-controlnet", "task-t2i-adapter",
+    "task-animate", "prompt", "negative", "steps", "guidance", "width", "height", "seed",
+    "num-images", "strength", "image-input", "mask-canvas", "control-preview", "generate",
+    "cancel", "progress", "preview", "error", "history", "realtime", "api-key",
+]
+
+
+def test_the_stable_test_hooks_are_in_the_page(client):
+    """Tests elsewhere depend on these data-testid names: they must not change."""
+    html = client.get("/").text
+    for testid in STABLE_TEST_IDS:
+        assert html.count(f'data-testid="{testid}"') == 1, testid
+    script = client.get("/studio/app.js").text
+    assert 'dataset.testid = "result"' in script  # each result img/video
+    assert "const id = `lora-${name}`;" in script and "weight.dataset.testid = id;" in script
+
+
 def test_unchanged_files_answer_304(client):
     first = client.get("/studio/app.js")
     again = client.get("/studio/app.js", headers={"If-None-Match": first.headers["etag"]})
@@ -76,7 +94,7 @@ def test_only_the_page_files_are_served(client, path):
 def test_nothing_comes_from_another_origin():
     """No CDN, font service or other origin in any file: the page works offline."""
     files = sorted(STATIC.iterdir())
-    assert {f.name for f in files} >= {"index.html", "app.js", "api.js", "mask.js",
+    assert {f.name for f in files} >= {"index.html", "app.js", "api.js", "jobs.js", "mask.js",
                                        "history.js", "studio.css", "icon.svg"}
     for path in files:
         text = path.read_text(encoding="utf-8")

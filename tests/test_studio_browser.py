@@ -490,7 +490,7 @@ def test_realtime_newer_requests_supersede_older_ones(studio, server, shots):
 
 # -- errors -------------------------------------------------------------------------------------
 
-def test_errors_are_shown_next_to_the_field_they_name(studio):
+def test_errors_are_shown_next_to_the_field_they_name(studio, shots):
     studio.by("prompt").fill("errors")
     studio.small(steps=2)
     studio.by("steps").fill("999")  # refused at once (422)
@@ -508,6 +508,7 @@ def test_errors_are_shown_next_to_the_field_they_name(studio):
     error = studio.locator("[data-field~=width] [data-testid=error]")
     error.wait_for()
     assert "multiple of 8" in error.inner_text()
+    studio.shot(shots, "error-width")
 
     studio.by("width").fill("64")
     studio.set_task("img2img")  # no image yet: said at the image, nothing sent
@@ -516,7 +517,7 @@ def test_errors_are_shown_next_to_the_field_they_name(studio):
     assert not studio.job_posts("img2img")
 
 
-def test_a_full_queue_shows_busy_and_retries_once(chromium, server):
+def test_a_full_queue_shows_busy_and_retries_once(chromium, server, shots):
     base, service = server
     _, engine = tiny_env()
     page = open_studio(chromium, base)
@@ -534,6 +535,7 @@ def test_a_full_queue_shows_busy_and_retries_once(chromium, server):
             page.generate()
             page.wait_for_selector("#status:has-text('Server busy, retrying in')")
             assert page.by("progress").get_attribute("data-state") == "busy"
+            page.shot(shots, "busy", full_page=False)
             page.clock.run_for(5000)  # the one retry finds the queue still full
             error = page.by("error")
             error.wait_for()
@@ -635,10 +637,14 @@ def test_lora_stack_is_sent_and_recorded(studio, server):
     assert [(lo["ref"], lo["weight"]) for lo in job.params["request"]["loras"]] == [
         ("style", 0.5), ("style-peft", 1.0)]
     studio.by("lora-toggle-style").uncheck()
+    studio.by("num-images").fill("2")
     studio.generate()
     studio.wait_posts("txt2img", 2)
-    studio.wait_state("done")
+    results = studio.wait_result(count=2)  # two images, each shown
     assert studio.job_posts("txt2img")[-1]["loras"] == [{"name": "style-peft", "weight": 1}]
+    assert studio.job_posts("txt2img")[-1]["num_images"] == 2
+    assert [results.nth(i).evaluate("img => img.naturalWidth") for i in range(2)] == [64, 64]
+    assert studio.by("download").count() == 2
 
 
 def test_history_keeps_results_and_restores_their_settings(studio, images):

@@ -3,6 +3,7 @@
 
 import { Api, ApiError } from "./api.js";
 import { History } from "./history.js";
+import { JobRunner } from "./jobs.js";
 import { MaskEditor } from "./mask.js";
 
 const $ = (id) => document.getElementById(id);
@@ -38,7 +39,6 @@ const NUMBERS = {
 };
 const INTEGERS = new Set(["steps", "width", "height", "num_images", "num_frames", "fps",
   "canny_low", "canny_high"]);
-const FINAL = new Set(["done", "failed", "cancelled", "expired"]);
 const REALTIME_DEBOUNCE_MS = 300;
 const CANNY_DEBOUNCE_MS = 120;
 
@@ -53,9 +53,6 @@ const state = {
   perTask: Object.fromEntries(TASKS.map((t) => [t, { ...TASK_DEFAULTS[t] }])),
   image: null, // {b64, url, width, height, name}
   lastSeed: null,
-  current: null, // the job this page has on the server (at most one)
-  pending: null, // the newest request waiting for it to end (at most one)
-  superseded: 0,
   realtimeTimer: null,
   cannyTimer: null,
   cannySeq: 0,
@@ -78,11 +75,6 @@ function setStatus(text) {
 function setAppState(value) {
   $("app").dataset.state = value;
   $("progress").dataset.state = value;
-}
-
-function syncCounters() {
-  $("app").dataset.pending = state.pending ? "1" : "0";
-  $("app").dataset.superseded = String(state.superseded);
 }
 
 function b64ToBlob(b64, type) {
@@ -367,7 +359,8 @@ function fillSizePresets() {
     if (!presets.some(([w, h]) => w === native && h === native)) presets.unshift([native, native]);
     for (const [w, h] of presets) {
       const label = w === native && h === native ? `${w} × ${h} (native)` : `${w} × ${h}`;
-      if (!options.some((o) => o.value === `${w}x${h}`)) options.push(new Option(label, `${w}x${h}`));
+      const value = `${w}x${h}`;
+      if (!options.some((o) => o.value === value)) options.push(new Option(label, value));
     }
   }
   options.push(new Option("Custom", "custom"));
@@ -689,14 +682,68 @@ function buildJob() {
 
 // -- running jobs -----------------------------------------------------------------------------
 
+const runner = new JobRunner(api, {
+  phase: setAppState,
+  status: setStatus,
+  started(job) {
+    setBusy(true);
+    setAppState("submitting");
+    $("progress").removeAttribute("value");
+    $("progress").max = 1;
+    delete $("progress").dataset.job;
+    setStatus(`Submitting ${TASK_TITLES[job.task]}…`);
+  },
+  accepted(job) {
+    $("progress").dataset.job = job.id;
+    setAppState("queued");
+    if (!job.stopRequested) setStatus("Queued…");
+  },
+  event: onEvent,
+  async done(job, result) {
+    $("progress").max = 1;
+    $("progress").value = 1;
+    setAppState("done");
+    showResults(result);
+    setLastSeed(result.seed);
+    const warnings = result.warnings?.length ? ` · ${result.warnings.join("; ")}` : "";
+    setStatus(`Done in ${result.seconds.toFixed(2)} s · seed ${result.seed}${warnings}`);
+    await remember(job, result);
+  },
+  ended(job, final) {
+    setAppState(final.event);
+    if (final.event === "cancelled") {
+      setStatus(runner.pending ? "Superseded by a newer request." : "Cancelled.");
+    } else if (final.event === "expired") {
+      setStatus("Expired.");
+      showError({ message: final.error?.message ||
+        "the job's deadline passed while it was queued" });
+    } else {
+      setStatus("Failed.");
+      showError(final.error || { message: "the job failed" });
+    }
+  },
+  error(err) {
+    setAppState("failed");
+    setStatus("Failed.");
+    showError(err);
+  },
+  settled() {
+    hidePreview();
+    setBusy(false);
+  },
+  counters(r) {
+    $("app").dataset.pending = r.pending ? "1" : "0";
+    $("app").dataset.superseded = String(r.superseded);
+  },
+});
+
 function setBusy(busy) {
   $("generate").disabled = !state.catalog || (busy && !$("realtime").checked);
   $("cancel").disabled = !busy;
   $("stage").classList.toggle("busy", busy);
 }
 
-// The Generate button, Ctrl/Cmd+Enter and real-time changes all come here. A newer request
-// replaces the waiting one and stops the running one: one job on the server, one waiting here.
+// The Generate button, Ctrl/Cmd+Enter and real-time changes all come here.
 function requestGeneration() {
   if (!state.catalog) return;
   let job;
@@ -707,143 +754,19 @@ function requestGeneration() {
     return;
   }
   clearError();
-  if (state.current) {
-    state.pending = job;
-    state.superseded += 1;
-    syncCounters();
-    stopCurrent();
-    return;
-  }
-  runJob(job);
+  runner.request(job);
 }
 
-function stopCurrent() {
-  const current = state.current;
-  if (!current || current.stopRequested) return;
-  current.stopRequested = true;
-  current.wake?.();
-  if (current.id) {
-    api.post(`/v1/jobs/${encodeURIComponent(current.id)}/cancel`).catch(() => {});
-  }
-  setStatus(state.pending ? "Stopping the previous request…" : "Cancelling…");
-}
+$("cancel").addEventListener("click", () => runner.cancel());
 
-$("cancel").addEventListener("click", () => {
-  state.pending = null;
-  syncCounters();
-  stopCurrent();
-});
-
-async function runJob(job) {
-  const current = { ...job, id: null, stopRequested: false, wake: null, final: null };
-  state.current = current;
-  setBusy(true);
-  setAppState("submitting");
-  $("progress").removeAttribute("value");
-  $("progress").max = 1;
-  delete $("progress").dataset.job;
-  setStatus(`Submitting ${TASK_TITLES[job.task]}…`);
-  try {
-    const accepted = await submit(current);
-    if (!accepted) return; // stopped while waiting to retry
-    current.id = accepted.id;
-    $("progress").dataset.job = accepted.id;
-    if (current.stopRequested) {
-      api.post(`/v1/jobs/${encodeURIComponent(current.id)}/cancel`).catch(() => {});
-    }
-    setAppState("queued");
-    setStatus("Queued…");
-    const final = await follow(current);
-    await finish(current, final);
-  } catch (err) {
-    setAppState("failed");
-    setStatus("Failed.");
-    showError(err);
-  } finally {
-    state.current = null;
-    hidePreview();
-    setBusy(false);
-    const next = state.pending;
-    state.pending = null;
-    syncCounters();
-    if (next) runJob(next);
-  }
-}
-
-// POST the job; a full queue (429) is retried once after the server's Retry-After.
-async function submit(current) {
-  const path = `/v1/${current.task}?wait=false`;
-  try {
-    return await api.post(path, current.body);
-  } catch (err) {
-    if (!(err instanceof ApiError) || err.status !== 429) throw err;
-    const seconds = Math.max(1, err.retryAfter ?? 2);
-    setAppState("busy");
-    const waited = await countdown(current, seconds);
-    if (!waited) return null;
-    setAppState("submitting");
-    setStatus("Retrying…");
-    try {
-      return await api.post(path, current.body);
-    } catch (again) {
-      if (again instanceof ApiError && again.status === 429) {
-        throw new ApiError(429, again.type,
-          `The server is still busy (${again.message}). Try again in a moment.`, null,
-          again.retryAfter);
-      }
-      throw again;
-    }
-  }
-}
-
-function countdown(current, seconds) {
-  return new Promise((resolve) => {
-    let left = seconds;
-    let timer = null;
-    const tick = () => {
-      if (left <= 0) {
-        current.wake = null;
-        resolve(true);
-        return;
-      }
-      setStatus(`Server busy, retrying in ${left} s…`);
-      left -= 1;
-      timer = setTimeout(tick, 1000);
-    };
-    current.wake = () => {
-      clearTimeout(timer);
-      current.wake = null;
-      resolve(false);
-    };
-    tick();
-  });
-}
-
-// Follow the job's events until it ends; when the stream breaks, ask for the job's state.
-async function follow(current) {
-  try {
-    for await (const event of api.events(current.id)) {
-      onEvent(current, event);
-      if (FINAL.has(event.event)) return event;
-    }
-  } catch (err) {
-    if (err instanceof ApiError && err.status === 401) throw err;
-  }
-  for (;;) {
-    const info = await api.get(`/v1/jobs/${encodeURIComponent(current.id)}`);
-    if (FINAL.has(info.state)) return { event: info.state, ...info };
-    await new Promise((resolve) => { setTimeout(resolve, 500); });
-  }
-}
-
-function onEvent(current, event) {
+function onEvent(job, event) {
   const progress = $("progress");
   switch (event.event) {
     case "state":
     case "started":
       if (event.state === "running" || event.event === "started") {
         setAppState("running");
-        if (!current.stopRequested) setStatus("Running…");
+        if (!job.stopRequested) setStatus("Running…");
       }
       if (event.total) {
         progress.max = event.total;
@@ -854,7 +777,7 @@ function onEvent(current, event) {
       setAppState("running");
       progress.max = event.total;
       progress.value = event.step;
-      if (!current.stopRequested) setStatus(`Step ${event.step} of ${event.total}`);
+      if (!job.stopRequested) setStatus(`Step ${event.step} of ${event.total}`);
       break;
     case "preview":
       showPreview(event);
@@ -877,33 +800,6 @@ function showPreview(event) {
 function hidePreview() {
   $("preview-frame").hidden = true;
   $("stage-empty").hidden = $("results").children.length > 0;
-}
-
-async function finish(current, final) {
-  const progress = $("progress");
-  if (final.event === "done") {
-    const info = await api.get(`/v1/jobs/${encodeURIComponent(current.id)}`);
-    progress.max = 1;
-    progress.value = 1;
-    setAppState("done");
-    const result = info.result;
-    showResults(result);
-    setLastSeed(result.seed);
-    const warnings = result.warnings?.length ? ` · ${result.warnings.join("; ")}` : "";
-    setStatus(`Done in ${result.seconds.toFixed(2)} s · seed ${result.seed}${warnings}`);
-    await remember(current, result);
-    return;
-  }
-  setAppState(final.event);
-  if (final.event === "cancelled") {
-    setStatus(state.pending ? "Superseded by a newer request." : "Cancelled.");
-  } else if (final.event === "expired") {
-    setStatus("Expired.");
-    showError({ message: final.error?.message || "the job's deadline passed while it was queued" });
-  } else {
-    setStatus("Failed.");
-    showError(final.error || { message: "the job failed" });
-  }
 }
 
 // -- results ----------------------------------------------------------------------------------
@@ -932,7 +828,9 @@ function showResults(result, { fromHistory = false } = {}) {
     });
     node.querySelector(".media").append(media);
     const request = result.params?.request || {};
-    const size = `${result.params?.width ?? request.width ?? "?"} × ${result.params?.height ?? request.height ?? "?"}`;
+    const width = result.params?.width ?? request.width ?? "?";
+    const height = result.params?.height ?? request.height ?? "?";
+    const size = `${width} × ${height}`;
     node.querySelector(".meta").textContent =
       `seed ${result.seed} · ${size}${fromHistory ? "" : ` · ${result.seconds.toFixed(2)} s`}`;
     const ext = { "image/png": "png", "image/gif": "gif", "video/mp4": "mp4" }[image.media_type]
@@ -940,7 +838,8 @@ function showResults(result, { fromHistory = false } = {}) {
     const link = node.querySelector(".download");
     link.href = url;
     link.download = `fewstep-${result.seed}${result.images.length > 1 ? `-${i + 1}` : ""}.${ext}`;
-    link.setAttribute("aria-label", `Download result ${i + 1} (${ext.toUpperCase()} with its parameters)`);
+    link.setAttribute("aria-label",
+      `Download result ${i + 1} (${ext.toUpperCase()} with its parameters)`);
     const use = node.querySelector(".use-input");
     if (image.media_type === "image/png") {
       use.addEventListener("click", () => {
@@ -963,11 +862,11 @@ function sizeOf(img) {
 
 // -- history ----------------------------------------------------------------------------------
 
-async function remember(current, result) {
+async function remember(job, result) {
   try {
     await history.add({
-      created: Date.now(), task: current.task, seed: result.seed, seconds: result.seconds,
-      settings: { ...current.settings, seed: String(result.seed) },
+      created: Date.now(), task: job.task, seed: result.seed, seconds: result.seconds,
+      settings: { ...job.settings, seed: String(result.seed) },
       params: result.params, images: result.images,
     });
   } catch {
@@ -999,10 +898,12 @@ async function renderHistory() {
     thumb.addEventListener("keydown", (e) => { if (e.key === "Enter") show(); });
     node.querySelector(".history-prompt").textContent = entry.settings.prompt || "(empty prompt)";
     const s = entry.settings;
-    const loras = s.loras?.length ? ` · ${s.loras.map((l) => `${l.name}:${l.weight}`).join(", ")}` : "";
-    node.querySelector(".history-meta").textContent =
-      `${TASK_TITLES[entry.task]} · ${s.steps} steps · guidance ${s.guidance} · seed ${entry.seed} · ${s.width}×${s.height}${loras} · ${ago(entry.created)}`;
-    node.querySelector(".use-settings").addEventListener("click", () => applySettings(entry.settings));
+    const meta = [TASK_TITLES[entry.task], `${s.steps} steps`, `guidance ${s.guidance}`,
+      `seed ${entry.seed}`, `${s.width}×${s.height}`,
+      ...(s.loras || []).map((l) => `${l.name}:${l.weight}`), ago(entry.created)];
+    node.querySelector(".history-meta").textContent = meta.join(" · ");
+    node.querySelector(".use-settings")
+      .addEventListener("click", () => applySettings(entry.settings));
     node.querySelector(".history-delete").addEventListener("click", async () => {
       await history.remove(entry.id);
       renderHistory();
@@ -1077,7 +978,7 @@ $("controls").addEventListener("submit", (event) => event.preventDefault());
 
 $("realtime").addEventListener("change", () => {
   document.body.classList.toggle("realtime", $("realtime").checked);
-  setBusy(Boolean(state.current));
+  setBusy(runner.busy);
   if ($("realtime").checked) onInputChanged();
 });
 
@@ -1086,18 +987,15 @@ document.addEventListener("keydown", (event) => {
   if ((event.ctrlKey || event.metaKey) && event.key === "Enter") {
     event.preventDefault();
     if ($("key-dialog").open) return;
-    if (state.current && !$("realtime").checked) return;
+    if (runner.busy && !$("realtime").checked) return;
     requestGeneration();
   }
 });
 
 // Closing the tab stops its job, so nobody's queue fills with pictures no one will see.
 window.addEventListener("pagehide", () => {
-  const id = state.current?.id;
-  if (id) {
-    api.post(`/v1/jobs/${encodeURIComponent(id)}/cancel`, undefined, { keepalive: true })
-      .catch(() => {});
-  }
+  const id = runner.current?.id;
+  if (id) runner.cancelOnServer(id, { keepalive: true });
 });
 
 // -- start ------------------------------------------------------------------------------------
