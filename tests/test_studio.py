@@ -199,3 +199,17 @@ def test_canny_preview_bounds_the_decoded_size():
         error = assert_typed_error(c.post("/v1/control/canny", json={
             "image": png_b64(big), "low": 1, "high": 2}), 422, field="image")
         assert "33x32" in error["message"]
+
+
+# -- the browser tests' own switch ------------------------------------------------------------
+
+def test_browser_tests_skip_with_a_hint_but_never_under_ci(monkeypatch):
+    import conftest_studio
+
+    monkeypatch.setattr(conftest_studio, "chromium_path", lambda: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install -y chromium"):
+        conftest_studio.require_browser()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run the browser tests"):
+        conftest_studio.require_browser()
