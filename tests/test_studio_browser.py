@@ -222,6 +222,15 @@ def test_txt2img_result_download_seed_reuse_and_shortcut(studio, server, shots):
     studio.wait_for_selector("#history li:nth-child(2)")
     assert studio.by("history").locator("li").count() == 2
 
+    studio.locator(".use-input").click()  # the picture becomes the input of image to image
+    studio.wait_for_selector(f"#image-meta:has-text('result seed {seed} · 64 × 64')")
+    assert studio.by("task-img2img").get_attribute("aria-selected") == "true"
+    assert studio.locator("#input-image").evaluate("img => img.naturalWidth") == 64
+    studio.set_task("inpaint")  # or of the task at hand
+    studio.locator(".use-input").click()
+    assert studio.by("task-inpaint").get_attribute("aria-selected") == "true"
+    assert studio.by("mask-canvas").evaluate("c => [c.width, c.height]") == [64, 64]
+
 
 def fill_for(studio, task, images):
     studio.set_task(task)
