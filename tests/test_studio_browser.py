@@ -669,6 +669,7 @@ def test_history_keeps_results_and_restores_their_settings(studio, images):
     studio.reload()  # kept in the browser, not in the tab
     studio.wait_ready()
     item = studio.by("history").locator("li")
+    item.first.wait_for()
     assert item.count() == 1
     assert "remember me" in item.inner_text() and seed in item.inner_text()
     assert studio.by("prompt").input_value() == ""
@@ -682,7 +683,9 @@ def test_history_keeps_results_and_restores_their_settings(studio, images):
     assert studio.by("lora-style").input_value() == "0.25"
     assert studio.by("lora-toggle-style").is_checked()
     item.locator(".thumb").click()  # shows that entry's pictures again
+    studio.by("result").first.wait_for()
     assert studio.by("result").count() == 1
+    assert studio.by("result").first.get_attribute("data-seed") == seed
     item.locator(".history-delete").click()
     studio.wait_for_selector("#history:not(:has(li))", state="attached")
 

@@ -702,8 +702,8 @@ const runner = new JobRunner(api, {
   async done(job, result) {
     $("progress").max = 1;
     $("progress").value = 1;
-    setAppState("done");
-    showResults(result);
+    await showResults(result);
+    setAppState("done"); // after the pictures are in place
     setLastSeed(result.seed);
     const warnings = result.warnings?.length ? ` · ${result.warnings.join("; ")}` : "";
     setStatus(`Done in ${result.seconds.toFixed(2)} s · seed ${result.seed}${warnings}`);
@@ -804,16 +804,15 @@ function hidePreview() {
 
 // -- results ----------------------------------------------------------------------------------
 
-function showResults(result, { fromHistory = false } = {}) {
-  for (const url of state.resultUrls) URL.revokeObjectURL(url);
-  state.resultUrls = [];
-  const results = $("results");
-  results.classList.toggle("single", result.images.length === 1);
-  results.replaceChildren(...result.images.map((image, i) => {
-    const node = $("result-template").content.firstElementChild.cloneNode(true);
+// The new pictures replace the old ones only once decoded, so the stage never flashes empty
+// (in real-time mode it changes several times a second).
+async function showResults(result, { fromHistory = false } = {}) {
+  const urls = [];
+  const nodes = result.images.map((image, i) => {
+    const node = document.importNode($("result-template").content.firstElementChild, true);
     const blob = b64ToBlob(image.b64, image.media_type);
     const url = URL.createObjectURL(blob);
-    state.resultUrls.push(url);
+    urls.push(url);
     const video = image.media_type.startsWith("video/");
     const media = document.createElement(video ? "video" : "img");
     if (video) Object.assign(media, { autoplay: true, loop: true, muted: true, controls: true,
@@ -852,7 +851,13 @@ function showResults(result, { fromHistory = false } = {}) {
       use.remove();
     }
     return node;
-  }));
+  });
+  await Promise.all(nodes.map((node) => node.querySelector("img")?.decode().catch(() => {})));
+  for (const url of state.resultUrls) URL.revokeObjectURL(url);
+  state.resultUrls = urls;
+  const results = $("results");
+  results.classList.toggle("single", result.images.length === 1);
+  results.replaceChildren(...nodes);
   $("stage-empty").hidden = true;
 }
 
@@ -884,7 +889,7 @@ async function renderHistory() {
   }
   const list = $("history");
   list.replaceChildren(...entries.map((entry) => {
-    const node = $("history-template").content.firstElementChild.cloneNode(true);
+    const node = document.importNode($("history-template").content.firstElementChild, true);
     node.dataset.id = String(entry.id);
     const first = entry.images[0];
     const thumb = node.querySelector(".thumb");
