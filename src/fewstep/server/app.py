@@ -92,6 +92,7 @@ def create_app(engine=None, catalog: Catalog | None = None,
 
     _install_error_handlers(app, service)
 
+    from . import studio
     from .routes import a1111, catalogue, health, jobs, native, openai
 
     app.include_router(native.router(service))
@@ -100,6 +101,7 @@ def create_app(engine=None, catalog: Catalog | None = None,
     app.include_router(a1111.router(service))
     app.include_router(catalogue.router(service))
     app.include_router(health.router(service))
+    app.include_router(studio.router(service))
     return app
 
 
