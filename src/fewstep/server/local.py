@@ -255,8 +255,10 @@ class LocalBackend:
 
     def describe(self) -> dict[str, Any]:
         engine = self.engine
+        inpaint_only = bool(getattr(engine, "inpaint_only", False))
+        tasks = ["inpaint"] if inpaint_only else list(engine.family.pipelines)
         return {"family": engine.family.name, "native_size": engine.native_size,
-                "inpaint_only": bool(getattr(engine, "inpaint_only", False))}
+                "inpaint_only": inpaint_only, "workflows": tasks}
 
     # -- lifecycle ------------------------------------------------------------------------
 
