@@ -324,3 +324,17 @@ def test_unknown_job_ids_are_not_found():
 
     run(scenario)
     local.stop()
+
+
+def test_kept_files_are_bounded_in_count_bytes_and_age(monkeypatch):
+    from fewstep.server import service
+
+    store = service.FileStore(max_files=3, max_bytes=2500, ttl_s=60)
+    tokens = [store.put(bytes([i]) * 1000, "image/png") for i in range(3)]
+    assert store.get(tokens[0]) is None  # over 2500 bytes: the oldest went
+    assert store.get(tokens[2]) == (bytes([2]) * 1000, "image/png")
+    small = [store.put(b"s", "image/png") for _ in range(3)]
+    assert [store.get(t) is not None for t in tokens[1:] + small] == [False] * 2 + [True] * 3
+    now = service.time.monotonic()
+    monkeypatch.setattr(service.time, "monotonic", lambda: now + 61)
+    assert store.get(small[-1]) is None  # expired

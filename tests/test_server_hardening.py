@@ -288,7 +288,7 @@ def test_unknown_sampler_is_answered_with_a_warning(client):
     other = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "seed": 1,
                                                    "sampler_name": "Euler a", **SMALL})
     assert other.status_code == 200, other.text
-    assert "LCM" in other.headers["X-Fewstep-Warning"]
+    assert "Euler a" in other.headers["X-Fewstep-Warning"]
     info = json.loads(other.json()["info"])
     assert any("Euler a" in w for w in info["warnings"]) and info["sampler_name"] == "LCM"
     lcm = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "seed": 1, "sampler_name": "LCM",
@@ -296,6 +296,9 @@ def test_unknown_sampler_is_answered_with_a_warning(client):
     assert "X-Fewstep-Warning" not in lcm.headers
     assert json.loads(lcm.json()["info"])["warnings"] == []
     assert lcm.json()["images"] == other.json()["images"]  # LCM ran both times
+    odd = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Эйлер\r\nX: 1",
+                                                 **SMALL})
+    assert odd.status_code == 200 and "?" in odd.headers["X-Fewstep-Warning"]
 
 
 def test_a_job_cut_by_shutdown_is_503_shutting_down():

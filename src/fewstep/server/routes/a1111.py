@@ -18,6 +18,11 @@ from .common import counted, json_response, run_job
 WARNING_HEADER = "X-Fewstep-Warning"
 
 
+def header_text(text: str) -> str:
+    """Printable ASCII only (the client's own text may be anything); `info` has the rest."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)[:300]
+
+
 def router(service) -> APIRouter:
     api = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
     backend, catalog, settings = service.backend, service.catalog, service.settings
@@ -31,9 +36,7 @@ def router(service) -> APIRouter:
                 outcome["status"] = "ok"
         payload = await asyncio.to_thread(convert.response, view, body, warnings,
                                           catalog.model_name)
-        # the header is plain ASCII: the details (with the client's text) are in `info`
-        headers = {WARNING_HEADER: "sampler_name is not available here: LCM ran instead"} \
-            if warnings else None
+        headers = {WARNING_HEADER: header_text("; ".join(warnings))} if warnings else None
         return await json_response(payload, headers=headers)
 
     @api.post("/txt2img", response_model=A1111Response, responses=ERRORS)
