@@ -117,6 +117,8 @@ def test_health_catalogue_and_errors(client):
     assert models["data"][0]["id"] == "tiny-sd15" and models["data"][0]["family"] == "sd15"
     assert models["loras"] == ["motion", "style", "style-peft"]
     assert client.get("/v1/status").json()["queue_limit"] == 2 * QUEUE_SIZE + QUEUE_SIZE
+    page = client.get("/")  # the studio page comes through the same entry
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     # typed errors come from the same app, with no Ray text
     assert_typed_error(client.post("/v1/txt2img", json={"prompt": "x", "width": 63}),
                        422, "width")

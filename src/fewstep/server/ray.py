@@ -115,6 +115,7 @@ class EngineReplica:
         from ..engine import Engine  # noqa: F401 - torch and diffusers load here, not at import
         from .convert.common import encode_result
         from .local import LocalBackend
+        from .service import default_max_batch
 
         from ..cli import _quiet_libraries
 
@@ -128,12 +129,16 @@ class EngineReplica:
             engine.lora(ref, f"lora {name}")
         self.engine = engine
         capacity = spec.queue_size + 1
+        options = spec.server_options()
         # Ray holds the replica to `capacity` calls; the local queue has room for more, since a
-        # cancelled call frees its Ray slot while its job still stops at its next step
+        # cancelled call frees its Ray slot while its job still stops at its next step.
+        # Batching as the single-process service does it, with the same defaults.
         self.backend = LocalBackend(
             engine, functools.partial(encode_result, catalog=self.catalog),
             max_size=2 * capacity, retention=2 * capacity + 8,
-            retention_bytes=spec.server_options().job_retention_bytes)
+            retention_bytes=options.job_retention_bytes,
+            max_batch=options.max_batch or default_max_batch(getattr(engine, "device", "cpu")),
+            batch_wait_s=options.batch_wait_ms / 1000)
         self.backend.start()
         log.info("replica %s ready: %s on %s (pid %d)", self.name, engine.family.name,
                  engine.device, os.getpid())
