@@ -226,7 +226,8 @@ def compare_replicas(args, replica_counts=(1, 2)) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         models = build_tiny_models(Path(tmp))
-        ray.init(num_cpus=max(replica_counts), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=max(replica_counts), include_dashboard=False,
+                 log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             for replicas in replica_counts:

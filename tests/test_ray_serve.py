@@ -63,7 +63,7 @@ def ray_service(tmp_path_factory):
     os.environ.update(RAY_ENV)  # the Ray processes inherit these (and find conftest_ray)
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     started = ray_processes(os.getpid())
     try:
         port = free_port()
@@ -309,3 +309,51 @@ def test_killed_replica_is_replaced(client, gate):
             range(4)))
     assert [r.status_code for r in responses] == [200] * 4
     assert victim not in {r.headers["X-Fewstep-Replica"] for r in responses}
+
+
+def test_serve_ray_joins_a_cluster_and_leaves_it_running(ray_service, tmp_path):
+    """Runs after the others: `fewstep serve --ray --ray-address` on this module's Ray instance
+    (Serve stopped first, so fewstep starts it); SIGTERM removes what fewstep started and
+    leaves the cluster it joined running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+    from ray import serve
+
+    from fewstep.server.ray_cli import _serve_running
+
+    serve.shutdown()
+    models, _ = tiny_env()
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fewstep.server", "--ray", "--ray-address",
+         ray.get_runtime_context().gcs_address, "--replicas", "1", "--cpus-per-replica", "0.5",
+         "--port", str(port), "--model", str(models.sd15), "--lcm-lora", str(models.lcm_sd15),
+         "--device", "cpu", "--grace", "10", "--log-level", "warning"],
+        env={**os.environ, **RAY_ENV}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + WAIT
+        while True:
+            assert process.poll() is None, log.seek(0) or log.read()[-3000:]
+            assert time.monotonic() < end, "not ready in time"
+            try:
+                if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        answer = httpx.post(url + "/v1/txt2img", json={"prompt": "x", **SMALL}, timeout=WAIT)
+        assert answer.status_code == 200 and answer.headers["X-Fewstep-Replica"]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(WAIT) == 0, log.seek(0) or log.read()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+    assert ray.cluster_resources().get("CPU") == 2  # the joined cluster still runs
+    assert not _serve_running(serve)  # fewstep started Serve there: it stopped it

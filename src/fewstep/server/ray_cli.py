@@ -127,18 +127,28 @@ def run_ray_serve(values: dict) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     address = values.get("ray_address")
-    started_ray = False
+    started_ray = started_serve = False
     try:
         if address:
-            ray.init(address=address, log_to_driver=True)
+            try:
+                ray.init(address=address, log_to_driver=True)
+            except (ConnectionError, RuntimeError) as exc:
+                raise FewstepError(
+                    f"could not join the Ray cluster at {address!r}: {_last_line(str(exc))} "
+                    "(is it running? with token authentication, set RAY_AUTH_MODE=token)",
+                    field="ray_address") from None
         else:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+            # "local": a new instance of its own, even if `ray start` runs on this machine
+            ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=True)
             started_ray = True
         # ray.init installs its own SIGTERM handler: ours drains first
         for s in previous:
             signal.signal(s, on_signal)
         spec = make_spec(values, ray.cluster_resources().get("GPU", 0.0))
+        started_serve = started_ray or not _serve_running(serve)
+        if not started_serve:
+            _check_entry(values)
         serve.start(http_options={"host": values["host"], "port": int(values["port"])})
         deploy = threading.Thread(target=_deploy, args=(serve, build_app(spec), stop),
                                   name="fewstep-deploy", daemon=True)
@@ -162,7 +172,7 @@ def run_ray_serve(values: dict) -> int:
         _drain(serve, float(values["grace"]), signals, log)
         return 0
     finally:
-        _shut_down(ray, serve, started_ray, log)
+        _shut_down(ray, serve, started_ray, started_serve, log)
         for s, handler in previous.items():
             signal.signal(s, handler)
 
@@ -200,12 +210,39 @@ def _drain(serve, grace: float, signals: list, log) -> None:
         log.warning("draining failed (%s); stopping", type(exc).__name__)
 
 
-def _shut_down(ray, serve, started_ray: bool, log) -> None:
+def _serve_running(serve) -> bool:
+    """Whether Serve already runs on the cluster joined (then it is not fewstep's to stop)."""
+    try:
+        status = serve.status()  # empty when no Serve controller runs
+    except Exception:  # noqa: BLE001
+        return False
+    return bool(status.proxies or status.applications)
+
+
+def _check_entry(values: dict) -> None:
+    """Serve already running on the joined cluster keeps its own HTTP address: say so rather
+    than announce one that nobody listens on."""
+    from ..errors import InvalidRequest
+
+    try:
+        from ray.serve.context import _get_global_client
+
+        http = _get_global_client().get_serve_details().get("http_options", {})
+    except Exception:  # noqa: BLE001 - unknown: serve.start reports what it can
+        return
+    host, port = http.get("host"), http.get("port")
+    if (host, port) != (values["host"], int(values["port"])):
+        raise InvalidRequest(
+            f"Serve already runs on this cluster with its HTTP entry at {host}:{port}; pass "
+            f"--host {host} --port {port}", field="port")
+
+
+def _shut_down(ray, serve, started_ray: bool, started_serve: bool, log) -> None:
     """Removes what fewstep deployed; stops Serve and Ray only if fewstep started them."""
     if not ray.is_initialized():
         return
     try:
-        if started_ray:
+        if started_serve:
             serve.shutdown()
         else:
             serve.delete(APP_NAME)
