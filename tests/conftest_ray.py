@@ -18,7 +18,8 @@ RAY_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAY_USAGE_STATS_ENAB
 
 def gated_engine(values: dict, gate_dir: str):
     """Runs in a replica: the engine `fewstep serve` makes, with a hook that holds each UNet
-    call while `gate_dir/hold` exists, after writing `gate_dir/held-<replica>` (its pid)."""
+    call while `gate_dir/hold` exists, after writing `gate_dir/held-<replica>` (its pid), and
+    runs out of memory once when `gate_dir/oom` exists."""
     from ray import serve
 
     from fewstep.engine import Engine
@@ -28,6 +29,11 @@ def gated_engine(values: dict, gate_dir: str):
     gate = Path(gate_dir)
 
     def hold(module, args):
+        if (gate / "oom").exists():  # fault injection: the next UNet call runs out of memory
+            (gate / "oom").unlink(missing_ok=True)
+            import torch
+
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
         if not (gate / "hold").exists():
             return
         (gate / f"held-{replica}").write_text(str(os.getpid()))
@@ -55,6 +61,12 @@ class FileGate:
 
     def open(self) -> None:
         (self.dir / "hold").unlink(missing_ok=True)
+
+    def out_of_memory_once(self) -> None:
+        (self.dir / "oom").touch()
+
+    def oom_pending(self) -> bool:
+        return (self.dir / "oom").exists()
 
     def held(self) -> dict[str, int]:
         """Replica name -> pid of the replicas holding a job at the gate."""

@@ -269,6 +269,33 @@ def test_cancel_reaches_the_replica(client, gate):
     test_concurrent_requests_use_both_replicas(client)
 
 
+def test_out_of_memory_on_one_replica_is_a_typed_503_and_the_service_goes_on(client, gate):
+    gate.out_of_memory_once()
+    failed = client.post("/v1/txt2img", json={"prompt": "too big", **SMALL})
+    assert_typed_error(failed, 503, kind="out_of_memory")
+    assert not gate.oom_pending()
+    assert failed.headers["X-Fewstep-Replica"]
+    test_concurrent_requests_use_both_replicas(client)  # both replicas still work
+
+
+def test_a_client_that_goes_away_cancels_its_job_on_the_replica(url, client, gate):
+    with gate.closed():
+        def impatient():
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url + "/v1/txt2img", json={"prompt": "impatient", **SMALL},
+                           timeout=httpx.Timeout(WAIT, read=2.0))
+
+        thread = threading.Thread(target=impatient)
+        thread.start()
+        wait_until(lambda: gate.held(), "the job to run", WAIT)
+        (job,) = [j for j in client.get("/v1/jobs").json() if j["state"] == "running"]
+        thread.join(WAIT)  # the client has gone
+        wait_until(lambda: client.get(f"/v1/jobs/{job['id']}").json()["state"] == "cancelled",
+                   "the job to be cancelled", WAIT)
+        looked_up = client.get(f"/v1/jobs/{job['id']}")
+        assert looked_up.headers["X-Fewstep-Replica"] in gate.held()
+
+
 def test_killed_replica_is_replaced(client, gate):
     """Runs last: it leaves a fresh replica in place of a killed one."""
     from ray import serve

@@ -25,6 +25,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -213,7 +214,8 @@ class ReplicaHeaderMiddleware:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers") or [])
                 job_id = state.get("job_id") or next(
-                    (v.decode("latin-1") for k, v in headers if k.lower() == b"x-job-id"), None)
+                    (v.decode("latin-1") for k, v in headers if k.lower() == b"x-job-id"),
+                    None) or _job_in_path(scope.get("path", ""))
                 replica = self.backend.replica_of(job_id) if job_id else None
                 if replica:
                     headers.append((REPLICA_HEADER.lower().encode(), replica.encode("latin-1")))
@@ -229,6 +231,15 @@ class ReplicaHeaderMiddleware:
             if job_id and not answered:
                 self.backend.cancel_soon(job_id)
             raise
+
+
+def _job_in_path(path: str) -> str | None:
+    """The job a /v1/jobs/{id}[/...] request is about."""
+    match = _JOB_PATH.match(path)
+    return match.group(1) if match else None
+
+
+_JOB_PATH = re.compile(r"^/v1/jobs/([^/]+)(?:/[a-z]+)?$")
 
 
 @serve.ingress()
@@ -350,8 +361,13 @@ def build_app(spec: ServiceSpec):
             "initial_replicas": spec.min_replicas,
             # a replica with one job running and one waiting is busy: add one
             "target_ongoing_requests": 2}
-    engines = serve.deployment(EngineReplica).options(**engine_options)
+    # the replicas' logs (and Ray's line per call) at the service's --log-level
+    level = str(spec.values.get("log_level") or "info").upper()
+    logging_config = {"log_level": "DEBUG" if level == "TRACE" else level}
+    engines = serve.deployment(EngineReplica).options(**engine_options,
+                                                      logging_config=logging_config)
     ingress = serve.deployment(Ingress).options(
         num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,
-        ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=grace + 5.0)
+        ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=grace + 5.0,
+        logging_config=logging_config)
     return ingress.bind(engines.bind(spec), spec)

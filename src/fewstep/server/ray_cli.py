@@ -169,7 +169,8 @@ def run_ray_serve(values: dict) -> int:
                 if not ray.is_initialized():
                     print("error: the Ray instance went away", file=sys.stderr)
                     return 1
-        _drain(serve, float(values["grace"]), signals, log)
+        if not deploy.is_alive():  # deployed: drain it (else it is still starting: stop it)
+            _drain(serve, float(values["grace"]), signals, log)
         return 0
     finally:
         _shut_down(ray, serve, started_ray, started_serve, log)
