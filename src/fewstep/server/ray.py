@@ -11,9 +11,9 @@ two replicas and holds a replica to `max_ongoing_requests` (one running job and 
 `--queue-size` waiting behind it). The ingress admits as many jobs as the ready replicas hold
 plus `--queue-size` more waiting for a slot, and answers the service's own 429 with Retry-After
 past that (Ray's `max_queued_requests`, set above that, is only a safety net; its rejection is
-mapped to the same 429, never Ray's raw 503). A replica is healthy only
-once its engine is loaded and warmed (the Engine compiles its shapes while it is made) and its
-worker lives. Responses name the replica that ran the job in `X-Fewstep-Replica`.
+mapped to the same 429, never Ray's raw 503). A replica is healthy only once its engine is
+loaded and warmed (the Engine compiles its shapes while it is made) and its worker lives.
+Responses name the replica that ran the job in `X-Fewstep-Replica`.
 
 `build_app(spec)` makes the Serve application; `fewstep.ray:app` builds one from options (for
 `serve run` and Serve config files) and `fewstep serve --ray` runs one (`ray_cli`)."""
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -113,12 +114,10 @@ class EngineReplica:
     "preview", then "final" with the job's state, error and encoded files."""
 
     def __init__(self, spec: ServiceSpec):
-        from ..engine import Engine  # noqa: F401 - torch and diffusers load here, not at import
+        from ..cli import _quiet_libraries
         from .convert.common import encode_result
         from .local import LocalBackend
         from .service import default_max_batch
-
-        from ..cli import _quiet_libraries
 
         _quiet_libraries()  # a replica's log is the cluster's: no progress bars or notices
         context = serve.get_replica_context()
@@ -280,9 +279,6 @@ class Ingress:
     async def stop(self) -> None:
         self.backend.stop()
 
-    async def ready(self) -> bool:
-        return (await self.backend.health()).ready
-
     # -- the RayBackend's two links to Ray ---------------------------------------------------
 
     async def _describe(self) -> dict:
@@ -370,4 +366,6 @@ def build_app(spec: ServiceSpec):
         num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,
         ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=grace + 5.0,
         logging_config=logging_config)
-    return ingress.bind(engines.bind(spec), spec)
+    # the replicas never see HTTP: they need no API key
+    engine_spec = dataclasses.replace(spec, values={**spec.values, "api_key": None})
+    return ingress.bind(engines.bind(engine_spec), spec)
