@@ -35,3 +35,11 @@ def unet_fingerprint(unet):
             continue
         total.append(tensor.double().sum().item())
     return torch.tensor(total)
+
+
+def pytest_configure(config):
+    # tiny models: one thread is faster than two fighting over the cores (and the suite shares
+    # the machine with other processes); FEWSTEP_TEST_THREADS overrides it
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("FEWSTEP_TEST_THREADS", "1")))

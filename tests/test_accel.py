@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fewstep.accel import FastOptions, FastPath, PromptCache, cfg_batch, ensure_sdpa
+from fewstep.accel import FastOptions, FastPath, ensure_sdpa
+from fewstep.prompts import PromptCache
 from fewstep.engine import Engine
 from fewstep.tasks import Img2ImgRequest, LoraRequest, Txt2ImgRequest
 
@@ -59,7 +60,7 @@ def test_sdpa_is_the_default_attention(pair):
 
 def test_prompt_cache_hit_gives_identical_images(pair):
     _, fast, _ = pair
-    cache = fast._fast_path.prompt_cache
+    cache = fast.prompt_cache
     first = _image(fast, prompt="cache me", seed=3)
     hits = cache.hits
     second = _image(fast, prompt="cache me", seed=3)
@@ -72,18 +73,19 @@ def test_prompt_cache_hit_gives_identical_images(pair):
 
 def test_prompt_cache_is_exact_against_no_cache(tiny):
     engine = _engine(tiny)
-    FastPath(FastOptions(prompt_cache=True, channels_last=False, sdpa=False)).apply(engine)
+    FastPath(FastOptions(prompt_cache=True, channels_last=False, sdpa=False,
+                         static_scheduler=False)).apply(engine)
     uncached_engine = _engine(tiny)
     for _ in range(2):  # a miss, then a hit
         assert np.array_equal(_image(engine, num_images=2), _image(uncached_engine, num_images=2))
-    assert engine._fast_path.prompt_cache.hits >= 1
+    assert engine.prompt_cache.hits >= 1
 
 
 def test_lora_stack_with_text_encoder_parts(pair, tiny):
     """A style LoRA with text-encoder weights changes the prompt embeddings: the cache must key
-    on the adapter state, and every stack must equal the plain engine's."""
+    on the LoRA stack, and every stack must equal the plain engine's."""
     plain, fast, _ = pair
-    cache = fast._fast_path.prompt_cache
+    cache = fast.prompt_cache
     for loras in ([LoraRequest(ref=str(tiny.style_sd15), weight=0.7)],
                   [LoraRequest(ref=str(tiny.style_sd15), weight=0.3)],
                   [LoraRequest(ref=str(tiny.style_sd15), weight=0.7),
@@ -115,9 +117,25 @@ def test_sdxl_family_fast_path_equals_plain(tiny, family):
     FastPath.preset("default", "cpu").apply(fast)
     a, b = _image(plain), _image(fast)
     assert np.abs(a - b).max() <= EXACT_TOL
-    hits = fast._fast_path.prompt_cache.hits
+    hits = fast.prompt_cache.hits
     assert np.array_equal(b, _image(fast))
-    assert fast._fast_path.prompt_cache.hits == hits + 1
+    assert fast.prompt_cache.hits == hits + 1
+
+
+def cfg_batch(pipe, guidance: float, **call) -> int:
+    """The batch the UNet sees for one image at `guidance`: 1 when classifier-free guidance is
+    off (diffusers' `guidance_scale > 1` rule), 2 when it doubles the batch."""
+    seen: list[int] = []
+    handle = pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(int((args[0] if args else
+                                                       kwargs["sample"]).shape[0])),
+        with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            pipe(guidance_scale=guidance, num_inference_steps=1, output_type="latent", **call)
+    finally:
+        handle.remove()
+    return seen[0]
 
 
 def test_no_cfg_batch_doubling_at_guidance_one(pair):
@@ -159,22 +177,14 @@ def test_fp16_vae_option_turns_off_upcast(tiny):
     assert FastPath(FastOptions(fp16_vae=vae)).apply(sd).applied["fp16_vae"].startswith("skipped")
 
 
-def test_prompt_cache_bypasses_given_embeddings():
+def test_prompt_cache_is_bounded_and_returns_copies():
     cache = PromptCache(2)
-
-    class Pipe:
-        text_encoder = None
-
-        def encode_prompt(self, prompt, device, prompt_embeds=None):
-            return (torch.ones(1) if prompt_embeds is None else prompt_embeds,)
-
-    pipe = Pipe()
-    cache.wrap(pipe)
-    pipe.encode_prompt("a", "cpu")
-    pipe.encode_prompt("a", "cpu")
-    assert (cache.hits, cache.misses) == (1, 1)
-    pipe.encode_prompt(None, "cpu", prompt_embeds=torch.zeros(1))
-    assert (cache.hits, cache.misses) == (1, 1)
-    for p in "bcd":
-        pipe.encode_prompt(p, "cpu")
-    assert len(cache._data) == 2
+    cache.put("a", (torch.ones(2), None))
+    value = cache.get("a")
+    value[0].add_(5)  # a caller changing its copy changes nothing cached
+    assert torch.equal(cache.get("a")[0], torch.ones(2))
+    assert cache.get("missing") is None
+    for key in "bcd":
+        cache.put(key, (torch.zeros(1),))
+    assert cache.get("a") is None and cache.get("d") is not None
+    assert (cache.hits, cache.misses) == (3, 2)

@@ -167,6 +167,8 @@ def test_hub_lora_repo_with_one_differently_named_file(monkeypatch, tiny):
     """A hub LoRA repo without pytorch_lora_weights.safetensors: its only .safetensors file is
     taken; with several, the error lists them. (The hub is simulated: no network in tests.)"""
     import huggingface_hub
+    import httpx2
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
     from fewstep import lora as lora_module
 
@@ -175,7 +177,8 @@ def test_hub_lora_repo_with_one_differently_named_file(monkeypatch, tiny):
 
     def download(repo, filename, local_files_only=False):
         if filename not in repo_files[repo]:
-            raise type("EntryNotFoundError", (Exception,), {})(filename)
+            raise RemoteEntryNotFoundError(filename, response=httpx2.Response(
+                404, request=httpx2.Request("GET", "https://hub.invalid")))
         return str(tiny.style_sd15)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)

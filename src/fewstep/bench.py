@@ -375,7 +375,7 @@ def fast_path(mode: str, args, taesd: str):
         if args.half is not None:
             overrides["dtype"] = args.half if args.half != "none" else None
         overrides["compile_cache_dir"] = args.compile_cache_dir
-        overrides["warmup"] = tuple((args.resolution, args.resolution, b) for b in args.batch)
+        overrides["compile_shapes"] = tuple((args.resolution, args.resolution, b) for b in args.batch)
     return FastPath.preset(mode, args.device, args.family, **overrides)
 
 
@@ -464,7 +464,7 @@ def lora_switch(args, workdir: Path) -> dict[str, Any]:
                     dtype=args.dtype, speed="off")
     size = 64
     path = FastPath(FastOptions(compile_unet=True, compile_cache_dir=args.compile_cache_dir,
-                                warmup=((size, size, 1),)))
+                                compile_shapes=((size, size, 1),)))
     report = path.apply(engine)
     style, peft = str(tiny.style_sd15), str(tiny.style_sd15_peft)
     plan = [("no LoRA (after warm-up)", []),

@@ -94,9 +94,10 @@ class EngineOptions(_Options):
                            "cuda:N, mps")
     dtype: Dtype = Field("auto", description="auto (fp16 on GPUs, fp32 on CPU), fp16, bf16, "
                          "fp32")
-    speed: Literal["off", "default", "fastest"] = Field(
-        "default", description="fast-path preset: default keeps the recipe's pictures; "
-        "fastest adds half precision where it pays and a tiny VAE (approximate)")
+    speed: Literal["off", "auto", "default", "fastest"] = Field(
+        "auto", description="fast-path preset: auto and default keep the recipe's pictures "
+        "(auto also compiles the UNet ahead on CUDA); fastest adds half precision where it "
+        "pays and a tiny VAE (approximate)")
     tiny_vae: str | None = Field(None, description="tiny autoencoder for speed fastest "
                                  "(default: the family's taesd)",
                                  json_schema_extra=_flag(metavar="REF"))

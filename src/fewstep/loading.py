@@ -67,17 +67,53 @@ def offline_mode() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def hub_error(ref: Ref, field: str, exc: Exception) -> OfflineError | NotFound:
-    """Map the many failures of a hub download to one clear error."""
-    name = type(exc).__name__
-    if name in ("RepositoryNotFoundError", "EntryNotFoundError", "RevisionNotFoundError"):
-        return NotFound(f"{field} {ref.text!r} was not found on the hub", field=field)
-    return OfflineError(
-        f"{field} {ref.text!r} is not in the local cache and the hub could not be reached "
-        f"({name}). Download it where you have a connection, or pass a local diffusers folder "
-        "or .safetensors file instead (e.g. --model /path/to/folder)",
-        field=field,
-    )
+def _chain(exc: BaseException):
+    """`exc` and the exceptions it was raised from or while handling (diffusers re-raises hub
+    errors as OSError inside its `except` blocks)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _unreachable_types() -> tuple[type, ...]:
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    types: list[type] = [LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError,
+                         TimeoutError]
+    for module, name in (("requests.exceptions", "ConnectionError"),
+                         ("requests.exceptions", "Timeout"), ("httpx", "TransportError"),
+                         ("httpx2", "TransportError")):
+        try:
+            types.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(types)
+
+
+def hub_error(ref: Ref, field: str, exc: BaseException) -> OfflineError | NotFound | None:
+    """The typed error for a hub failure anywhere in `exc`'s chain, recognised by the
+    huggingface_hub error classes; None when the chain holds no hub failure."""
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    unreachable = _unreachable_types()
+    for error in _chain(exc):
+        if isinstance(error, GatedRepoError):
+            return NotFound(f"{field} {ref.text!r} is a gated repository: accept its terms on "
+                            "the hub and log in (HF_TOKEN), or pass a local copy", field=field)
+        # checked first: a missing cache entry is also an EntryNotFoundError
+        if isinstance(error, unreachable):
+            return OfflineError(
+                f"{field} {ref.text!r} is not in the local cache and the hub could not be "
+                f"reached ({type(error).__name__}). Download it where you have a connection, "
+                "or pass a local diffusers folder or .safetensors file instead (e.g. --model "
+                "/path/to/folder)", field=field)
+        if isinstance(error, (RepositoryNotFoundError, RevisionNotFoundError,
+                              EntryNotFoundError)):
+            return NotFound(f"{field} {ref.text!r} was not found on the hub", field=field)
+    return None
 
 
 def hub_file(ref: Ref, filename: str, field: str) -> Path:
@@ -86,7 +122,10 @@ def hub_file(ref: Ref, filename: str, field: str) -> Path:
     try:
         return Path(hf_hub_download(ref.repo, filename, local_files_only=offline_mode()))
     except Exception as exc:  # noqa: BLE001 - every hub failure becomes one typed error
-        raise hub_error(ref, field, exc) from exc
+        error = hub_error(ref, field, exc) or ModelError(
+            f"{field} {ref.text!r}: {filename} could not be read from the hub "
+            f"({type(exc).__name__})", field=field)
+        raise error from exc
 
 
 def read_unet_config(ref: Ref, config_ref: Ref | None, field: str = "model") -> dict[str, Any]:
@@ -117,10 +156,8 @@ def single_file_family(path: Path) -> str:
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"model file {str(path)!r} is not a readable .safetensors file: {exc}",
                          field="model") from exc
-    if any(k.startswith("conditioner.embedders.1") for k in keys):
-        # SSD-1B drops transformer blocks that SDXL has
-        deep = "model.diffusion_model.output_blocks.0.1.transformer_blocks.9.attn1.to_q.weight"
-        return "sdxl" if deep in keys else "ssd-1b"
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "ssd-1b" if _pruned_up_path(keys) else "sdxl"
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return "sd15"
     raise ModelError(
@@ -128,6 +165,44 @@ def single_file_family(path: Path) -> str:
         "(no model.diffusion_model.* keys)",
         field="model",
     )
+
+
+# original-layout UNet keys: `input_blocks.N.0.op` is a downsampler, `{input,output}_blocks.N.1`
+# an attention with `transformer_blocks.0..depth-1`
+_UNET_BLOCK = re.compile(r"model\.diffusion_model\.(input|output)_blocks\.(\d+)\.")
+_DOWNSAMPLER = re.compile(r"model\.diffusion_model\.input_blocks\.(\d+)\.0\.op\.")
+_TRANSFORMER = re.compile(
+    r"model\.diffusion_model\.(input|output)_blocks\.(\d+)\.1\.transformer_blocks\.(\d+)\.")
+
+
+def _pruned_up_path(keys: list[str]) -> bool:
+    """True when some up-path attention is not as deep as the down path's attentions at the same
+    resolution: SSD-1B's pruning (its config's `reverse_transformer_layers_per_block`), where SDXL
+    mirrors the down path exactly. Read from the pattern of depths alone, so it holds for any
+    number of blocks and layers (tiny test models included)."""
+    blocks = {"input": set(), "output": set()}
+    downsamplers = set()
+    depth: dict[tuple[str, int], int] = {}
+    for key in keys:
+        if m := _UNET_BLOCK.match(key):
+            blocks[m[1]].add(int(m[2]))
+        if m := _DOWNSAMPLER.match(key):
+            downsamplers.add(int(m[1]))
+        if m := _TRANSFORMER.match(key):
+            place = (m[1], int(m[2]))
+            depth[place] = max(depth.get(place, 0), int(m[3]) + 1)
+    levels = len(downsamplers) + 1
+    per_level = len(blocks["output"]) // levels  # layers per block + 1, in the LDM numbering
+    if per_level == 0:
+        return False
+    # input block 0 is conv_in; levels count from the highest resolution
+    down: dict[int, set[int]] = {}
+    for (side, index), n in depth.items():
+        if side == "input":
+            down.setdefault((index - 1) // per_level, set()).add(n)
+    # output blocks count from the lowest resolution
+    return any(down.get(levels - 1 - index // per_level) != {n}
+               for (side, index), n in depth.items() if side == "output")
 
 
 def load_pipeline(cls, ref: Ref, *, config_ref: Ref | None, family, torch_dtype, field="model"):
@@ -145,6 +220,15 @@ def load_pipeline(cls, ref: Ref, *, config_ref: Ref | None, family, torch_dtype,
                 config = str(config_ref.path) if config_ref.path else config_ref.repo
             elif offline_mode():
                 config = _cached_family_config(family)
+                if config is None:
+                    # diffusers would try to download the configs and fail deep inside
+                    raise OfflineError(
+                        f"{field} {ref.text!r} is a single-file checkpoint, which needs the "
+                        f"configs of a {family.name} diffusers model; {family.default_model} is "
+                        "not in the local cache and the hub is offline: pass a local diffusers "
+                        "folder of the same family with --config",
+                        field="config",
+                    )
             return cls.from_single_file(
                 str(path), config=config or family.default_model,
                 local_files_only=offline_mode() or config_ref is not None, **kwargs
@@ -197,24 +281,20 @@ def _cached_family_config(family) -> str | None:
 
 
 def _load_error(ref: Ref, field: str, exc: Exception, *, single: bool):
+    if ref.repo is not None or single:
+        error = hub_error(ref, field, exc)
+        if error is not None:
+            if single and ref.repo is None:  # a local file whose configs were looked up
+                return OfflineError(
+                    f"{field} {ref.text!r}: a single-file checkpoint needs a config; pass a "
+                    "local diffusers folder of the same family with --config", field=field)
+            return error
     text = str(exc)
-    name = type(exc).__name__
-    if ref.repo is not None and (
-        "Hub" in name or "Connect" in name or "Offline" in name or "LocalEntryNotFound" in name
-        or "Repository" in name or "cannot find the requested files" in text
-        or "Entry" in name or "local_files_only" in text or "offline" in text.lower()
-    ):
-        return hub_error(ref, field, exc)
-    if single and ("config" in text.lower() or "local_files_only" in text):
-        return OfflineError(
-            f"{field} {ref.text!r}: a single-file checkpoint needs a config; pass a local "
-            "diffusers folder of the same family with --config",
-            field=field,
-        )
     if "safetensors" in text and (".bin" in text or "use_safetensors" in text):
+        # diffusers' own refusal (an OSError) when a repo has pickle weights only
         return UnsafeFormat(
             f"{field} {ref.text!r} has no .safetensors weights (only pickle files), refused",
             field=field,
         )
-    return ModelError(f"{field} {ref.text!r} could not be loaded: {name}: {text[:300]}",
-                      field=field)
+    return ModelError(f"{field} {ref.text!r} could not be loaded: {type(exc).__name__}: "
+                      f"{text[:300]}", field=field)

@@ -304,9 +304,6 @@ class FusedStack:
                     weight.add_(delta.to(weight.dtype))
         if names or self.pristine:
             pipe.disable_lora()  # the deltas are in the weights now
-        for model in _lora_models(pipe):
-            # the stack now in the weights, for caches keyed on them (prompt embeddings)
-            model._fewstep_fused_stack = key[1]
         self.current = key
 
 

@@ -39,7 +39,7 @@ def input_digests(request) -> dict[str, str]:
 def complete_record(params: dict, request, engine, tiny_vae: str | None = None) -> dict:
     """What a record needs beyond `Engine.describe`: the input digests, the speed preset and
     the tiny VAE it was given. Fields the engine already records are kept."""
-    extra = {"inputs": input_digests(request), "speed": getattr(engine, "speed", "default")}
+    extra = {"inputs": input_digests(request), "speed": getattr(engine, "speed", "auto")}
     if tiny_vae and extra["speed"] != "off":
         extra["tiny_vae"] = tiny_vae
     return {**extra, **params}
@@ -226,7 +226,7 @@ def engine_for(record: dict, *, model=None, model_config=None, device=None, dtyp
                   lcm_weight=1.0 if animate else weight,
                   animate_lcm_weight=weight if animate else 0.55,
                   config=model_config, family=record.get("family"), device=device,
-                  dtype=dtype or record.get("dtype"), speed=record.get("speed", "default"),
+                  dtype=dtype or record.get("dtype"), speed=record.get("speed", "auto"),
                   tiny_vae=record.get("tiny_vae"))
 
 

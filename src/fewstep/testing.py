@@ -9,7 +9,7 @@ smoke run exercise the real loading code without any download:
 * LCM-LoRAs in the published key format (kohya-style keys with diffusers module names, one rank
   on every target module, `.alpha` tensors), a kohya style LoRA with original-model (LDM) module
   names and text-encoder parts, a peft-format style LoRA, a motion LoRA,
-* a single-file (original layout) SD1.5 checkpoint.
+* single-file (original layout) checkpoints of the SD1.5, SDXL and SSD-1B models.
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ TINY_TEXT = dict(
 )
 
 _BLOCKS = (32, 64)
+# The SDXL family's second text encoder is wider than the first, as OpenCLIP bigG (1280) is wider
+# than CLIP-L (768): diffusers' single-file loader tells the two apart by width alone.
+TEXT_2_WIDTH = 48
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -136,7 +139,7 @@ def sd15_unet(in_channels: int = 4):
     )
 
 
-# what the SDXL-family UNet and ControlNet share: two text encoders (32 + 32 wide) and size/crop
+# what the SDXL-family UNet and ControlNet share: two text encoders (32 + 48 wide) and size/crop
 # ids (`text_time`)
 _SDXL_CONDITIONING = dict(
     attention_head_dim=(2, 4),
@@ -145,7 +148,7 @@ _SDXL_CONDITIONING = dict(
     addition_time_embed_dim=8,
     transformer_layers_per_block=(1, 2),
     projection_class_embeddings_input_dim=80,  # 6 * 8 + text_encoder_2 projection (32)
-    cross_attention_dim=64,
+    cross_attention_dim=32 + TEXT_2_WIDTH,
     norm_num_groups=2,
 )
 
@@ -172,11 +175,11 @@ def sdxl_unet(ssd: bool = False, in_channels: int = 4):
     )
 
 
-def _text_encoder(projection: bool = False):
+def _text_encoder(projection: bool = False, hidden_size: int = TINY_TEXT["hidden_size"]):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
-    config = CLIPTextConfig(**TINY_TEXT)
+    config = CLIPTextConfig(**{**TINY_TEXT, "hidden_size": hidden_size})
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
@@ -214,7 +217,7 @@ def build_sdxl_pipeline(tmp: Path, ssd: bool = False):
         unet=sdxl_unet(ssd),
         vae=_vae(),
         text_encoder=_text_encoder(),
-        text_encoder_2=_text_encoder(projection=True),
+        text_encoder_2=_text_encoder(projection=True, hidden_size=TEXT_2_WIDTH),
         tokenizer=tok,
         tokenizer_2=tok,
         scheduler=_scheduler(True),
@@ -395,6 +398,8 @@ class TinyModels:
     sdxl: Path
     ssd1b: Path
     sd15_single_file: Path
+    sdxl_single_file: Path  # each written from the diffusers folder above
+    ssd1b_single_file: Path
     controlnet: Path
     controlnet_sdxl: Path
     adapter_sd15: Path
@@ -416,7 +421,7 @@ MOTION_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0")
 
 def build_tiny_models(root: Path) -> TinyModels:
     """Write every tiny model into `root` (about 15 MB) and return their paths."""
-    from .testing_checkpoint import save_sd15_single_file
+    from .testing_checkpoint import save_sd15_single_file, save_sdxl_single_file
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -430,6 +435,8 @@ def build_tiny_models(root: Path) -> TinyModels:
     ssd = build_sdxl_pipeline(tmp, ssd=True)
     ssd.save_pretrained(root / "ssd-1b")
     save_sd15_single_file(sd15, root / "sd15-single.safetensors")
+    save_sdxl_single_file(sdxl, root / "sdxl-single.safetensors")
+    save_sdxl_single_file(ssd, root / "ssd-1b-single.safetensors")
 
     build_controlnet().save_pretrained(root / "controlnet")
     build_controlnet(sdxl=True).save_pretrained(root / "controlnet-sdxl")
@@ -476,6 +483,8 @@ def build_tiny_models(root: Path) -> TinyModels:
         sdxl=root / "sdxl",
         ssd1b=root / "ssd-1b",
         sd15_single_file=root / "sd15-single.safetensors",
+        sdxl_single_file=root / "sdxl-single.safetensors",
+        ssd1b_single_file=root / "ssd-1b-single.safetensors",
         controlnet=root / "controlnet",
         controlnet_sdxl=root / "controlnet-sdxl",
         adapter_sd15=root / "t2i-adapter-sd15",

@@ -1,10 +1,18 @@
-"""Write a diffusers Stable Diffusion 1.x pipeline as one original-layout (CompVis/LDM) checkpoint.
+"""Write a diffusers Stable Diffusion pipeline as one original-layout checkpoint.
 
-The inverse of `StableDiffusionPipeline.from_single_file`: UNet under `model.diffusion_model.`,
-VAE under `first_stage_model.`, CLIP text encoder under `cond_stage_model.transformer.`, with
-the key names of the original repository (as diffusers'
-`scripts/convert_diffusers_to_original_stable_diffusion.py` writes them). Block numbering is
-derived from the UNet and VAE configs, so tiny test models with fewer blocks convert too.
+The inverse of `from_single_file`, with the key names of the original repositories:
+
+* SD 1.x (CompVis/LDM): UNet under `model.diffusion_model.`, VAE under `first_stage_model.`,
+  CLIP text encoder under `cond_stage_model.transformer.` (as diffusers'
+  `scripts/convert_diffusers_to_original_stable_diffusion.py` writes them);
+* SDXL and SSD-1B (Stability's generative-models): the same UNet and VAE naming, the CLIP-L text
+  encoder under `conditioner.embedders.0.transformer.` and the second (OpenCLIP) text encoder
+  under `conditioner.embedders.1.model.` in OpenCLIP's own naming (`transformer.resblocks.N`,
+  fused `in_proj` attention weights, a transposed `text_projection`), as
+  `scripts/convert_diffusers_to_original_sdxl.py` writes them.
+
+Block numbering is derived from the UNet and VAE configs, so tiny test models with fewer blocks
+(and SSD-1B's uneven transformer depths) convert too.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from safetensors.torch import save_file
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_TEXT_2_PREFIX = "conditioner.embedders.1.model."
 
 # diffusers -> LDM, inside a UNet ResBlock
 _UNET_RESNET = (
@@ -195,16 +205,93 @@ def text_encoder_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
     return out
 
 
+# diffusers (HF CLIP) -> OpenCLIP, inside one encoder layer
+_OPEN_CLIP_LAYER = (
+    ("self_attn.out_proj.", "attn.out_proj."),
+    ("layer_norm1.", "ln_1."),
+    ("layer_norm2.", "ln_2."),
+    ("mlp.fc1.", "mlp.c_fc."),
+    ("mlp.fc2.", "mlp.c_proj."),
+)
+
+# torch.nn.MultiheadAttention stacks query, key and value in one `in_proj` weight, in this order
+_IN_PROJ_ORDER = ("q_proj", "k_proj", "v_proj")
+
+_OPEN_CLIP_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+
+
+def open_clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
+    """A `CLIPTextModelWithProjection` in OpenCLIP's naming, without the
+    `conditioner.embedders.1.model.` prefix: the query, key and value projections fused into one
+    `in_proj` weight and bias per layer, the projection stored transposed, plus the
+    `logit_scale` that full OpenCLIP checkpoints carry (the loader ignores it)."""
+    state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        if key == "text_projection.weight":
+            out["text_projection"] = tensor.T
+        elif key in _OPEN_CLIP_TOP:
+            out[_OPEN_CLIP_TOP[key]] = tensor
+        elif key.startswith("encoder.layers."):
+            layer, rest = key[len("encoder.layers."):].split(".", 1)
+            block = f"transformer.resblocks.{layer}."
+            if rest.startswith(("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")):
+                part, kind = rest.split(".")[1:]  # q_proj, weight
+                fused.setdefault(f"{block}attn.in_proj_{kind}", {})[part] = tensor
+                continue
+            for a, b in _OPEN_CLIP_LAYER:
+                if rest.startswith(a):
+                    out[block + b + rest[len(a):]] = tensor
+                    break
+            else:
+                raise ValueError(f"no OpenCLIP name for text encoder parameter {key!r}")
+        else:
+            raise ValueError(f"no OpenCLIP name for text encoder parameter {key!r}")
+    for key, parts in fused.items():
+        out[key] = torch.cat([parts[name] for name in _IN_PROJ_ORDER], 0)
+    out["logit_scale"] = torch.tensor(4.6052)  # ln(100), OpenCLIP's trained value
+    return out
+
+
+def _position_ids(text_encoder) -> torch.Tensor:
+    # a buffer that transformers no longer saves but original checkpoints carry
+    positions = text_encoder.config.max_position_embeddings
+    return torch.arange(positions, dtype=torch.int64)[None]
+
+
 def save_sd15_single_file(pipe, path: Path) -> Path:
     """Write `pipe` (a diffusers StableDiffusionPipeline) as one original-layout `.safetensors`
     checkpoint at `path`, atomically, and return the path."""
-    path = Path(path)
-    tensors: dict[str, torch.Tensor] = {}
-    for prefix, part in (
+    return _write(path, (
         (UNET_PREFIX, unet_to_ldm(pipe.unet)),
         (VAE_PREFIX, vae_to_ldm(pipe.vae)),
         (TEXT_PREFIX, text_encoder_to_ldm(pipe.text_encoder)),
-    ):
+    ))
+
+
+def save_sdxl_single_file(pipe, path: Path) -> Path:
+    """Write `pipe` (a diffusers StableDiffusionXLPipeline: SDXL or SSD-1B) as one original-layout
+    `.safetensors` checkpoint at `path`, atomically, and return the path."""
+    clip_l = text_encoder_to_ldm(pipe.text_encoder)
+    clip_l["text_model.embeddings.position_ids"] = _position_ids(pipe.text_encoder)
+    return _write(path, (
+        (UNET_PREFIX, unet_to_ldm(pipe.unet)),
+        (VAE_PREFIX, vae_to_ldm(pipe.vae)),
+        (SDXL_TEXT_PREFIX, clip_l),
+        (SDXL_TEXT_2_PREFIX, open_clip_to_ldm(pipe.text_encoder_2)),
+    ))
+
+
+def _write(path: Path, parts) -> Path:
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, part in parts:
         for key, tensor in part.items():
             # safetensors needs contiguous tensors that share no storage
             tensors[prefix + key] = tensor.detach().to("cpu").contiguous().clone()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from ..errors import InvalidRequest
 from .base import Request
 
 
@@ -17,22 +18,18 @@ class AnimateRequest(Request):
 
     def check_limits(self, settings):
         super().check_limits(settings)
-        from ..errors import InvalidRequest
-
         if self.num_frames > settings.max_frames:
             raise InvalidRequest(f"num_frames must be at most {settings.max_frames}, got "
                                  f"{self.num_frames}", field="num_frames")
 
-    def run(self, engine, progress, cancel):
-        width = self.width or engine.native_size
-        height = self.height or engine.native_size
-        self.check_size(width, height, 8, engine.settings)
-        if width * height * self.num_frames * self.num_images > engine.settings.max_pixels * 16:
-            from ..errors import InvalidRequest
-
+    def describe(self, model):
+        width = self.width or model.native_size
+        height = self.height or model.native_size
+        self.check_size(width, height, 8, model.settings)
+        if width * height * self.num_frames * self.num_images > model.settings.max_pixels * 16:
             raise InvalidRequest("num_frames x num_images x width x height is over the limit",
                                  field="num_frames")
-        pipe = engine.pipeline("animate", motion_adapter=self.motion_adapter)
-        kwargs = {"num_frames": self.num_frames, "width": width, "height": height}
-        return engine.call(pipe, self, kwargs, progress, cancel,
-                           batch_arg="num_videos_per_prompt")
+        return self.pipeline_call(
+            "animate", width, height, components=(("motion_adapter", self.motion_adapter),),
+            batch_arg="num_videos_per_prompt", output="frames",
+            arguments={"num_frames": self.num_frames, "width": width, "height": height})

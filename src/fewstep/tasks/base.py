@@ -1,22 +1,21 @@
-"""What every task shares: the typed request (validated, with limits from Settings) and the
-call of a diffusers pipeline with a seed, progress, cancellation and a LoRA stack."""
+"""What every task shares: the typed request (validated, with limits from Settings) and how it
+becomes a plain description of one pipeline call (`fewstep.calls.PipelineCall`)."""
 
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
                       field_validator)
 
+from ..calls import ModelView, PipelineCall
 from ..config import Settings
 from ..errors import InvalidRequest
 from ..lora import MAX_LORA_WEIGHT
 
-if TYPE_CHECKING:
-    from ..engine import Engine, Result
-
 MAX_SEED = 2**63 - 1
+MIN_IMAGE_SIDE = 8  # the VAE downscales by 8: smaller inputs have no latent pixel
 
 
 def _to_image(value):
@@ -26,14 +25,18 @@ def _to_image(value):
 
     from ..images import load_image
 
-    if isinstance(value, Image.Image):
-        return value if value.mode == "RGB" else value.convert("RGB")
     if isinstance(value, (bytes, bytearray)):
         try:
-            return load_image(bytes(value), "image")
+            value = load_image(bytes(value), "image")
         except InvalidRequest as exc:
             raise ValueError(exc.message.removeprefix("image ")) from None
-    raise ValueError(f"must be a PIL image or encoded image bytes, not {type(value).__name__}")
+    if not isinstance(value, Image.Image):
+        raise ValueError(
+            f"must be a PIL image or encoded image bytes, not {type(value).__name__}")
+    if min(value.size) < MIN_IMAGE_SIDE:
+        raise ValueError(f"is {value.width}x{value.height} pixels; images must be at least "
+                         f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}")
+    return value if value.mode == "RGB" else value.convert("RGB")
 
 
 ImageInput = Annotated[Any, BeforeValidator(_to_image)]
@@ -70,13 +73,29 @@ class Request(BaseModel):
             raise ValueError("must not contain NUL characters")
         return value
 
+    @field_validator("width", "height")
     @classmethod
-    def build(cls, **values) -> "Request":
-        """Construct, turning pydantic's errors into one InvalidRequest naming the field."""
+    def _multiple_of_8(cls, value):
+        if value is not None and value % 8:
+            raise ValueError(f"must be a multiple of 8, got {value}")
+        return value
+
+    @classmethod
+    def build(cls, settings: Settings | None = None, **values) -> "Request":
+        """Construct, turning pydantic's errors into one InvalidRequest naming the field.
+        A `task` key (as in a result's record) must name this request's task. With `settings`,
+        the limits are checked too."""
+        task = values.pop("task", None)
+        if task is not None and task != cls.task:
+            raise InvalidRequest(f"task {task!r} does not match {cls.__name__} ({cls.task!r})",
+                                 field="task")
         try:
-            return cls(**{k: v for k, v in values.items() if v is not None})
+            request = cls(**{k: v for k, v in values.items() if v is not None})
         except ValidationError as exc:
             raise invalid_from_pydantic(exc) from None
+        if settings is not None:
+            request.check_limits(settings)
+        return request
 
     # -- checks that need Settings or the loaded model -----------------------------------
 
@@ -132,10 +151,23 @@ class Request(BaseModel):
     def image_fields(cls) -> tuple[str, ...]:
         return ()
 
-    # -- running ------------------------------------------------------------------------
+    # -- describing the pipeline call ------------------------------------------------------
 
-    def run(self, engine: "Engine", progress: Callable | None, cancel) -> "Result":
+    def describe(self, model: ModelView) -> PipelineCall:
+        """The pipeline call that runs this request on `model`, after every check that needs
+        the model (sizes, components). Needs a concrete seed (`with_seed()`)."""
         raise NotImplementedError
+
+    def pipeline_call(self, task: str, width: int, height: int, **details) -> PipelineCall:
+        """A call with this request's common fields; `details` are PipelineCall's others."""
+        if self.seed is None:
+            raise ValueError("describe() needs a concrete seed: call with_seed() first")
+        return PipelineCall(
+            task=task, prompt=self.prompt, negative_prompt=self.negative_prompt,
+            steps=self.steps, guidance=self.guidance, seed=self.seed, count=self.num_images,
+            width=width, height=height,
+            loras=tuple((lora.ref, lora.weight) for lora in self.loras),
+            record=self.record(), warnings=tuple(self.warnings()), **details)
 
 
 def invalid_from_pydantic(exc: ValidationError) -> InvalidRequest:

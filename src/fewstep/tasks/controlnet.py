@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from ..control import canny
+from ..errors import InvalidRequest
 from .base import ImageInput, Request
 from .img2img import input_size, resized
 
@@ -23,8 +24,8 @@ class ControlRequest(Request):
     @model_validator(mode="after")
     def _thresholds(self):
         if self.canny_low > self.canny_high:
-            raise ValueError(f"canny_low ({self.canny_low}) must not exceed canny_high "
-                             f"({self.canny_high})")
+            raise InvalidRequest(f"canny_low ({self.canny_low}) must not exceed canny_high "
+                                 f"({self.canny_high})", field="canny_low")
         return self
 
     @classmethod
@@ -41,14 +42,14 @@ class ControlNetRequest(ControlRequest):
     task = "controlnet"
     controlnet: str = Field(min_length=1)
 
-    def run(self, engine, progress, cancel):
+    def describe(self, model):
         width, height = input_size(self, self.control_image)
-        self.check_size(width, height, 8, engine.settings)
-        pipe = engine.pipeline("controlnet", controlnet=self.controlnet)
-        kwargs = {
-            "image": resized(self.condition(), width, height),
-            "controlnet_conditioning_scale": self.conditioning_scale,
-            "width": width,
-            "height": height,
-        }
-        return engine.call(pipe, self, kwargs, progress, cancel)
+        self.check_size(width, height, 8, model.settings)
+        return self.pipeline_call(
+            "controlnet", width, height, components=(("controlnet", self.controlnet),),
+            batched=("image",), arguments={
+                "image": resized(self.condition(), width, height),
+                "controlnet_conditioning_scale": self.conditioning_scale,
+                "width": width,
+                "height": height,
+            })

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..errors import InvalidRequest
 from .base import ImageInput, Request
@@ -10,7 +10,7 @@ from .base import ImageInput, Request
 
 def input_size(request, image, multiple: int = 8) -> tuple[int, int]:
     """Output size: the request's, else the input image's rounded down to `multiple`
-    (diffusers' own default), checked against the limits."""
+    (diffusers' own default)."""
     width = request.width or image.width // multiple * multiple
     height = request.height or image.height // multiple * multiple
     return width, height
@@ -39,14 +39,18 @@ class Img2ImgRequest(Request):
     image: ImageInput
     strength: float = Field(0.6, gt=0.0, le=1.0)
 
+    @model_validator(mode="after")
+    def _enough_steps(self):
+        check_strength(self)
+        return self
+
     @classmethod
     def image_fields(cls):
         return ("image",)
 
-    def run(self, engine, progress, cancel):
-        check_strength(self)
+    def describe(self, model):
         width, height = input_size(self, self.image)
-        self.check_size(width, height, 8, engine.settings)
-        pipe = engine.pipeline("img2img")
-        kwargs = {"image": resized(self.image, width, height), "strength": self.strength}
-        return engine.call(pipe, self, kwargs, progress, cancel)
+        self.check_size(width, height, 8, model.settings)
+        return self.pipeline_call(
+            "img2img", width, height, batched=("image",),
+            arguments={"image": resized(self.image, width, height), "strength": self.strength})

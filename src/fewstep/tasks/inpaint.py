@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..errors import InvalidRequest
 from .base import ImageInput, Request
@@ -18,25 +18,27 @@ class InpaintRequest(Request):
     strength: float = Field(1.0, gt=0.0, le=1.0)
     guidance: float = Field(4.0, ge=0.0, le=30.0)  # the recipe's value for inpainting
 
-    @classmethod
-    def image_fields(cls):
-        return ("image", "mask")
-
-    def run(self, engine, progress, cancel):
+    @model_validator(mode="after")
+    def _consistent(self):
         check_strength(self)
         if self.mask.size != self.image.size:
             raise InvalidRequest(
                 f"mask is {self.mask.width}x{self.mask.height} but image is "
                 f"{self.image.width}x{self.image.height}; they must have the same size",
                 field="mask")
+        return self
+
+    @classmethod
+    def image_fields(cls):
+        return ("image", "mask")
+
+    def describe(self, model):
         width, height = input_size(self, self.image)
-        self.check_size(width, height, 8, engine.settings)
-        pipe = engine.pipeline("inpaint")
-        kwargs = {
+        self.check_size(width, height, 8, model.settings)
+        return self.pipeline_call("inpaint", width, height, arguments={
             "image": resized(self.image, width, height),
             "mask_image": resized(self.mask, width, height),
             "strength": self.strength,
             "width": width,
             "height": height,
-        }
-        return engine.call(pipe, self, kwargs, progress, cancel)
+        })

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 
 from pydantic import Field
@@ -19,24 +18,25 @@ class T2IAdapterRequest(ControlRequest):
     adapter: str = Field(min_length=1)
     conditioning_factor: float = Field(1.0, ge=0.0, le=1.0)
 
-    def run(self, engine, progress, cancel):
-        pipe = engine.pipeline("t2i-adapter", adapter=self.adapter)
-        multiple = math.lcm(8, pipe.adapter.total_downscale_factor)
+    def describe(self, model):
+        downscale, channels = model.adapter_geometry(self.adapter)
+        multiple = math.lcm(8, downscale)
         width, height = input_size(self, self.control_image, multiple)
-        if not (self.width or self.height) and engine.family.sdxl_like:
-            width = height = engine.native_size  # the recipe resizes the edges to 1024
-        self.check_size(width, height, multiple, engine.settings)
-        condition = self.condition(pipe.adapter.config.in_channels)
-        kwargs = {
-            "image": resized(condition, width, height),
+        if not (self.width or self.height) and model.family.sdxl_like:
+            width = height = model.native_size  # the recipe resizes the edges to 1024
+        self.check_size(width, height, multiple, model.settings)
+        arguments = {
+            "image": resized(self.condition(channels), width, height),
             "adapter_conditioning_scale": self.conditioning_scale,
             "width": width,
             "height": height,
         }
-        if "adapter_conditioning_factor" in inspect.signature(pipe.__call__).parameters:
-            kwargs["adapter_conditioning_factor"] = self.conditioning_factor
+        if model.family.sdxl_like:  # only the SDXL adapter pipeline can stop the adapter early
+            arguments["adapter_conditioning_factor"] = self.conditioning_factor
         elif self.conditioning_factor != 1.0:
             raise InvalidRequest(
                 f"conditioning_factor {self.conditioning_factor}: only SDXL-family adapters "
                 "support stopping the adapter early; use 1.0", field="conditioning_factor")
-        return engine.call(pipe, self, kwargs, progress, cancel)
+        return self.pipeline_call("t2i-adapter", width, height,
+                                  components=(("adapter", self.adapter),), batched=("image",),
+                                  arguments=arguments)

@@ -8,9 +8,9 @@ from .base import Request
 class Txt2ImgRequest(Request):
     task = "txt2img"
 
-    def run(self, engine, progress, cancel):
-        pipe = engine.pipeline("txt2img")
-        width = self.width or engine.native_size
-        height = self.height or engine.native_size
-        self.check_size(width, height, 8, engine.settings)
-        return engine.call(pipe, self, {"width": width, "height": height}, progress, cancel)
+    def describe(self, model):
+        width = self.width or model.native_size
+        height = self.height or model.native_size
+        self.check_size(width, height, 8, model.settings)
+        return self.pipeline_call("txt2img", width, height,
+                                  arguments={"width": width, "height": height})

@@ -1,0 +1,267 @@
+"""Speed techniques for an Engine: each one switchable, each one measured by `fewstep.bench`.
+They reach the engine only through its public seam (`add_pipeline_hook`, `add_call_context`,
+`convert_dtype`, `replace_vae`, `set_scheduler`, `prompt_cache`).
+
+    >>> engine = Engine(model, speed="off")
+    >>> FastPath.preset("fastest", engine.device).apply(engine)
+
+What each technique does, and whether the picture stays the same:
+
+=================  ===========================================================  ==============
+technique          what                                                          same image?
+=================  ===========================================================  ==============
+prompt_cache       reuse the prompt embeddings of a prompt seen before (key:     exact (bitwise)
+                   prompt, negative prompt, guidance on/off, LoRA stack)
+static_scheduler   the LCM scheduler with every per-step scalar and all the     exact (bitwise)
+                   noise prepared before the loop: no host sync inside it
+channels_last      UNet / ControlNet / adapter weights in NHWC memory order      1e-4 (conv order)
+                   (not the VAE: its GroupNorms run slower in NHWC)
+sdpa               every attention processor on `F.scaled_dot_product_attention` 1e-4
+                   (diffusers 0.42 already does this; checked, set if not)
+dtype              run the whole engine in bf16 (CPU with AMX / AVX512-BF16) or  no: half precision
+                   fp16 (GPU); on CPU bf16 pays only together with channels_last
+tiny_vae           `AutoencoderTiny` (taesd / taesdxl) instead of the full VAE   no: a preview VAE
+fp16_vae           an fp16-safe SDXL VAE (a local copy of sdxl-vae-fp16-fix) so  close (its own
+                   the float32 `force_upcast` decode is not needed               weights)
+compile_unet       `torch.compile` of the UNet for declared shapes, compiled at  ~1e-3 (fused
+                   start-up, cached on disk; other shapes run plain at once      kernels)
+=================  ===========================================================  ==============
+
+Presets: `off` (nothing), `default` (the exact techniques), `auto` (the exact techniques, plus on
+CUDA the compiled UNet with CUDA graphs for the declared shapes), `fastest` (also half precision
+where it pays and the tiny VAE: approximate).
+
+Classifier-free guidance at guidance <= 1 does not double the batch: diffusers' own
+`do_classifier_free_guidance` is `guidance_scale > 1` (a test checks it), so nothing is done here
+for it. The engine's LCM-LoRA is already fused into the weights by the Engine itself
+(`bake_lora`); that is the largest single gain over the recipe and is not repeated here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from ..config import pick_dtype
+from ..prompts import PromptCache
+from .compile import DEFAULT_SHAPES, AheadOfTimeCompiler, default_cache_dir, use_cache_dir
+
+# the published tiny autoencoders, per family (taesd for SD1.x, taesdxl for SDXL and SSD-1B)
+TINY_VAE = {"sd15": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl",
+            "ssd-1b": "madebyollin/taesdxl"}
+PRESETS = ("off", "auto", "default", "fastest")
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    """Which techniques to apply. A module may be given instead of a reference for the VAEs
+    (the benchmark uses random-weight modules of the real configs)."""
+
+    prompt_cache: bool = True
+    prompt_cache_size: int = 64
+    static_scheduler: bool = True
+    channels_last: bool = True
+    sdpa: bool = True
+    dtype: str | None = None  # "bf16" / "fp16": convert the engine (not exact)
+    tiny_vae: Any = None  # reference or AutoencoderTiny
+    fp16_vae: Any = None  # reference or AutoencoderKL (SDXL family), force_upcast turned off
+    compile_unet: bool = False
+    compile_mode: str | None = None  # torch.compile mode; None: inductor's default
+    compile_cache_dir: str | None = None  # inductor / FX graph cache kept on disk
+    compile_shapes: tuple[tuple[int, int, int], ...] = ()  # (width, height, batch) compiled ahead
+
+    def describe(self) -> dict[str, Any]:
+        out = {}
+        for name, value in self.__dict__.items():
+            out[name] = value if isinstance(value, (str, int, float, bool, type(None), tuple)) \
+                else f"<{type(value).__name__}>"
+        return out
+
+
+def half_dtype_for(device: str) -> str | None:
+    """The half precision that pays on `device`: fp16 on CUDA/MPS, bf16 on a CPU with AMX or
+    AVX512-BF16 (oneDNN runs it at twice the fp32 rate), none otherwise."""
+    if device.startswith(("cuda", "mps")):
+        return "fp16"
+    try:
+        if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported():
+            return "bf16"
+    except AttributeError:  # older torch
+        pass
+    return None
+
+
+@dataclass
+class FastReport:
+    """What `FastPath.apply` did: technique -> "on" / "off" / "skipped: why", and the checks."""
+
+    applied: dict[str, str] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class FastPath:
+    """Applies `FastOptions` to an Engine through its public seam: its existing pipelines now,
+    the ones it derives later through a pipeline hook. An Engine applies its `speed` preset
+    itself."""
+
+    def __init__(self, options: FastOptions | None = None, **overrides):
+        options = options or FastOptions()
+        self.options = replace(options, **overrides) if overrides else options
+        self.report = FastReport()
+        self.compiler: AheadOfTimeCompiler | None = None
+        self._done: set[tuple[str, int]] = set()
+        self._dtype = None
+        self._vae = None
+
+    @classmethod
+    def preset(cls, name: str, device: str = "cpu", family: str | None = None,
+               **overrides) -> "FastPath":
+        """`off`: nothing. `default`: the exact techniques only. `auto`: `default`, plus on CUDA
+        the UNet compiled ahead for the family's shapes with CUDA graphs. `fastest`: also half
+        precision where it pays, the family's tiny VAE (a download unless `tiny_vae=` names a
+        local one) and, on CUDA, the compiled UNet."""
+        cuda = device.startswith("cuda")
+        shapes = DEFAULT_SHAPES.get(family or "sd15", ())
+        if name == "off":
+            options = FastOptions(prompt_cache=False, static_scheduler=False,
+                                  channels_last=False, sdpa=False)
+        elif name == "default":
+            options = FastOptions()
+        elif name == "auto":
+            options = FastOptions(compile_unet=cuda, compile_mode="reduce-overhead",
+                                  compile_shapes=shapes if cuda else ())
+        elif name == "fastest":
+            options = FastOptions(dtype=half_dtype_for(device),
+                                  tiny_vae=TINY_VAE.get(family or "sd15"), compile_unet=cuda,
+                                  compile_mode="reduce-overhead" if cuda else None,
+                                  compile_shapes=shapes if cuda else ())
+        else:
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(options, **overrides)
+
+    # -- applying -----------------------------------------------------------------------
+
+    def apply(self, engine) -> FastReport:
+        opts = self.options
+        rep = self.report
+        start = time.perf_counter()
+
+        if opts.dtype:
+            self._dtype = pick_dtype(opts.dtype, engine.device)
+            engine.convert_dtype(self._dtype)
+            rep.applied["dtype"] = str(self._dtype).removeprefix("torch.")
+        else:
+            rep.applied["dtype"] = f"off ({str(engine.dtype).removeprefix('torch.')})"
+
+        if opts.tiny_vae is not None:
+            self._vae = self._load_vae(engine, opts.tiny_vae, "tiny_vae", tiny=True)
+            rep.applied["tiny_vae"] = _name(opts.tiny_vae)
+        else:
+            rep.applied["tiny_vae"] = "off"
+        if opts.fp16_vae is not None and opts.tiny_vae is None:
+            if not engine.family.sdxl_like:
+                rep.applied["fp16_vae"] = "skipped: only the SDXL family upcasts its VAE"
+            else:
+                self._vae = self._load_vae(engine, opts.fp16_vae, "fp16_vae", tiny=False)
+                self._vae.register_to_config(force_upcast=False)
+                rep.applied["fp16_vae"] = _name(opts.fp16_vae)
+        else:
+            rep.applied["fp16_vae"] = "off" if opts.fp16_vae is None else \
+                "skipped: the tiny VAE replaces it"
+        if self._vae is not None:
+            engine.replace_vae(self._vae)
+
+        if opts.prompt_cache:
+            if engine.prompt_cache is None:
+                engine.prompt_cache = PromptCache(opts.prompt_cache_size)
+        rep.applied["prompt_cache"] = "on" if opts.prompt_cache else "off"
+        if opts.static_scheduler:
+            from .scheduler import StaticLCMScheduler
+
+            engine.set_scheduler(StaticLCMScheduler.from_config(engine.base.scheduler.config))
+        rep.applied["static_scheduler"] = "on" if opts.static_scheduler else "off"
+        rep.applied["channels_last"] = "on" if opts.channels_last else "off"
+        rep.applied["sdpa"] = "on" if opts.sdpa else "off"
+
+        engine.add_pipeline_hook(self.prepare)
+        if opts.compile_unet:
+            cache = use_cache_dir(opts.compile_cache_dir or default_cache_dir())
+            self.compiler = AheadOfTimeCompiler(opts.compile_shapes, opts.compile_mode)
+            self.compiler.install(engine)
+            rep.applied["compile_unet"] = (f"on (mode={opts.compile_mode or 'default'}, "
+                                           f"shapes={len(opts.compile_shapes)}, cache={cache})")
+        else:
+            rep.applied["compile_unet"] = "off"
+        rep.seconds["apply"] = time.perf_counter() - start
+        if self.compiler is not None and opts.compile_shapes:
+            rep.seconds["warmup"] = self.compiler.warm_up(engine)
+        return rep
+
+    def _load_vae(self, engine, ref, field_name: str, tiny: bool):
+        from diffusers import AutoencoderKL, AutoencoderTiny
+
+        if isinstance(ref, torch.nn.Module):
+            module = ref
+        else:
+            module = engine.component(AutoencoderTiny if tiny else AutoencoderKL, str(ref),
+                                      field_name)
+        return module.to(engine.device, engine.dtype).eval()
+
+    def prepare(self, pipe) -> None:
+        """Apply the options to one pipeline (idempotent: shared modules are done once)."""
+        opts = self.options
+        if self._dtype is not None:
+            for module in _modules(pipe):
+                if module.dtype != self._dtype and self._first("dtype", module):
+                    module.to(dtype=self._dtype)
+        if opts.sdpa:
+            for module in (getattr(pipe, "unet", None), getattr(pipe, "vae", None),
+                           getattr(pipe, "controlnet", None)):
+                if module is not None and self._first("sdpa", module):
+                    self.report.checks.setdefault("sdpa", {}).update(ensure_sdpa(module))
+        if opts.channels_last:
+            for name in ("unet", "controlnet", "adapter"):
+                module = getattr(pipe, name, None)
+                if isinstance(module, torch.nn.Module) and self._first("channels_last", module):
+                    module.to(memory_format=torch.channels_last)
+
+    def _first(self, what: str, module) -> bool:
+        key = (what, id(module))
+        if key in self._done:
+            return False
+        self._done.add(key)
+        return True
+
+
+def _modules(pipe):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet", "adapter",
+                 "motion_adapter"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            yield module
+
+
+def _name(ref) -> str:
+    return ref if isinstance(ref, str) else f"<{type(ref).__name__} module>"
+
+
+def ensure_sdpa(model) -> dict[str, int]:
+    """Count `model`'s attention processors by class; set `AttnProcessor2_0` where a plain
+    (non-SDPA) `AttnProcessor` is found. diffusers 0.42 defaults to SDPA already."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    processors = getattr(model, "attn_processors", None)
+    if not processors:
+        return {}
+    if any(type(p) is AttnProcessor for p in processors.values()):
+        model.set_attn_processor({k: AttnProcessor2_0() if type(p) is AttnProcessor else p
+                                  for k, p in processors.items()})
+        processors = model.attn_processors
+    counts: dict[str, int] = {}
+    for p in processors.values():
+        counts[type(p).__name__] = counts.get(type(p).__name__, 0) + 1
+    return counts

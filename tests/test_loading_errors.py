@@ -1,0 +1,57 @@
+"""Hub failures are recognised by huggingface_hub's error classes (anywhere in the chain that
+diffusers re-raises them in), never by names or message text."""
+
+from __future__ import annotations
+
+import pytest
+
+from fewstep.errors import NotFound, OfflineError
+from fewstep.loading import hub_error, parse_ref
+
+
+def _response(status: int):
+    import httpx2
+
+    return httpx2.Response(status, request=httpx2.Request("GET", "https://hub.invalid/x"))
+
+
+def _raised_inside(inner: BaseException) -> OSError:
+    """What diffusers does: raise an OSError while handling the hub's own error."""
+    try:
+        try:
+            raise inner
+        except Exception:
+            raise OSError("owner/name does not appear to have a file named config.json")
+    except OSError as outer:
+        return outer
+
+
+REF = parse_ref("owner/name", "model")
+
+
+def test_missing_repo_and_gated_repo_by_class():
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    missing = RepositoryNotFoundError("nope", response=_response(404))
+    assert isinstance(hub_error(REF, "model", _raised_inside(missing)), NotFound)
+    gated = hub_error(REF, "model", GatedRepoError("gated", response=_response(403)))
+    assert isinstance(gated, NotFound) and "gated" in gated.message
+
+
+def test_offline_and_unreachable_by_class():
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    for inner in (LocalEntryNotFoundError("not cached"), OfflineModeIsEnabled("off"),
+                  ConnectionError("down")):
+        error = hub_error(REF, "controlnet", _raised_inside(inner))
+        assert isinstance(error, OfflineError) and error.field == "controlnet"
+
+
+@pytest.mark.parametrize("exc", [
+    # look-alikes: the right names and texts, not the classes
+    type("RepositoryNotFoundError", (Exception,), {})("Repository Not Found"),
+    type("LocalEntryNotFoundError", (Exception,), {})("offline local_files_only"),
+    ValueError("cannot find the requested files in the local cache; offline"),
+])
+def test_names_and_texts_are_not_recognised(exc):
+    assert hub_error(REF, "model", exc) is None
