@@ -28,9 +28,8 @@ def _record_only(engine, request, out):
     before anything runs)."""
     from fewstep.engine import Result
 
-    request = request.with_seed()
-    params = complete_record({**engine.describe(request), "width": 64, "height": 64},
-                             request, engine)
+    params = complete_record({**engine.describe(engine.plan(request)), "width": 64,
+                              "height": 64}, request, engine)
     return save_result(Result(request.task, np.zeros((1, 64, 64, 3), np.float32), params),
                        out)[0]
 

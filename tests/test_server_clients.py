@@ -46,7 +46,8 @@ def test_openai_sdk_generate_and_edit(server):
 
     by_url = client.images.generate(model="tiny-sd15", prompt="a fox", n=2, size="64x64",
                                     response_format="url", extra_body={"seed": 4, "steps": 2})
-    fetched = httpx.get(by_url.data[0].url, timeout=30)
+    assert by_url.data[0].url.startswith("/v1/files/")  # relative: no public URL configured
+    fetched = httpx.get(server + by_url.data[0].url, timeout=30)
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(fetched.content)).convert("RGB")),
                           np.asarray(first.convert("RGB")))  # same seed, same image

@@ -81,7 +81,7 @@ def test_queue_full_is_429_at_once_with_retry_after(server):
         running = pool.submit(post, url, {"prompt": "hold", **SMALL})
         gate.wait_entered()
         queued = [pool.submit(post, url, {"prompt": f"q{i}", **SMALL}) for i in range(2)]
-        wait_until(lambda: service.queue.depth == 2, "two queued jobs")
+        wait_until(lambda: service.backend.depth == 2, "two queued jobs")
         start = time.monotonic()
         response = post(url, {"prompt": "one too many", **SMALL})
         elapsed = time.monotonic() - start
@@ -127,14 +127,21 @@ def test_cancel_stops_a_running_job_and_the_next_one_runs(server):
     wait_until(lambda: httpx.get(f"{url}/v1/jobs/{job_id}").json()["state"] == "cancelled",
                "the job to be cancelled")
     job = httpx.get(f"{url}/v1/jobs/{job_id}").json()
-    assert job["step"] < 8 and job["error"]["type"] == "cancelled"
+    assert job["error"]["type"] == "cancelled"
+    # the first step was under way when the cancel came: it ran, and job and message say so
+    assert job["step"] == 1 and job["total"] == 8
+    assert job["error"]["message"] == "cancelled after step 1 of 8"
     assert post(url, {"prompt": "next", **SMALL}).status_code == 200
+
+
+def jobs(url) -> dict:
+    return {j["id"]: j for j in httpx.get(url + "/v1/jobs").json()}
 
 
 def test_disconnect_cancels_queued_and_running_jobs(server):
     url, service = server
     _, engine = tiny_env()
-    before = {j.id for j in service.queue.jobs()}
+    before = set(jobs(url))
     with Gate(engine) as gate:
         with pytest.raises(httpx.ReadTimeout):  # the client gives up while its job runs
             post(url, {"prompt": "running", "steps": 8, "width": 64, "height": 64},
@@ -142,14 +149,16 @@ def test_disconnect_cancels_queued_and_running_jobs(server):
         assert gate.entered.is_set()
         with pytest.raises(httpx.ReadTimeout):  # ... and while its job waits
             post(url, {"prompt": "queued", **SMALL}, timeout=httpx.Timeout(WAIT, read=0.5))
-        jobs = [j for j in service.queue.jobs() if j.id not in before]
-        assert len(jobs) == 2
-        running, queued = jobs
-        wait_until(lambda: queued.state == "cancelled", "the queued job to be cancelled")
-        assert running.cancel.is_set()
+        new = [j for i, j in jobs(url).items() if i not in before]
+        assert len(new) == 2
+        running, queued = new
+        wait_until(lambda: jobs(url)[queued["id"]]["state"] == "cancelled",
+                   "the queued job to be cancelled")
+        assert service.backend.running.cancel.is_set()
         gate.release()
-    wait_until(lambda: running.state == "cancelled", "the running job to stop")
-    assert running.step < 8 and queued.started is None
+    wait_until(lambda: jobs(url)[running["id"]]["state"] == "cancelled",
+               "the running job to stop")
+    assert jobs(url)[running["id"]]["step"] < 8 and jobs(url)[queued["id"]]["started"] is None
     assert post(url, {"prompt": "after", **SMALL}).status_code == 200
 
 

@@ -1,5 +1,6 @@
-"""One exception hierarchy. The CLI maps it to exit codes and the service to HTTP statuses, each
-in one place; library code raises, never prints or exits."""
+"""One exception hierarchy. The CLI maps it to exit codes (`exit_code`); the service maps the
+classes to HTTP statuses in one table of its own (`fewstep.server.errors`). Library code raises,
+never prints or exits."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ class FewstepError(Exception):
 
     kind = "error"
     exit_code = 1
-    http_status = 500
 
     def __init__(self, message: str, *, field: str | None = None):
         super().__init__(message)
@@ -25,7 +25,6 @@ class InvalidRequest(FewstepError):
 
     kind = "invalid_request"
     exit_code = 2
-    http_status = 422
 
 
 class NotFound(FewstepError):
@@ -33,7 +32,6 @@ class NotFound(FewstepError):
 
     kind = "not_found"
     exit_code = 2
-    http_status = 404
 
 
 class UnsafeFormat(InvalidRequest):
@@ -47,7 +45,6 @@ class ModelError(FewstepError):
 
     kind = "model_error"
     exit_code = 3
-    http_status = 422
 
 
 class LoraError(ModelError):
@@ -60,16 +57,13 @@ class OfflineError(ModelError):
     """A hub reference that is not in the local cache while offline or unreachable."""
 
     kind = "offline"
-    http_status = 503
 
 
 class Cancelled(FewstepError):
     kind = "cancelled"
     exit_code = 130
-    http_status = 499
 
 
 class OutOfMemory(FewstepError):
     kind = "out_of_memory"
     exit_code = 4
-    http_status = 503

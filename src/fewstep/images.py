@@ -1,5 +1,6 @@
-"""Reading input images safely: unreadable, truncated and decompression-bomb files are refused
-with an error naming the field."""
+"""Reading input images safely: only PNG, JPEG, WebP and GIF (its first frame) are decoded;
+other formats, unreadable, truncated and decompression-bomb files are refused with an error
+naming the field."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import InvalidRequest
+
+# Pillow can read dozens of formats, each parser a surface for malformed input: these suffice
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 
 
 def load_image(source: str | Path | bytes, field: str, max_pixels: int = 4096 * 4096,
@@ -25,19 +29,20 @@ def load_image(source: str | Path | bytes, field: str, max_pixels: int = 4096 * 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as probe:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as probe:
                 width, height = probe.size
                 if width * height > max_pixels:
                     raise InvalidRequest(
                         f"{field} is {width}x{height}, over the limit of {max_pixels} pixels",
                         field=field,
                     )
+                probe.seek(0)  # an animation: its first frame
                 image = probe.convert(mode)  # decodes everything: truncation shows here
     except InvalidRequest:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidRequest(f"{field} is too large to decode safely", field=field) from exc
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for bad files
-        raise InvalidRequest(f"{field} is not a readable image (or is truncated)",
-                             field=field) from exc
+        raise InvalidRequest(f"{field} is not a readable PNG, JPEG, WebP or GIF image (or is "
+                             "truncated)", field=field) from exc
     return image

@@ -7,9 +7,9 @@ import base64
 import binascii
 import hmac
 import ipaddress
-import json
 
 from ..errors import InvalidRequest
+from .errors import Unauthorized, send_error
 
 OPEN_PATHS = ("/healthz", "/readyz")
 OPEN_PREFIXES = ("/v1/files/",)  # capability URLs: the random token is the secret
@@ -73,10 +73,4 @@ class AuthMiddleware:
             return await self.app(scope, receive, send)
         if self.on_reject is not None:
             self.on_reject()
-        body = json.dumps({"error": {
-            "type": "unauthorized", "field": "authorization",
-            "message": "missing or wrong API key (send 'Authorization: Bearer KEY')"}}).encode()
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b'Bearer realm="fewstep", Basic realm="fewstep"')]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, Unauthorized())

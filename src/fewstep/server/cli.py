@@ -196,8 +196,18 @@ class GracefulServer:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Check everything, build the engine and the app, serve until SIGTERM. Returns 0.
-    User errors raise FewstepError before the model loads."""
+    """Check everything, build the engine and the app, serve until SIGTERM. Returns the exit
+    status: 0, or a user error's code after reporting it in one line."""
+    from ..cli import report_error
+    from ..errors import FewstepError
+
+    try:
+        return _checked_serve(args)
+    except FewstepError as exc:
+        return report_error(exc)
+
+
+def _checked_serve(args: argparse.Namespace) -> int:
     require_extra("serve", SERVE_EXTRA, "fewstep serve")
     from ..config import pick_device
     from .auth import check_bind
@@ -246,15 +256,12 @@ def _serve(settings, sock) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m fewstep.server`."""
-    from ..cli import Parser, report_error
-    from ..errors import FewstepError
+    from ..cli import Parser
 
     parser = Parser(prog="python -m fewstep.server", description=__doc__.split("\n\n")[0])
     add_serve_arguments(parser)
     args = parser.parse_args(argv)
     try:
         return run_serve(args)
-    except FewstepError as exc:
-        return report_error(exc)
     except KeyboardInterrupt:
         return 130

@@ -1,61 +1,108 @@
-"""Errors of the service and their one mapping to HTTP: every failure becomes a typed JSON body
-`{"error": {"type", "message", "field"}}`. Messages of the unexpected are never sent."""
+"""Errors of the service and their one mapping to HTTP. Every failure becomes a typed JSON body
+`{"error": {"type", "message", "field"}}` built here; core errors carry no status: `STATUS` maps
+their classes. Messages of the unexpected are never sent."""
 
 from __future__ import annotations
 
 import json
-import logging
 
-from ..errors import FewstepError, InvalidRequest
-
-log = logging.getLogger("fewstep.server")
+from ..errors import (
+    Cancelled,
+    FewstepError,
+    InvalidRequest,
+    LoraError,
+    ModelError,
+    NotFound,
+    OfflineError,
+    OutOfMemory,
+)
 
 
 class PayloadTooLarge(InvalidRequest):
     kind = "payload_too_large"
-    http_status = 413
 
 
 class BadBody(InvalidRequest):
     """A body that is not parseable at all (malformed JSON, not UTF-8, broken multipart)."""
 
     kind = "malformed_body"
-    http_status = 400
+
+
+class BodyTimeout(InvalidRequest):
+    """The body did not arrive in time (a stalled or trickling upload)."""
+
+    kind = "request_timeout"
 
 
 class QueueFull(FewstepError):
     kind = "queue_full"
-    http_status = 429
+
+    def __init__(self, message: str, *, retry_after: int = 1):
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)}
 
 
 class DeadlineExceeded(FewstepError):
     kind = "deadline_exceeded"
-    http_status = 504
 
 
 class ShuttingDown(FewstepError):
     kind = "shutting_down"
-    http_status = 503
+
+    def __init__(self, message: str = "the server is shutting down; not taking new work"):
+        super().__init__(message)
+        self.headers = {"Retry-After": "30"}
 
 
 class Unauthorized(FewstepError):
     kind = "unauthorized"
-    http_status = 401
+
+    def __init__(self, message: str = "missing or wrong API key (send 'Authorization: Bearer "
+                                      "KEY')"):
+        super().__init__(message, field="authorization")
+        self.headers = {"WWW-Authenticate": 'Bearer realm="fewstep", Basic realm="fewstep"'}
 
 
-class JobNotFound(FewstepError):
-    kind = "not_found"
-    http_status = 404
+class JobNotFound(NotFound):
+    pass
 
 
 class InternalError(FewstepError):
     """Anything unexpected: the client sees only this generic text; the log has the rest."""
 
     kind = "internal_error"
-    http_status = 500
 
     def __init__(self, message: str = "internal error; the server log has the details"):
         super().__init__(message)
+
+
+# The one table from error classes to statuses: the most specific class in an error's MRO wins.
+STATUS: dict[type, int] = {
+    # core errors
+    InvalidRequest: 422,
+    NotFound: 404,
+    ModelError: 422,
+    LoraError: 422,
+    OfflineError: 503,
+    Cancelled: 499,
+    OutOfMemory: 503,
+    # the service's own
+    BadBody: 400,
+    Unauthorized: 401,
+    BodyTimeout: 408,
+    PayloadTooLarge: 413,
+    QueueFull: 429,
+    InternalError: 500,
+    ShuttingDown: 503,
+    DeadlineExceeded: 504,
+}
+
+
+def status_for(exc: FewstepError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
 
 
 def error_payload(kind: str, message: str, field: str | None = None) -> dict:
@@ -67,8 +114,21 @@ def error_body(exc: FewstepError, redact=None) -> dict:
     return error_payload(exc.kind, message, exc.field)
 
 
-def error_bytes(exc: FewstepError, redact=None) -> bytes:
-    return json.dumps(error_body(exc, redact)).encode()
+def error_headers(exc: FewstepError) -> dict[str, str]:
+    return dict(getattr(exc, "headers", None) or {})
+
+
+async def send_error(send, exc: FewstepError, *, close: bool = False, redact=None) -> None:
+    """Send `exc` as a complete typed response from pure ASGI code (the middlewares)."""
+    body = json.dumps(error_body(exc, redact)).encode()
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                for k, v in error_headers(exc).items()]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status_for(exc), "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def field_from_loc(loc) -> str | None:
@@ -77,21 +137,29 @@ def field_from_loc(loc) -> str | None:
     return ".".join(parts) or None
 
 
-def from_validation_errors(errors) -> FewstepError:
-    """FastAPI's RequestValidationError list -> one typed error naming the first field."""
+def from_validation_errors(errors, root: str = "body") -> FewstepError:
+    """pydantic's (or FastAPI's RequestValidationError's) error list -> one typed error naming
+    the first field; `root` names the whole value (the body, or a form field's JSON)."""
     errors = list(errors)
     if not errors:
-        return InvalidRequest("invalid request")
+        return InvalidRequest("invalid request", field=root)
     first = errors[0]
     if first.get("type") == "json_invalid":
-        return BadBody("the body is not valid JSON", field="body")
-    field = field_from_loc(first.get("loc", ())) or "body"
-    value = first.get("input")
-    shown = repr(value) if isinstance(value, (int, float, bool)) or value is None else \
-        type(value).__name__
-    if isinstance(value, str):
-        shown = repr(value if len(value) <= 40 else value[:37] + "...")
+        return BadBody(f"{root} is not valid JSON", field=root)
+    field = field_from_loc(first.get("loc", ())) or root
     if first.get("type") == "missing":
         return InvalidRequest(f"{field}: field required", field=field)
-    return InvalidRequest(f"{field}: {first.get('msg', 'invalid value')} (got {shown})",
-                          field=field)
+    return InvalidRequest(
+        f"{field}: {first.get('msg', 'invalid value')} (got {shown(first.get('input'))})",
+        field=field)
+
+
+def shown(value) -> str:
+    """A short, safe rendering of a client's value for an error message."""
+    if isinstance(value, str):
+        return repr(value if len(value) <= 40 else value[:37] + "...")
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if abs(value) < 10**30 else "a very large integer"
+    return type(value).__name__

@@ -1,21 +1,17 @@
-"""The state one app instance owns: engine, catalogue, queue, metrics, served files. Route
-modules get it as an argument; nothing here is global."""
+"""The state one app instance owns: its options, catalogue, backend, metrics and the files kept
+for OpenAI `url` responses. Route modules get it as an argument; nothing here is global."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import secrets
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from ..errors import FewstepError
+from .backend import Backend
 from .catalog import Catalog
-from .convert import build_request, encode_outputs
-from .errors import JobNotFound
-from .jobs import QUEUED, Job, JobQueue
 from .metrics import Metrics
 
 
@@ -26,130 +22,67 @@ class ServerOptions:
     max_body_bytes: int = 64 * 1024 * 1024
     default_timeout_s: float | None = None  # start deadline when a request gives none
     grace_s: float = 30.0  # SIGTERM: how long running and queued work may go on
-    job_retention: int = 256  # finished jobs kept for GET /v1/jobs/{id}
-    file_retention: int = 512  # images kept for OpenAI `url` responses
+    job_retention: int = 256  # finished jobs kept for GET /v1/jobs/{id} ...
+    job_retention_bytes: int = 256 * 1024 * 1024  # ... and the bytes of their outputs
+    file_retention: int = 512  # images kept for OpenAI `url` responses (within the same bytes)
     file_ttl_s: float = 3600.0
+    public_url: str | None = None  # base of OpenAI `url` results; relative URLs without it
+    body_timeout_s: float = 30.0  # a request body must have arrived within this
 
 
-class ClientGone(Exception):
-    """The client disconnected while its job waited or ran."""
+class FileStore:
+    """Encoded images behind random tokens (capability URLs), bounded in count, bytes and age."""
 
-
-class Service:
-    def __init__(self, engine, catalog: Catalog, options: ServerOptions):
-        self.engine = engine
-        self.catalog = catalog
-        self.options = options
-        self.settings = engine.settings
-        self.metrics = Metrics()
-        self.metrics.queue_limit.set(options.queue_size)
-        self.queue = JobQueue(engine, options.queue_size, metrics=self.metrics,
-                              retention=options.job_retention, on_result=self._encode)
+    def __init__(self, max_files: int, max_bytes: int, ttl_s: float):
+        self.max_files, self.max_bytes, self.ttl_s = max_files, max_bytes, ttl_s
         self._files: collections.OrderedDict[str, tuple[bytes, str, float]] = \
             collections.OrderedDict()
-        self._files_lock = threading.Lock()
+        self._bytes = 0
+        self._lock = threading.Lock()
 
-    # -- requests -> jobs ---------------------------------------------------------------
-
-    def build(self, workflow: str, values: dict[str, Any], images=None):
-        return build_request(workflow, values, self.catalog, self.settings, images)
-
-    def submit(self, workflow: str, request, timeout_s: float | None = None) -> Job:
-        timeout = timeout_s or self.options.default_timeout_s
-        deadline = time.monotonic() + timeout if timeout else None
-        return self.queue.submit(Job(workflow, request, deadline=deadline))
-
-    async def run(self, http_request, workflow: str, request,
-                  timeout_s: float | None = None) -> Job:
-        """Queue a job and wait for it; a disconnect cancels it, a start deadline expires it.
-        Raises the job's error, if any."""
-        job = self.submit(workflow, request, timeout_s)
-        http_request.state.job_id = job.id
-        await self.wait(http_request, job)
-        if job.error is not None:
-            raise job.error
-        return job
-
-    async def run_counted(self, http_request, workflow: str, request,
-                          timeout_s: float | None = None) -> Job:
-        """`run`, counted in the request metrics by workflow and outcome."""
-        started = time.perf_counter()
-        status = "error"
-        try:
-            job = await self.run(http_request, workflow, request, timeout_s)
-            status = "ok"
-            return job
-        finally:
-            self.metrics.requests.labels(workflow, status).inc()
-            self.metrics.request_seconds.labels(workflow).observe(time.perf_counter() - started)
-
-    async def wait(self, http_request, job: Job) -> None:
-        finished = job.future()
-        gone = asyncio.ensure_future(_disconnected(http_request))
-        try:
-            while not finished.done():
-                timeout = None
-                if job.state == QUEUED and job.deadline is not None:
-                    timeout = max(0.0, job.deadline - time.monotonic())
-                done, _ = await asyncio.wait({finished, gone}, timeout=timeout,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if finished in done:
-                    break
-                if gone in done:
-                    self.queue.cancel(job)
-                    raise ClientGone(job.id)
-                if job.state == QUEUED:
-                    self.queue.expire(job)
-        finally:
-            gone.cancel()
-
-    def job(self, job_id: str) -> Job:
-        job = self.queue.get(job_id) if isinstance(job_id, str) and len(job_id) <= 64 else None
-        if job is None:
-            raise JobNotFound(f"no job {job_id[:64]!r}" if isinstance(job_id, str)
-                              else "no such job", field="job_id")
-        return job
-
-    # -- results ------------------------------------------------------------------------
-
-    def _encode(self, job: Job, result) -> None:
-        """Runs in the worker: redacted parameters and encoded files, ready to send."""
-        params = self.catalog.redact_obj(result.params)
-        job.params = params
-        job.outputs = encode_outputs(result, params)
-        job.warnings = [self.catalog.redact(w) for w in result.warnings]
-        job.seconds = result.seconds
-
-    def job_result(self, job: Job) -> dict:
-        from .convert import b64
-
-        return {
-            "id": job.id,
-            "workflow": job.workflow,
-            "seed": job.params["request"]["seed"],
-            "images": [{"b64": b64(data), "media_type": media} for data, media in job.outputs],
-            "params": job.params,
-            "warnings": job.warnings,
-            "seconds": round(job.seconds, 4),
-        }
-
-    def store_file(self, data: bytes, media_type: str) -> str:
+    def put(self, data: bytes, media_type: str) -> str:
         token = secrets.token_urlsafe(24)
         now = time.monotonic()
-        with self._files_lock:
-            self._files[token] = (data, media_type, now + self.options.file_ttl_s)
-            while len(self._files) > self.options.file_retention:
-                self._files.popitem(last=False)
+        with self._lock:
+            self._files[token] = (data, media_type, now + self.ttl_s)
+            self._bytes += len(data)
             for key in [k for k, v in self._files.items() if v[2] < now]:
-                del self._files[key]
+                self._drop(key)
+            while len(self._files) > 1 and (len(self._files) > self.max_files
+                                            or self._bytes > self.max_bytes):
+                self._drop(next(iter(self._files)))
         return token
 
-    def load_file(self, token: str) -> tuple[bytes, str] | None:
-        with self._files_lock:
+    def get(self, token: str) -> tuple[bytes, str] | None:
+        with self._lock:
             entry = self._files.get(token)
         if entry is None or entry[2] < time.monotonic():
             return None
         return entry[0], entry[1]
+
+    def _drop(self, key: str) -> None:
+        data, _, _ = self._files.pop(key)
+        self._bytes -= len(data)
+
+
+class Service:
+    def __init__(self, backend: Backend, catalog: Catalog, options: ServerOptions,
+                 metrics: Metrics):
+        self.backend = backend
+        self.catalog = catalog
+        self.options = options
+        self.metrics = metrics
+        self.settings = backend.settings
+        self.files = FileStore(options.file_retention, options.job_retention_bytes,
+                               options.file_ttl_s)
+
+    @property
+    def queue(self) -> Backend:
+        """The backend, under the name `fewstep serve` uses for its SIGTERM drain."""
+        return self.backend
+
+    def timeout(self, timeout_s: float | None) -> float | None:
+        return timeout_s or self.options.default_timeout_s
 
     def redact(self, text: str) -> str:
         return self.catalog.redact(text)
@@ -157,12 +90,3 @@ class Service:
     def count_error(self, exc: FewstepError) -> None:
         if not getattr(exc, "counted", False):
             self.metrics.errors.labels(exc.kind).inc()
-
-
-async def _disconnected(http_request) -> None:
-    """Returns when the client has gone (the body was read already, so the next ASGI message
-    is the disconnect)."""
-    while True:
-        message = await http_request.receive()
-        if message["type"] == "http.disconnect":
-            return

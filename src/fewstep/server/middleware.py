@@ -1,0 +1,106 @@
+"""Pure ASGI middlewares: the request body read whole up front, bounded in bytes (413, before
+anything decodes it) and in time (408: a stalled or trickling upload cannot hold a connection);
+and the one catch for the unexpected, which answers a generic 500 and keeps the connection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .errors import BodyTimeout, InternalError, PayloadTooLarge, send_error
+
+log = logging.getLogger("fewstep.server")
+
+NO_BODY_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+class BodyMiddleware:
+    """The body is buffered (it is bounded) and replayed to the app; later `receive` calls pass
+    through, so a disconnect is still seen by the handler. A refused body closes the
+    connection: what is left of it is never read."""
+
+    def __init__(self, app, limit: int, timeout_s: float, on_reject=None):
+        self.app = app
+        self.limit = limit
+        self.timeout_s = timeout_s
+        self.on_reject = on_reject
+
+    async def _reject(self, send, error) -> None:
+        if self.on_reject is not None:
+            self.on_reject(error.kind)
+        await send_error(send, error, close=True)
+
+    def _too_large(self):
+        return PayloadTooLarge(f"the body is over the limit of {self.limit} bytes", field="body")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in NO_BODY_METHODS:
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared > self.limit:
+                    return await self._reject(send, self._too_large())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        chunks, size = [], 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return await self._reject(send, BodyTimeout(
+                    f"the body did not arrive within {self.timeout_s:g} s", field="body"))
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return await self._reject(send, self._too_large())
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class CatchAllMiddleware:
+    """Anything unexpected becomes a generic typed 500 here, and the request ends normally: the
+    server keeps the connection for the client's next request. (Starlette's own last-resort
+    handler answers too, then raises again, and the server drops the connection.)"""
+
+    def __init__(self, app, on_error=None):
+        self.app = app
+        self.on_error = on_error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception:
+            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            if started:  # part of an answer is out: nothing sound can follow on this connection
+                raise
+            error = InternalError()
+            if self.on_error is not None:
+                self.on_error(error)
+            await send_error(send, error)
