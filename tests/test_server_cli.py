@@ -130,7 +130,8 @@ def no_loading(monkeypatch):
 
 
 def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
+    """The one line of an error (the service's own INFO lines, such as `loading`, aside)."""
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("INFO:")]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("error")
     return lines[0]

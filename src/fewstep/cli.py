@@ -199,12 +199,11 @@ def _check_references(options, lcm_ref: str, request) -> None:
             parse_ref(ref, field)
 
 
-def _check_request(request, settings) -> None:
-    """The limits and the explicit size, before the model loads (the engine checks the rest,
-    which depends on the model)."""
-    request.check_limits(settings)
-    if request.width or request.height:
-        request.check_size(request.width or 8, request.height or 8, 8, settings)
+def _check_size(request, settings) -> None:
+    """An explicit size against the pixel limit, before the model loads (the engine checks
+    sizes that depend on the model)."""
+    if request.width and request.height:
+        request.check_size(request.width, request.height, 8, settings)
 
 
 def run_task(args) -> int:
@@ -221,11 +220,11 @@ def run_task(args) -> int:
     settings = Settings.from_env()
     lcm_ref, lcm_weight = _lcm(options.lcm_lora, task)
     lcm_ref = lcm_ref if lcm_ref in ("auto", "none") else _absolute(lcm_ref)
-    request = REQUESTS[task].build(**_request_values(args, task))
+    request = REQUESTS[task].build(settings=settings, **_request_values(args, task))
     out = check_output_path(args.out or TASK_OUT.get(task, DEFAULT_OUT), task == "animate",
                             request.num_images)
     _check_references(options, lcm_ref, request)
-    _check_request(request, settings)
+    _check_size(request, settings)
     for warning in request.warnings():
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
@@ -265,7 +264,7 @@ def _progress(quiet: bool, label: str):
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    if quiet:
+    if quiet or not console.is_terminal:  # a bar is for people watching a terminal
         return contextlib.nullcontext(None)
 
     @contextlib.contextmanager

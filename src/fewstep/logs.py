@@ -63,6 +63,18 @@ class _LevelPrefix(logging.Formatter):
         return f"{prefix}{record.name.split('.')[0]}: {super().format(record)}"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted (it may be replaced)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def configure_logging(level: str | int = "info") -> logging.Logger:
     """A stderr handler on the `fewstep` logger at `level`; returns the logger."""
     logger = logging.getLogger("fewstep")
@@ -70,7 +82,7 @@ def configure_logging(level: str | int = "info") -> logging.Logger:
         level = logging.getLevelName(level.upper()) if level.lower() != "trace" else 5
     logger.setLevel(level if isinstance(level, int) else logging.INFO)
     if not any(getattr(h, "_fewstep", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(_LevelPrefix("%(message)s"))
         handler._fewstep = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
