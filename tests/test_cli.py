@@ -284,3 +284,11 @@ def test_extras_are_declared():
     assert all(m in names["serve"] for m in ("fastapi", "uvicorn", "prometheus-client"))
     assert "psutil" in names["bench"] and "matplotlib" in names["bench"]
     assert any(d.startswith("pydantic-settings") for d in project["project"]["dependencies"])
+
+
+def test_selftest_folder_that_cannot_be_made(monkeypatch, capsys):
+    import fewstep.selftest
+
+    monkeypatch.setattr(fewstep.selftest, "run_selftest", lambda keep: pytest.fail("ran"))
+    assert main(["selftest", "--keep", "/proc/fewstep-models"]) == 1
+    assert "--keep" in _one_error_line(capsys.readouterr().err)

@@ -336,6 +336,17 @@ def run_reproduce(args) -> int:
 
 # -- entry point -------------------------------------------------------------------------------
 
+def _folder(text: str, option: str) -> Path:
+    """A folder to write into, made now: a path that cannot be one is a user error."""
+    folder = Path(text).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FewstepError(f"--{option} {text!r}: cannot make the folder "
+                           f"({exc.strerror or exc})", field=option) from None
+    return folder
+
+
 def _bench(argv: list[str]) -> int:
     from .server.cli import require_extra
 
@@ -356,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
             from .logs import quiet_libraries
             from .selftest import run_selftest
 
+            keep = _folder(args.keep, "keep") if args.keep else None
             quiet_libraries()
-            return run_selftest(Path(args.keep) if args.keep else None)
+            return run_selftest(keep)
         if args.command == "serve":
             from .server.cli import run_serve
 

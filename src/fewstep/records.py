@@ -51,7 +51,8 @@ def read_record(path: str | Path) -> dict[str, Any]:
     """The record of an output file (PNG, JPEG, WebP, GIF or MP4)."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise InvalidRequest(f"{str(path)!r}: no such file", field="path")
+        what = "is a folder" if file.is_dir() else "no such file"
+        raise InvalidRequest(f"{str(path)!r}: {what}", field="path")
     if file.suffix.lower() == ".mp4":
         text = _mp4_comment(file)
     else:
