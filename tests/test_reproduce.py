@@ -169,3 +169,30 @@ def test_service_outputs_reproduce_with_the_same_catalogue(tmp_path, capsys):
                  "--device", "cpu", "--quiet"]) == 0
     assert same_pixels(original, out) == (True, 0)
     np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(original)))
+
+
+def test_catalogue_records_round_trip():
+    from types import SimpleNamespace
+
+    from fewstep.config import ServeSettings, load
+    from fewstep.errors import NotFound
+    from fewstep.server.catalog import Catalog
+
+    settings = load(ServeSettings, {"model": "/m/dream", "tiny_vae": "/m/taesd",
+                                    "lora": ["paper=/l/paper.safetensors"],
+                                    "controlnet": ["edges=/c/canny"]})
+    engine = SimpleNamespace(model_ref="/m/dream", lcm_ref="/m/lcm", speed="fastest")
+    catalog = Catalog.from_settings(settings, engine)
+    record = {"request": {"task": "controlnet", "prompt": "x", "controlnet": "/c/canny",
+                          "loras": [{"ref": "/l/paper.safetensors", "weight": 0.5}]},
+              "model": "/m/dream", "lcm_lora": "/m/lcm", "family": "sd15", "fewstep": "0.1.0"}
+    redacted = catalog.redact_obj(record)
+    assert "/m/" not in json.dumps(redacted) and "/l/" not in json.dumps(redacted)
+    assert redacted["speed"] == "fastest" and redacted["tiny_vae"] == "tiny-vae"
+    assert sorted(redacted["catalog_names"]) == ["lcm_lora", "model", "request.controlnet",
+                                                 "request.loras.0.ref", "tiny_vae"]
+    restored = catalog.restore_record(redacted)
+    assert restored == {**record, "speed": "fastest", "tiny_vae": "/m/taesd"}
+    with pytest.raises(NotFound, match="--lora paper=REF"):
+        Catalog(model_name="dream", hidden={"dream": "/m/dream", "tiny-vae": "/m/taesd"}
+                ).restore_record(redacted)

@@ -312,6 +312,10 @@ def run_reproduce(args) -> int:
     images = {name: getattr(args, name) for name in ("image", "mask", "control_image")
               if getattr(args, name) is not None}
     build_request(record, images)  # inputs checked before anything loads
+    for name in images:
+        if name not in (record.get("inputs") or {}):
+            console.print(f"[yellow]warning:[/] the record holds no digest of its {name}: "
+                          "the one given cannot be checked", highlight=False)
     out = args.out or Path.cwd() / f"{source.stem}-reproduced{source.suffix}"
     check_output_path(out, record["request"]["task"] == "animate")
 

@@ -44,6 +44,7 @@ def parse_entry(text: str, option: str) -> tuple[str, str]:
 
 
 LCM_NAME = "lcm-lora"  # the LCM-LoRA's name in records (it is not a requestable LoRA)
+TINY_VAE_NAME = "tiny-vae"  # the fast path's tiny VAE, when one was given
 
 
 def name_from_ref(ref: str) -> str:
@@ -64,6 +65,8 @@ class Catalog:
     adapters: dict[str, str] = field(default_factory=dict)
     motion_adapters: dict[str, str] = field(default_factory=dict)
     hidden: dict[str, str] = field(default_factory=dict)  # other refs to hide (model, LCM-LoRA)
+    # what records of this service need beyond the engine's description (its speed preset)
+    record_extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         check_name(self.model_name, "model_name")
@@ -85,9 +88,14 @@ class Catalog:
             hidden[LCM_NAME] = split_weight(lcm)[0]
         elif engine is not None and getattr(engine, "lcm_ref", None):
             hidden[LCM_NAME] = engine.lcm_ref
+        extra = {"speed": getattr(engine, "speed", settings.speed)}
+        if settings.tiny_vae and extra["speed"] != "off":
+            hidden[TINY_VAE_NAME] = settings.tiny_vae
+            extra["tiny_vae"] = settings.tiny_vae
         return cls(model_name=name, loras=dict(settings.lora),
                    controlnets=dict(settings.controlnet), adapters=dict(settings.adapter),
-                   motion_adapters=dict(settings.motion_adapter), hidden=hidden)
+                   motion_adapters=dict(settings.motion_adapter), hidden=hidden,
+                   record_extra=extra)
 
     def table(self, kind: str) -> dict[str, str]:
         return {"lora": self.loras, "controlnet": self.controlnets, "adapter": self.adapters,
@@ -153,6 +161,7 @@ class Catalog:
     # -- records ------------------------------------------------------------------------
 
     def redact_record(self, record: dict) -> dict:
+        record = {**self.record_extra, **record}
         redacted = {k: self.redact_obj(v) for k, v in record.items()}
         names = []
         for path, kind in record_refs(record):
@@ -199,6 +208,11 @@ class Catalog:
             return self.hidden[name]
         if kind == "lcm":
             return self.hidden.get(LCM_NAME, "auto")
+        if kind == "tiny_vae":
+            if TINY_VAE_NAME not in self.hidden:
+                raise NotFound(f"{field}: the record's tiny VAE is a catalogue name; pass the "
+                               "service's --config FILE", field="tiny_vae")
+            return self.hidden[TINY_VAE_NAME]
         table = self.table(kind)
         if name not in table:
             option = "--" + kind.replace("_", "-")
@@ -210,8 +224,9 @@ class Catalog:
         if kind == "model":
             return {self.model_name: self.hidden[self.model_name]} \
                 if self.model_name in self.hidden else {}
-        if kind == "lcm":
-            return {LCM_NAME: self.hidden[LCM_NAME]} if LCM_NAME in self.hidden else {}
+        if kind in ("lcm", "tiny_vae"):
+            name = LCM_NAME if kind == "lcm" else TINY_VAE_NAME
+            return {name: self.hidden[name]} if name in self.hidden else {}
         return self.table(kind)
 
 
@@ -222,11 +237,13 @@ def is_record(value) -> bool:
 
 
 def record_refs(record: dict) -> list[tuple[tuple, str]]:
-    """(path, kind) of every reference a record holds: the model, the LCM-LoRA, each LoRA and
-    the request's component."""
+    """(path, kind) of every reference a record holds: the model, the LCM-LoRA, the tiny VAE,
+    each LoRA and the request's component."""
     refs: list[tuple[tuple, str]] = [(("model",), "model")]
     if record.get("lcm_lora"):
         refs.append((("lcm_lora",), "lcm"))
+    if record.get("tiny_vae"):
+        refs.append((("tiny_vae",), "tiny_vae"))
     request = record.get("request") or {}
     for i, _ in enumerate(request.get("loras") or []):
         refs.append((("request", "loras", i, "ref"), "lora"))
