@@ -169,6 +169,13 @@ def test_service_outputs_reproduce_with_the_same_catalogue(tmp_path, capsys):
                  "--device", "cpu", "--quiet"]) == 0
     assert same_pixels(original, out) == (True, 0)
     np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(original)))
+    # or the entries as flags, the model given outright
+    flags_out = tmp_path / "flags.png"
+    assert main(["reproduce", str(original), "--model", str(models.sd15), "--lcm-lora",
+                 str(models.lcm_sd15), "--lora", f"style={models.style_sd15}", "--lora",
+                 f"style-peft={models.style_sd15_peft}", "--device", "cpu", "--quiet",
+                 "--out", str(flags_out)]) == 0
+    assert same_pixels(original, flags_out) == (True, 0)
 
 
 def test_catalogue_records_round_trip():

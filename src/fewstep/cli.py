@@ -35,8 +35,7 @@ class Parser(argparse.ArgumentParser):
 
 def report_error(exc: FewstepError) -> int:
     """One line on stderr; returns the exit code."""
-    where = f" ({exc.field})" if exc.field and exc.field.lower() not in exc.message.lower() \
-        else ""
+    where = f" ({exc.field})" if exc.field else ""
     console.print(f"[red]error{escape(where)}:[/] {escape(exc.message)}", highlight=False)
     return exc.exit_code
 
@@ -301,14 +300,11 @@ def run_reproduce(args) -> int:
     if record.get("catalog_names"):
         from .server.catalog import Catalog
 
-        flags = {k: v for k, v in given(args, ServeSettings).items() if k in (
+        entries = {k: v for k, v in given(args, ServeSettings).items() if k in (
             "config", "lcm_lora", "lora", "controlnet", "adapter", "motion_adapter")}
-        if flags:
-            catalog = Catalog.from_settings(load(ServeSettings, flags))
-        if model:  # the model is given: its catalogue name needs no resolving
-            record = {**record, "catalog_names": [
-                n for n in record["catalog_names"] if n != "model"]}
-    record = resolve_names(record, catalog)
+        if entries:
+            catalog = Catalog.from_settings(load(ServeSettings, entries))
+    record = resolve_names(record, catalog, model_given=model is not None)
     images = {name: getattr(args, name) for name in ("image", "mask", "control_image")
               if getattr(args, name) is not None}
     build_request(record, images)  # inputs checked before anything loads

@@ -137,8 +137,7 @@ def reproduce(path: str | Path, *, images: dict[str, Any] | None = None, catalog
       the record (`model`, `model_config`, `device`, `dtype` override it)."""
     from .outputs import check_output_path, encode_output, write_atomically
 
-    record = read_record(path)
-    record = resolve_names(record, catalog)
+    record = resolve_names(read_record(path), catalog, model_given=model is not None)
     request = build_request(record, images or {})
     index = int(record.get("batch_index") or 0)
     if out is not None:
@@ -157,9 +156,11 @@ def reproduce(path: str | Path, *, images: dict[str, Any] | None = None, catalog
     return result
 
 
-def resolve_names(record: dict, catalog) -> dict:
-    """A record whose catalogue names are turned back into references."""
-    names = record.get("catalog_names") or []
+def resolve_names(record: dict, catalog, model_given: bool = False) -> dict:
+    """A record whose catalogue names are turned back into references. With `model_given`,
+    the model's name is left alone (the caller names the model itself)."""
+    names = [n for n in record.get("catalog_names") or [] if not (model_given and n == "model")]
+    record = {**record, "catalog_names": names}
     if not names:
         return record
     if catalog is None:

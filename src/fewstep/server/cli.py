@@ -83,7 +83,6 @@ def check_references(settings) -> None:
         parse_ref(ref, "lcm_lora")
         if weight is not None:
             check_weight(weight, "lcm_lora")
-    check_weight(settings.animate_lcm_weight, "animate_lcm_weight")
     for kind in ("lora", "controlnet", "adapter", "motion_adapter"):
         for name, ref in getattr(settings, kind).items():
             parse_ref(ref, f"{kind}.{name}")
@@ -114,7 +113,6 @@ def bind_socket(host: str, port: int):
         what = reason.get(exc.errno, f"cannot be bound ({exc.strerror})")
         field = "host" if exc.errno == errno.EADDRNOTAVAIL else "port"
         raise InvalidRequest(f"{host}:{port} {what}", field=field) from None
-    sock.set_inheritable(True)
     return sock
 
 
