@@ -58,3 +58,23 @@ assert before == after
 print("unchanged")
 """, tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == "unchanged", done.stderr
+
+
+def test_loading_passes_no_deprecated_arguments(tiny):
+    """diffusers 0.42 takes `dtype=`; `torch_dtype=` is deprecated."""
+    import warnings
+
+    import torch
+    from diffusers import ControlNetModel, StableDiffusionPipeline
+
+    from fewstep.families import family_by_name
+    from fewstep.loading import load_component, load_pipeline, parse_ref
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_pipeline(StableDiffusionPipeline, parse_ref(str(tiny.sd15), "model"),
+                      config_ref=None, family=family_by_name("sd15"), torch_dtype=torch.float32)
+        load_component(ControlNetModel, parse_ref(str(tiny.controlnet), "controlnet"),
+                       torch_dtype=torch.float32, field="controlnet")
+    deprecated = [str(w.message) for w in caught if "deprecated" in str(w.message).lower()]
+    assert deprecated == []
