@@ -292,3 +292,15 @@ def test_non_loopback_bind_needs_a_key():
     add_serve_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "--model", "unused", "--host", "0.0.0.0"])
     assert run_serve(args) == 2  # refused before anything loads
+
+
+def test_models_lists_the_workflows_this_model_and_catalogue_can_run():
+    from fewstep.server.app import create_app
+    from fewstep.server.catalog import Catalog
+
+    _, engine = tiny_env()
+    with TestClient(make_app()) as client:
+        assert client.get("/v1/models").json()["workflows"] == [
+            "txt2img", "img2img", "inpaint", "controlnet", "t2i-adapter", "animate"]
+    with TestClient(create_app(engine, Catalog(model_name="tiny-sd15"))) as client:  # no components: the tasks that need them are not offered
+        assert client.get("/v1/models").json()["workflows"] == ["txt2img", "img2img", "inpaint"]

@@ -53,7 +53,8 @@ def swept():
 
     models, engine = tiny_env()
     app = create_app(QuickEngine(engine), make_catalog(models),
-                     ServerOptions(queue_size=64, max_body_bytes=4 * 1024 * 1024))
+                     ServerOptions(queue_size=64, max_body_bytes=4 * 1024 * 1024,
+                                   max_batch=1))  # generate (instant here), not run
     with TestClient(app, raise_server_exceptions=False) as client:
         yield app, client
 

@@ -213,3 +213,65 @@ def test_animation_has_its_own_lcm_weight(tiny):
     assert animated.params["lcm_weight"] == 0.55
     image = Txt2ImgRequest(prompt="x", seed=4)
     np.testing.assert_array_equal(both.generate(image).images, full.generate(image).images)
+
+
+def test_components_that_do_not_fit_are_refused_naming_the_field(sd15_engine, tiny):
+    # the SDXL ControlNet and T2I-Adapter on an SD1.5 model; the SD1.5 ones pass
+    for kind, wrong, right in (("controlnet", tiny.controlnet_sdxl, tiny.controlnet),
+                               ("adapter", tiny.adapter_sdxl, tiny.adapter_sd15)):
+        with pytest.raises(ModelError) as info:
+            sd15_engine.check_component(kind, str(wrong), f"catalog.{kind}")
+        assert info.value.field == f"catalog.{kind}" and "does not fit" in info.value.message
+        sd15_engine.check_component(kind, str(right), kind)
+    sd15_engine.check_component("motion_adapter", str(tiny.motion_adapter))
+
+
+def test_motion_adapter_on_an_sdxl_model_is_refused(tiny):
+    engine = Engine(str(tiny.sdxl), lcm_lora=str(tiny.lcm_sdxl), device="cpu", speed="off")
+    with pytest.raises(ModelError) as info:
+        engine.check_component("motion_adapter", str(tiny.motion_adapter), "motion_adapter")
+    assert info.value.field == "motion_adapter"
+
+
+def test_validate_checks_without_running(sd15_engine, tiny):
+    calls = []
+    handle = sd15_engine.base.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(InvalidRequest) as info:
+            sd15_engine.validate(T2IAdapterRequest(prompt="x", control_image=sample_image(),
+                                                   adapter=str(tiny.adapter_sd15), width=4096,
+                                                   height=4096))
+        assert info.value.field == "width"
+        sd15_engine.validate(Txt2ImgRequest(prompt="x", width=64, height=64))
+    finally:
+        handle.remove()
+    assert calls == []  # no model ran
+
+
+@pytest.mark.parametrize("cls,values,field", [
+    (Img2ImgRequest, {"image": sample_image(size=4)}, "image"),
+    (InpaintRequest, {"image": sample_image(), "mask": sample_image(size=7)}, "mask"),
+    (T2IAdapterRequest, {"control_image": sample_image(size=6), "adapter": "x"},
+     "control_image"),
+    (Txt2ImgRequest, {"task": "img2img"}, "task"),
+])
+def test_build_refuses_without_a_model(cls, values, field):
+    with pytest.raises(InvalidRequest) as info:
+        cls.build(prompt="x", **values)
+    assert info.value.field == field
+
+
+def test_canny_thresholds_name_their_field():
+    from fewstep.tasks import ControlNetRequest
+
+    with pytest.raises(InvalidRequest) as info:
+        ControlNetRequest.build(prompt="x", control_image=sample_image(), controlnet="c",
+                                canny_low=200, canny_high=100)
+    assert info.value.field == "canny_low"
+
+
+def test_a_record_builds_its_request_again(sd15_engine):
+    result = sd15_engine.generate(Txt2ImgRequest(prompt="again", seed=5, width=64, height=64))
+    record = result.params["request"]
+    again = sd15_engine.generate(Txt2ImgRequest.build(**record))
+    assert np.array_equal(result.images, again.images)

@@ -410,9 +410,8 @@ class Engine:
             if len(keys) != 1 or None in keys:
                 raise ValueError("only calls with one equal merge_key() can run as a batch")
         with self._lock:
-            for job in jobs:
-                if job.cancel is not None and job.cancel.is_set():
-                    raise Cancelled("cancelled before it started")
+            if all(job.cancel is not None and job.cancel.is_set() for job in jobs):
+                raise Cancelled("cancelled before it started")
             start = time.perf_counter()
             images = self._call_pipeline(jobs)
             seconds = time.perf_counter() - start

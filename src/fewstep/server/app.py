@@ -47,10 +47,14 @@ def create_app(engine=None, catalog: Catalog | None = None,
     options = options or ServerOptions()
     metrics = Metrics()
     if backend is None:
+        from .service import default_max_batch
+
+        max_batch = options.max_batch or default_max_batch(getattr(engine, "device", "cpu"))
         backend = LocalBackend(engine, functools.partial(encode_result, catalog=catalog),
                                max_size=options.queue_size, metrics=metrics,
                                retention=options.job_retention,
-                               retention_bytes=options.job_retention_bytes)
+                               retention_bytes=options.job_retention_bytes,
+                               max_batch=max_batch, batch_wait_s=options.batch_wait_ms / 1000)
     metrics.queue_limit.set(options.queue_size)
     service = Service(backend, catalog, options, metrics)
 
@@ -88,6 +92,7 @@ def create_app(engine=None, catalog: Catalog | None = None,
 
     _install_error_handlers(app, service)
 
+    from . import studio
     from .routes import a1111, catalogue, health, jobs, native, openai
 
     app.include_router(native.router(service))
@@ -96,6 +101,7 @@ def create_app(engine=None, catalog: Catalog | None = None,
     app.include_router(a1111.router(service))
     app.include_router(catalogue.router(service))
     app.include_router(health.router(service))
+    app.include_router(studio.router(service))
     return app
 
 

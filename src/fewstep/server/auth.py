@@ -11,8 +11,9 @@ import ipaddress
 from ..errors import InvalidRequest
 from .errors import Unauthorized, send_error
 
-OPEN_PATHS = ("/healthz", "/readyz")
-OPEN_PREFIXES = ("/v1/files/",)  # capability URLs: the random token is the secret
+OPEN_PATHS = ("/healthz", "/readyz", "/")  # "/": the studio page, which then asks for the key
+OPEN_PREFIXES = ("/v1/files/",  # capability URLs: the random token is the secret
+                 "/studio/")  # the page's static files (no data)
 
 
 def is_loopback(host: str) -> bool:

@@ -7,6 +7,13 @@ A job carries its own cancel Event (set by a client's cancel or disconnect: the 
 the next step) and a start deadline (passed while queued -> 504, and it never runs). Waiting is
 done from asyncio through Futures that the worker completes with `call_soon_threadsafe`.
 
+With `max_batch` above 1, each request is planned at admission (`engine.plan`: a pipeline call
+description) and the worker runs the first queued job together with the queued jobs whose calls
+can merge with it (same task, size, steps, guidance, LoRA stack, components; `merge_key()`), up
+to `max_batch`, as one batched pipeline call in which each keeps its own prompt, seed, progress
+and cancel flag. The head of the queue always runs next, so no job waits behind later ones for
+long; compatible later jobs may join its batch.
+
 A finished job keeps only what a client can still fetch (its `JobOutput`: encoded files and the
 record): the request's images and the raw result are dropped as soon as the outputs are encoded,
 and finished jobs are forgotten oldest first beyond a count and a byte budget."""
@@ -52,6 +59,7 @@ class Job:
 
     workflow: str
     request: Any  # a fewstep.tasks Request; dropped once the job is final
+    call: Any = None  # its planned PipelineCall (batching backends); dropped with the request
     deadline: float | None = None  # time.monotonic() by which it must have started
     id: str = field(default_factory=lambda: secrets.token_hex(8))
     state: str = QUEUED
@@ -99,7 +107,7 @@ class Job:
                 return False
             self.state, self.output, self.error = state, output, error
             self.finished = time.time()
-            self.request = None
+            self.request = self.call = None
             futures, self._futures = self._futures, []
             timer, self._timer = self._timer, None
         for loop, future in futures:
@@ -155,9 +163,14 @@ class LocalBackend:
     the worker. `retention` and `retention_bytes` bound the finished jobs kept for lookups."""
 
     def __init__(self, engine, encode: Callable[[Any], JobOutput], *, max_size: int = 16,
-                 metrics=None, retention: int = 256, retention_bytes: int = 256 * 1024 * 1024):
+                 metrics=None, retention: int = 256, retention_bytes: int = 256 * 1024 * 1024,
+                 max_batch: int = 1, batch_wait_s: float = 0.0):
         if max_size < 1:
             raise ValueError("queue size must be at least 1")
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.max_batch = max_batch
+        self.batch_wait_s = max(0.0, batch_wait_s)
         self.engine = engine
         self.settings = engine.settings
         self.encode = encode
@@ -169,7 +182,7 @@ class LocalBackend:
         self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._kept_bytes = 0
         self._cond = threading.Condition()
-        self._running: Job | None = None
+        self._running: list[Job] = []
         self._closing = False
         self._draining = False
         self._thread: threading.Thread | None = None
@@ -178,9 +191,14 @@ class LocalBackend:
     # -- the Backend interface ----------------------------------------------------------------
 
     async def submit(self, workflow: str, request, *, timeout_s: float | None = None) -> JobView:
-        await asyncio.to_thread(self.engine.validate, request)  # before admission, off the loop
+        # validated before admission, off the loop; planned too when jobs may be batched
+        call = None
+        if self.max_batch > 1:
+            call = await asyncio.to_thread(self.engine.plan, request)
+        else:
+            await asyncio.to_thread(self.engine.validate, request)
         deadline = time.monotonic() + timeout_s if timeout_s else None
-        job = Job(workflow, request, deadline=deadline)
+        job = Job(workflow, request, deadline=deadline, call=call)
         self._admit(job)
         if timeout_s:
             loop = asyncio.get_running_loop()
@@ -230,15 +248,17 @@ class LocalBackend:
         return Health(alive=alive, ready=alive and not self._draining, detail=detail)
 
     async def queue_info(self) -> QueueInfo:
-        running = self._running
+        running = list(self._running)
         return QueueInfo(limit=self.max_size, depth=self.depth,
-                         running=(running.view(),) if running is not None else (),
+                         running=tuple(job.view() for job in running),
                          retry_after_s=self.retry_after())
 
     def describe(self) -> dict[str, Any]:
         engine = self.engine
+        inpaint_only = bool(getattr(engine, "inpaint_only", False))
+        tasks = ["inpaint"] if inpaint_only else list(engine.family.pipelines)
         return {"family": engine.family.name, "native_size": engine.native_size,
-                "inpaint_only": bool(getattr(engine, "inpaint_only", False))}
+                "inpaint_only": inpaint_only, "workflows": tasks}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -262,7 +282,7 @@ class LocalBackend:
     def wait_idle(self, timeout: float) -> bool:
         end = time.monotonic() + timeout
         with self._cond:
-            while self._queue or self._running is not None:
+            while self._queue or self._running:
                 left = end - time.monotonic()
                 if left <= 0:
                     return False
@@ -275,12 +295,12 @@ class LocalBackend:
             self._draining = True
             pending = list(self._queue)
             self._queue.clear()
-            running = self._running
+            running = list(self._running)
             self._cond.notify_all()
         for job in pending:
             self._fail(job, FAILED, ShuttingDown("the server shut down before the job started"))
-        if running is not None:
-            running.cancel.set()  # it ends as ShuttingDown, not as a client's cancel
+        for job in running:
+            job.cancel.set()  # it ends as ShuttingDown, not as a client's cancel
         self._update_gauges()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -293,7 +313,9 @@ class LocalBackend:
 
     @property
     def running(self) -> Job | None:
-        return self._running
+        """The first running job (of the running batch), if any."""
+        running = self._running
+        return running[0] if running else None
 
     def retry_after(self) -> int:
         """Seconds a client should wait before retrying: the queue's expected wait."""
@@ -367,7 +389,8 @@ class LocalBackend:
 
     # -- the worker -----------------------------------------------------------------------
 
-    def _next(self) -> Job | None:
+    def _next(self) -> list[Job] | None:
+        """The next batch: the head of the queue and the queued jobs that merge with it."""
         while True:
             with self._cond:
                 while not self._queue:
@@ -377,31 +400,62 @@ class LocalBackend:
                 job = self._queue.popleft()
                 late = job.deadline is not None and time.monotonic() > job.deadline
                 if not late:
-                    job.state, job.started = RUNNING, time.time()
-                    self._running = job
+                    batch = [job] + self._companions(job)
+                    for member in batch:
+                        member.state, member.started = RUNNING, time.time()
+                    self._running = batch
             self._update_gauges()
             if not late:
-                return job
+                return batch
             self._fail(job, EXPIRED, DeadlineExceeded(
                 "the request's deadline passed while it was queued; it was not run"))
 
+    def _companions(self, head: Job) -> list[Job]:
+        """Queued jobs that can run in one pipeline call with `head`, oldest first, taken off the
+        queue; waits up to `batch_wait_s` for them to arrive. Called with the lock held."""
+        key = head.call.merge_key() if head.call is not None else None
+        if key is None or self.max_batch <= 1:
+            return []
+        end = time.monotonic() + self.batch_wait_s
+        taken: list[Job] = []
+        while True:
+            now = time.monotonic()
+            for job in list(self._queue):
+                if len(taken) + 1 >= self.max_batch:
+                    break
+                late = job.deadline is not None and now > job.deadline
+                if not late and job.call is not None and job.call.merge_key() == key:
+                    self._queue.remove(job)
+                    taken.append(job)
+            left = end - time.monotonic()
+            if len(taken) + 1 >= self.max_batch or left <= 0 or self._closing:
+                return taken
+            self._cond.wait(left)
+
     def _work(self) -> None:
         while True:
-            job = self._next()
-            if job is None:
+            batch = self._next()
+            if batch is None:
                 return
             try:
-                self._run(job)
+                if batch[0].call is None:
+                    self._run(batch[0])
+                else:
+                    self._run_batch(batch)
             except BaseException:  # noqa: BLE001 - the worker must survive anything
-                log.exception("worker: unexpected failure around job %s", job.id)
-                self._fail(job, FAILED, InternalError())
+                log.exception("worker: unexpected failure around jobs %s",
+                              ", ".join(job.id for job in batch))
+                for job in batch:
+                    self._fail(job, FAILED, InternalError())
             finally:
                 with self._cond:
-                    self._running = None
+                    self._running = []
                     self._cond.notify_all()
                 self._update_gauges()
 
-    def _run(self, job: Job) -> None:
+    def _followers(self, job: Job):
+        """The progress and preview callbacks that turn a job's steps into events."""
+
         def progress(step: int, total: int) -> None:
             job.step, job.total = step, total
             job.emit({"event": "progress", "id": job.id, "step": step, "total": total})
@@ -415,32 +469,65 @@ class LocalBackend:
                       "image": base64.b64encode(buffer.getvalue()).decode("ascii"),
                       "media_type": "image/png"})
 
+        return progress, preview
+
+    def _run(self, job: Job) -> None:
+        progress, preview = self._followers(job)
         job.emit({"event": "started", **job.view().summary()})
         start = time.perf_counter()
         try:
             result = self.engine.generate(job.request, progress=progress, cancel=job.cancel,
                                           preview=preview)
-        except Cancelled as exc:
-            if self._closing:  # cut at the end of the shutdown grace: the server's doing
-                self._fail(job, FAILED, ShuttingDown(
-                    f"the server shut down while the job ran (after step {job.step} of "
-                    f"{job.total})"))
-            else:
-                self._fail(job, CANCELLED, exc)
-            return
         except Exception as exc:  # noqa: BLE001 - typed errors pass; the unexpected is logged
-            if _is_out_of_memory(exc) or isinstance(exc, OutOfMemory):
-                self._release_memory()
-                error = OutOfMemory("out of memory on the device; try a smaller size or batch")
-            elif isinstance(exc, FewstepError):
-                error = exc
-            else:
-                log.exception("job %s (%s) failed", job.id, job.workflow)
-                self._release_memory()
-                error = InternalError()
-            self._fail(job, FAILED, error)
+            self._fail(job, *self._failure(exc, [job]))
+            return
+        self._done(job, result, time.perf_counter() - start)
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        from ..engine import Job as Call
+
+        calls = []
+        for job in batch:
+            progress, preview = self._followers(job)
+            calls.append(Call(job.call, progress=progress, cancel=job.cancel, preview=preview))
+            job.emit({"event": "started", **job.view().summary()})
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(batch))
+        start = time.perf_counter()
+        try:
+            results = self.engine.run(calls)
+        except Exception as exc:  # noqa: BLE001 - typed errors pass; the unexpected is logged
+            state, error = self._failure(exc, batch)
+            for job in batch:
+                self._fail(job, state, error)
             return
         seconds = time.perf_counter() - start
+        for job, call, result in zip(batch, calls, results):
+            if call.cancelled:  # cancelled while the rest of its batch ran on
+                self._fail(job, CANCELLED, Cancelled(
+                    f"cancelled after step {job.step} of {job.total}"))
+            else:
+                self._done(job, result, seconds)
+
+    def _failure(self, exc: Exception, jobs: list[Job]) -> tuple[str, FewstepError]:
+        """The final state and error for jobs whose run raised `exc`."""
+        if isinstance(exc, Cancelled):
+            if self._closing:  # cut at the end of the shutdown grace: the server's doing
+                job = jobs[0]
+                return FAILED, ShuttingDown(
+                    f"the server shut down while the job ran (after step {job.step} of "
+                    f"{job.total})")
+            return CANCELLED, exc
+        if _is_out_of_memory(exc) or isinstance(exc, OutOfMemory):
+            self._release_memory()
+            return FAILED, OutOfMemory("out of memory on the device; try a smaller size or batch")
+        if isinstance(exc, FewstepError):
+            return FAILED, exc
+        log.exception("job %s (%s) failed", jobs[0].id, jobs[0].workflow, exc_info=exc)
+        self._release_memory()
+        return FAILED, InternalError()
+
+    def _done(self, job: Job, result, seconds: float) -> None:
         self._durations.append(seconds)
         if self.metrics is not None:
             self.metrics.generation_seconds.labels(job.workflow).observe(seconds)
@@ -468,7 +555,7 @@ class LocalBackend:
     def _update_gauges(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(len(self._queue))
-            self.metrics.running.set(1 if self._running is not None else 0)
+            self.metrics.running.set(len(self._running))
 
     def _fail(self, job: Job, state: str, error: FewstepError) -> None:
         with self._cond:

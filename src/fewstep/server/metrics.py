@@ -16,7 +16,10 @@ class Metrics:
         r = self.registry
         self.queue_depth = Gauge("fewstep_queue_depth", "Jobs waiting in the queue", registry=r)
         self.queue_limit = Gauge("fewstep_queue_limit", "Queue capacity", registry=r)
-        self.running = Gauge("fewstep_jobs_running", "Jobs running now (0 or 1)", registry=r)
+        self.running = Gauge("fewstep_jobs_running", "Jobs running now (one batch)", registry=r)
+        self.batch_size = Histogram(
+            "fewstep_batch_size", "Jobs run together in one pipeline call",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), registry=r)
         self.request_seconds = Histogram(
             "fewstep_request_seconds", "Time from arrival to response, per workflow",
             ["workflow"], buckets=BUCKETS, registry=r)

@@ -28,6 +28,12 @@ class ServerOptions:
     file_ttl_s: float = 3600.0
     public_url: str | None = None  # base of OpenAI `url` results; relative URLs without it
     body_timeout_s: float = 30.0  # a request body must have arrived within this
+    max_batch: int | None = None  # jobs run as one pipeline call; None: 8 on CUDA, 4 elsewhere
+    batch_wait_ms: float = 0.0  # how long the worker waits for companions of a lone job
+
+
+def default_max_batch(device: str) -> int:
+    return 8 if str(device).startswith("cuda") else 4
 
 
 class FileStore:

@@ -177,4 +177,5 @@ def invalid_from_pydantic(exc: ValidationError) -> InvalidRequest:
     shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
     if len(shown) > 80:
         shown = shown[:77] + "..."
-    return InvalidRequest(f"{field}: {first['msg']} (got {shown})", field=field)
+    where = f"{field}: " if field else ""
+    return InvalidRequest(f"{where}{first['msg']} (got {shown})", field=field)

@@ -18,13 +18,18 @@ def router(service) -> APIRouter:
         """The model, and the components requests may name (OpenAI list format, plus the
         catalogue by kind)."""
         model = service.backend.describe()
+        # what this model runs, and of that what the catalogue has the components for
+        needs = {"controlnet": catalog.controlnets, "t2i-adapter": catalog.adapters,
+                 "animate": catalog.motion_adapters}
+        workflows = [w for w in WORKFLOWS if w in model.get("workflows", WORKFLOWS)
+                     and (w not in needs or needs[w])]
         return {
             "object": "list",
             "data": [{"id": catalog.model_name, "object": "model", "created": 0,
                       "owned_by": "fewstep", "family": model["family"],
                       "native_size": model["native_size"],
                       "inpaint_only": model["inpaint_only"]}],
-            "workflows": list(WORKFLOWS),
+            "workflows": workflows,
             "controlnets": sorted(catalog.controlnets),
             "adapters": sorted(catalog.adapters),
             "motion_adapters": sorted(catalog.motion_adapters),
