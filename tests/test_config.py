@@ -34,6 +34,7 @@ def test_flags_over_environment_over_file_over_defaults(tmp_path, monkeypatch):
     assert settings.motion_adapter == {"m": "/x/motion"}
     assert settings.body_timeout_s == 30.0 and settings.public_url is None
     assert settings.job_retention_bytes == 256 * 1024 * 1024
+    assert settings.max_batch is None and settings.batch_wait_ms == 0.0
     assert settings.limits().max_steps == 12  # limits travel to the engine's Settings
 
 
@@ -58,6 +59,7 @@ def test_json_file_lists_and_the_limits_model(tmp_path, monkeypatch):
     ("flag", ["--lora", "../up=/x"], "--lora"),
     ("flag", ["--lora", "no-equals-sign"], "--lora"),
     ("flag", ["--grace", "nan"], "--grace"),
+    ("flag", ["--max-batch", "0"], "--max-batch"),
     ("env", ("FEWSTEP_PORT", "-1"), "FEWSTEP_PORT"),
     ("env", ("FEWSTEP_LORA", "{not json"), "FEWSTEP_LORA"),
     ("env", ("FEWSTEP_MAX_STEPS", "0"), "FEWSTEP_MAX_STEPS"),

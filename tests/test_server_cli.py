@@ -217,3 +217,18 @@ def test_catalogue_entries_that_do_not_fit_fail_the_start(tiny, tmp_path, capsys
     assert code != 0
     line = _one_error_line(capsys.readouterr().err)
     assert f"{kind}.x" in line
+
+
+def test_service_options_come_from_the_settings():
+    from fewstep.config import ServeSettings, load
+    from fewstep.server.cli import server_options
+
+    options = server_options(load(ServeSettings, {
+        "api_key": "k", "queue_size": "3", "max_body_mb": "2", "timeout": "9", "grace": "4",
+        "public_url": "https://fewstep.example", "body_timeout_s": "5",
+        "job_retention_bytes": "1000", "max_batch": "2", "batch_wait_ms": "7"}))
+    assert (options.api_key, options.queue_size, options.max_body_bytes) == ("k", 3, 2 * 2**20)
+    assert (options.default_timeout_s, options.grace_s, options.public_url) == (
+        9.0, 4.0, "https://fewstep.example")
+    assert (options.body_timeout_s, options.job_retention_bytes) == (5.0, 1000)
+    assert (options.max_batch, options.batch_wait_ms) == (2, 7.0)

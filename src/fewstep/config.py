@@ -146,6 +146,12 @@ class ServeSettings(EngineOptions, Settings):
     job_retention_bytes: int = Field(256 * 1024 * 1024, ge=0, description="bytes of finished "
                                      "jobs' outputs kept for clients to fetch",
                                      json_schema_extra=_flag(metavar="BYTES"))
+    max_batch: int | None = Field(None, ge=1, description="queued jobs run as one pipeline "
+                                  "call at most (default: 8 on CUDA, 4 elsewhere)",
+                                  json_schema_extra=_flag(metavar="N"))
+    batch_wait_ms: float = Field(0.0, ge=0, allow_inf_nan=False, description="how long the "
+                                 "worker waits for companions of a lone job, ms",
+                                 json_schema_extra=_flag(metavar="MS"))
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="log level of the service")
 

@@ -21,7 +21,8 @@ GROUPS = {
               "animate_lcm_weight", "device", "dtype", "speed", "tiny_vae"),
     "catalogue (requests name these)": ("lora", "controlnet", "adapter", "motion_adapter"),
     "service": ("host", "port", "api_key", "public_url", "queue_size", "timeout", "grace",
-                "max_body_mb", "body_timeout_s", "job_retention_bytes", "log_level"),
+                "max_body_mb", "body_timeout_s", "job_retention_bytes", "max_batch",
+                "batch_wait_ms", "log_level"),
 }
 
 
@@ -145,7 +146,8 @@ def server_options(settings):
         max_body_bytes=int(settings.max_body_mb * 1024 * 1024),
         default_timeout_s=settings.timeout, grace_s=settings.grace,
         public_url=settings.public_url, body_timeout_s=settings.body_timeout_s,
-        job_retention_bytes=settings.job_retention_bytes)
+        job_retention_bytes=settings.job_retention_bytes, max_batch=settings.max_batch,
+        batch_wait_ms=settings.batch_wait_ms)
 
 
 class GracefulServer:
