@@ -101,6 +101,9 @@ class EngineOptions(_Options):
     tiny_vae: str | None = Field(None, description="tiny autoencoder for speed fastest "
                                  "(default: the family's taesd)",
                                  json_schema_extra=_flag(metavar="REF"))
+    fp16_vae: str | None = Field(None, description="an fp16-safe SDXL VAE (local copy of "
+                                 "sdxl-vae-fp16-fix): used in fp16 instead of upcasting",
+                                 json_schema_extra=_flag(metavar="REF"))
 
 
 def _catalogue_field(what: str):
@@ -146,6 +149,13 @@ class ServeSettings(EngineOptions, Settings):
     job_retention_bytes: int = Field(256 * 1024 * 1024, ge=0, description="bytes of finished "
                                      "jobs' outputs kept for clients to fetch",
                                      json_schema_extra=_flag(metavar="BYTES"))
+    compile_shapes: str | None = Field(
+        None, description="shapes to compile ahead at start-up when compiling is on (speed auto "
+        "or fastest on CUDA): WIDTHxHEIGHTxBATCH,... (default: the family's)",
+        json_schema_extra=_flag(metavar="WxHxB,..."))
+    compile_cache: str | None = Field(None, description="folder keeping compiled graphs for "
+                                      "the next start (default ~/.cache/fewstep/compile)",
+                                      json_schema_extra=_flag(metavar="DIR"))
     max_batch: int | None = Field(None, ge=1, description="queued jobs run as one pipeline "
                                   "call at most (default: 8 on CUDA, 4 elsewhere)",
                                   json_schema_extra=_flag(metavar="N"))
@@ -154,6 +164,19 @@ class ServeSettings(EngineOptions, Settings):
                                  json_schema_extra=_flag(metavar="MS"))
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="log level of the service")
+
+    @field_validator("compile_shapes", mode="before")
+    @classmethod
+    def _shapes(cls, value):
+        if value is not None:
+            from .accel.compile import parse_shapes
+            from .errors import InvalidRequest
+
+            try:
+                parse_shapes(str(value))
+            except InvalidRequest as exc:
+                raise ValueError(exc.message.removeprefix("compile_shapes: ")) from None
+        return value
 
     @field_validator("public_url", mode="before")
     @classmethod
