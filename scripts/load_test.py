@@ -215,9 +215,9 @@ def compare_replicas(args, replica_counts=(1, 2)) -> int:
     import ray
     from ray import serve
 
-    from fewstep.server.cli import DEFAULTS
+    from fewstep.config import load
     from fewstep.server.ray import build_app
-    from fewstep.server.ray_cli import make_spec
+    from fewstep.server.ray_cli import RayServeSettings, make_spec
     from fewstep.testing import build_tiny_models
 
     with socket.socket() as sock:
@@ -232,10 +232,11 @@ def compare_replicas(args, replica_counts=(1, 2)) -> int:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             for replicas in replica_counts:
                 print(f"-- {replicas} replica(s)")
-                values = {**DEFAULTS, "model": str(models.sd15), "device": "cpu",
-                          "lcm_lora": str(models.lcm_sd15), "model_name": "tiny",
-                          "queue_size": 64, "replicas": str(replicas), "cpus_per_replica": 1}
-                serve.run(build_app(make_spec(values, cluster_gpus=0)), name="fewstep",
+                settings = load(RayServeSettings, {
+                    "model": str(models.sd15), "lcm_lora": str(models.lcm_sd15),
+                    "device": "cpu", "model_name": "tiny", "queue_size": 64,
+                    "replicas": str(replicas), "cpus_per_replica": 1})
+                serve.run(build_app(make_spec(settings, cluster_gpus=0)), name="fewstep",
                           route_prefix="/")
                 rows.append((replicas, load(f"http://127.0.0.1:{port}", args)))
                 serve.delete("fewstep")

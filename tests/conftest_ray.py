@@ -16,7 +16,7 @@ RAY_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAY_USAGE_STATS_ENAB
            "TOKENIZERS_PARALLELISM": "false"}
 
 
-def gated_engine(values: dict, gate_dir: str):
+def gated_engine(settings, gate_dir: str):
     """Runs in a replica: the engine `fewstep serve` makes, with a hook that holds each UNet
     call while `gate_dir/hold` exists, after writing `gate_dir/held-<replica>` (its pid), and
     runs out of memory once when `gate_dir/oom` exists."""
@@ -24,7 +24,7 @@ def gated_engine(values: dict, gate_dir: str):
 
     from fewstep.engine import Engine
 
-    engine = Engine(values["model"], lcm_lora=values["lcm_lora"], device="cpu")
+    engine = Engine(settings.model, lcm_lora=settings.lcm_lora, device="cpu")
     replica = serve.get_replica_context().replica_id.unique_id
     gate = Path(gate_dir)
 
@@ -82,18 +82,20 @@ class FileGate:
             self.open()
 
 
-def service_values(models, **extra) -> dict:
-    """`fewstep serve` option values for the tiny model and the catalogue of the service
+def service_settings(models, **extra):
+    """`fewstep serve --ray` settings for the tiny model and the catalogue of the service
     tests (`conftest_server.make_catalog`)."""
-    from fewstep.server.cli import DEFAULTS
+    from fewstep.config import load
+    from fewstep.server.ray_cli import RayServeSettings
 
-    return {**DEFAULTS, "model": str(models.sd15), "lcm_lora": str(models.lcm_sd15),
-            "model_name": "tiny-sd15", "device": "cpu",
-            "lora": [f"style={models.style_sd15}", f"style-peft={models.style_sd15_peft}",
-                     f"motion={models.motion_lora}"],
-            "controlnet": [f"canny={models.controlnet}"],
-            "adapter": [f"canny={models.adapter_sd15}"],
-            "motion_adapter": [f"motion={models.motion_adapter}"], **extra}
+    return load(RayServeSettings, {
+        "model": str(models.sd15), "lcm_lora": str(models.lcm_sd15), "model_name": "tiny-sd15",
+        "device": "cpu",
+        "lora": {"style": str(models.style_sd15), "style-peft": str(models.style_sd15_peft),
+                 "motion": str(models.motion_lora)},
+        "controlnet": {"canny": str(models.controlnet)},
+        "adapter": {"canny": str(models.adapter_sd15)},
+        "motion_adapter": {"motion": str(models.motion_adapter)}, **extra})
 
 
 def ray_processes(root_pid: int) -> list:

@@ -16,6 +16,7 @@ def inputs(tmp_path_factory):
     sample_image().save(folder / "image.png")
     sample_mask().save(folder / "mask.png")
     sample_mask(32).save(folder / "small-mask.png")
+    sample_image(size=4).save(folder / "tiny.png")
     return folder
 
 
@@ -32,9 +33,8 @@ def test_txt2img_writes_png_with_parameters(tiny, tmp_path, capsys):
     image = Image.open(out)
     assert image.size == (64, 64)
     text = image.text["parameters"]
-    assert text.startswith("a cat\nNegative prompt: dog\nSteps: 4, Sampler: LCM, CFG scale: 1.0, "
-                           "Seed: 42, Size: 64x64")
-    assert "style-sd15.safetensors:0.7" in text
+    assert text.startswith("a cat <lora:style-sd15:0.7>\nNegative prompt: dog\nSteps: 4, "
+                           "Sampler: LCM, CFG scale: 1.0, Seed: 42, Size: 64x64")
     record = json.loads(image.text["fewstep"])
     assert record["request"]["seed"] == 42 and record["request"]["loras"][0]["weight"] == 0.7
     assert "no effect" in capsys.readouterr().err  # the negative-prompt warning
@@ -88,24 +88,107 @@ def test_animate_writes_gif_and_mp4(tiny, tmp_path, suffix):
     assert frames.shape[0] == 4 and frames.shape[1:3] == (64, 64)
 
 
-@pytest.mark.parametrize("args", [
-    ["txt2img", "x", "--width", "63"],
-    ["txt2img", "x", "--steps", "0"],
-    ["txt2img", "x", "--guidance", "nan"],
-    ["txt2img", "x", "--lora", "missing.safetensors"],
-    ["txt2img", "x", "--lora", "evil.ckpt"],
-    ["img2img", "x", "--image", "INPUTS/image.png", "--strength", "0.1"],
-    ["inpaint", "x", "--image", "INPUTS/image.png", "--mask", "INPUTS/small-mask.png"],
-    ["inpaint", "x", "--image", "INPUTS/image.png", "--mask", "INPUTS/absent.png"],
+@pytest.fixture
+def no_loading(monkeypatch):
+    """User errors are found before the model loads: making an Engine fails the test."""
+    from fewstep.engine import Engine
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr(Engine, "__init__", refuse)
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error")
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["txt2img", "x", "--width", "63"], "multiple of 8"),
+    (["txt2img", "x", "--width", "4096", "--height", "4096"], "over the limit"),
+    (["txt2img", "x", "--steps", "0"], "steps"),
+    (["txt2img", "x", "--steps", "abc"], "steps"),
+    (["txt2img", "x", "--steps", "500"], "at most"),
+    (["txt2img", "x", "--guidance", "nan"], "guidance"),
+    (["txt2img", "x", "--num-images", "100"], "num_images"),
+    (["txt2img", "x", "--seed", "-1"], "seed"),
+    (["txt2img", "x", "--lora", "missing.safetensors"], "no such file"),
+    (["txt2img", "x", "--lora", "evil.ckpt"], "pickle"),
+    (["txt2img", "x", "--lora", "MODELS/style-sd15.safetensors:9"], "within"),
+    (["txt2img", "x", "--lcm-lora", "MODELS/lcm-lora-sd15:nan"], "lcm_lora"),
+    (["txt2img", "x", "--tiny-vae", "MODELS/absent"], "tiny_vae"),
+    (["txt2img", "x", "--device", "foo"], "--device"),
+    (["txt2img", "x", "--dtype", "fp64"], "invalid choice"),
+    (["txt2img", "x", "--speed", "warp"], "invalid choice"),
+    (["txt2img", "x", "--no-such-option"], "unrecognized"),
+    (["txt2img"], "required"),
+    (["img2img", "x", "--image", "INPUTS"], "no such file"),
+    (["img2img", "x", "--image", "MODELS/style-sd15.safetensors"], "not a readable"),
+    (["inpaint", "x", "--image", "INPUTS/image.png", "--mask", "INPUTS/absent.png"], "mask"),
+    (["inpaint", "x", "--image", "INPUTS/image.png", "--mask", "INPUTS/small-mask.png"],
+     "mask"),
+    (["img2img", "x", "--image", "INPUTS/image.png", "--strength", "0.1"], "strength"),
+    (["img2img", "x", "--image", "INPUTS/tiny.png"], "image"),
+    (["controlnet", "x", "--control-image", "INPUTS/image.png", "--controlnet",
+      "MODELS/absent"], "controlnet"),
+    (["controlnet", "x", "--control-image", "INPUTS/image.png", "--controlnet",
+      "MODELS/controlnet", "--canny-low", "250"], "canny"),
+    (["animate", "x", "--motion-adapter", "MODELS/motion-adapter", "--num-frames", "999",
+      "--out", "OUT/x.gif"], "num_frames"),
+    (["animate", "x", "--motion-adapter", "MODELS/motion-adapter", "--out", "OUT/x.png"],
+     "suffix"),
 ])
-def test_bad_input_exits_nonzero_and_writes_nothing(tiny, tmp_path, inputs, args, capsys):
+def test_user_errors_are_one_line_before_loading(tiny, tmp_path, inputs, args, expected,
+                                                 capsys, no_loading):
     out = tmp_path / "out"
     out.mkdir()
-    args = [a.replace("INPUTS", str(inputs)) for a in args]
-    code = main([*args, *_base(tiny), "--out", str(out / "x.png")])
+    args = [a.replace("INPUTS", str(inputs)).replace("MODELS", str(tiny.root))
+            .replace("OUT", str(out)) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(out / "x.png")]
+    try:
+        code = main([args[0], *_base(tiny), *args[1:]])  # the case's flags win
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
     assert code != 0
     assert list(out.iterdir()) == []
-    assert "error" in capsys.readouterr().err
+    line = _one_error_line(capsys.readouterr().err)
+    assert expected in line
+
+
+@pytest.mark.parametrize("where", ["proc", "file-parent", "missing-folder", "folder"])
+def test_unwritable_out_is_refused_before_loading(tiny, tmp_path, where, capsys, no_loading):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    (tmp_path / "taken.png").mkdir()
+    out = {"proc": "/proc/fewstep.png",  # no file can be created there, even by root
+           "file-parent": str(blocker / "x.png"),
+           "missing-folder": str(tmp_path / "missing" / "x.png"),
+           "folder": str(tmp_path / "taken.png")}[where]
+    assert main(["txt2img", "x", *_base(tiny), "--out", out]) == 2
+    assert "out" in _one_error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "taken.png"]
+
+
+def test_unwritable_numbered_output_is_refused(tiny, tmp_path, capsys, no_loading):
+    (tmp_path / "many-2.png").mkdir()
+    assert main(["txt2img", "x", *_base(tiny), "--num-images", "2", "--out",
+                 str(tmp_path / "many.png")]) == 2
+    assert "many-2.png" in _one_error_line(capsys.readouterr().err)
+
+
+def test_unavailable_cuda_is_refused_before_loading(tiny, tmp_path, monkeypatch, capsys,
+                                                    no_loading):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base = [a if a != "cpu" else "cuda:0" for a in _base(tiny)]
+    assert main(["txt2img", "x", *base, "--out", str(tmp_path / "x.png")]) == 2
+    assert "CUDA is not available" in _one_error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_output_suffix_is_refused_before_loading(tmp_path, capsys):
@@ -164,3 +247,48 @@ def test_bench_command_is_wired(capsys):
     with pytest.raises(SystemExit) as info:
         main(["bench", "--help"])
     assert info.value.code == 0 and "--resolution" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, missing, extra", [
+    (["serve", "--model", "x"], "uvicorn", "serve"),
+    (["serve", "--model", "x"], "fastapi", "serve"),
+    (["bench", "--family", "sd15"], "psutil", "bench"),
+])
+def test_a_missing_extra_says_what_to_install(monkeypatch, capsys, argv, missing, extra,
+                                              no_loading):
+    import sys
+
+    monkeypatch.setitem(sys.modules, missing, None)  # as if it were not installed
+    assert main(argv) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert f'pip install "fewstep[{extra}]"' in line and missing in line
+
+
+def test_server_module_says_what_to_install(monkeypatch, capsys):
+    import sys
+
+    from fewstep.server.cli import main as server_main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    assert server_main(["--model", "x"]) == 1
+    assert 'pip install "fewstep[serve]"' in _one_error_line(capsys.readouterr().err)
+
+
+def test_extras_are_declared():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    extras = project["project"]["optional-dependencies"]
+    names = {e: " ".join(v) for e, v in extras.items()}
+    assert all(m in names["serve"] for m in ("fastapi", "uvicorn", "prometheus-client"))
+    assert "psutil" in names["bench"] and "matplotlib" in names["bench"]
+    assert any(d.startswith("pydantic-settings") for d in project["project"]["dependencies"])
+
+
+def test_selftest_folder_that_cannot_be_made(monkeypatch, capsys):
+    import fewstep.selftest
+
+    monkeypatch.setattr(fewstep.selftest, "run_selftest", lambda keep: pytest.fail("ran"))
+    assert main(["selftest", "--keep", "/proc/fewstep-models"]) == 1
+    assert "--keep" in _one_error_line(capsys.readouterr().err)

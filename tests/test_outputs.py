@@ -35,3 +35,116 @@ def test_numbering_and_suffixes(tmp_path):
         outputs.check_output_path(tmp_path / "x.png", animation=True)
     with pytest.raises(InvalidRequest):
         outputs.check_output_path(tmp_path / "missing" / "x.png", animation=False)
+
+
+# -- A1111 infotext ------------------------------------------------------------------------
+# AUTOMATIC1111's reader (modules/infotext_utils.py, parse_generation_parameters), reduced to
+# its parsing: the prompt lines, "Negative prompt:", and the last line of `key: value` fields,
+# where a value holding a comma or a colon is JSON-quoted.
+
+import json as _json
+import re
+
+re_param = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+re_imagesize = re.compile(r"^(\d+)x(\d+)$")
+
+
+def unquote(text):
+    if len(text) == 0 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        return _json.loads(text)
+    except Exception:
+        return text
+
+
+def parse_generation_parameters(x: str) -> dict:
+    res = {}
+    prompt = ""
+    negative_prompt = ""
+    done_with_prompt = False
+    *lines, lastline = x.strip().split("\n")
+    if len(re_param.findall(lastline)) < 3:
+        lines.append(lastline)
+        lastline = ""
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            done_with_prompt = True
+            line = line[16:].strip()
+        if done_with_prompt:
+            negative_prompt += ("" if negative_prompt == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+    res["Prompt"] = prompt
+    res["Negative prompt"] = negative_prompt
+    for k, v in re_param.findall(lastline):
+        if v and v[0] == '"' and v[-1] == '"':
+            v = unquote(v)
+        m = re_imagesize.match(v)
+        if m is not None:
+            res[f"{k}-1"] = m.group(1)
+            res[f"{k}-2"] = m.group(2)
+        else:
+            res[k] = v
+    return res
+
+
+def _params(**request):
+    base = {"prompt": "a lighthouse, at dusk: oil", "negative_prompt": "blur, noise",
+            "steps": 4, "guidance": 1.5, "seed": 42, "num_images": 1, "loras": []}
+    return {"request": {**base, **request}, "model": "/models/dreamshaper-7", "width": 512,
+            "height": 768, "lcm_lora": "/models/lcm-lora-sdv1-5", "lcm_weight": 1.0,
+            "fewstep": "0.1.0"}
+
+
+def test_infotext_with_several_loras_parses_field_by_field():
+    params = _params(loras=[{"ref": "/l/papercut.safetensors", "weight": 0.8},
+                            {"ref": "ink", "weight": 1.0},
+                            {"ref": "owner/repo/pixel-art.safetensors", "weight": -0.5}],
+                     num_images=2, strength=0.6)
+    parsed = parse_generation_parameters(outputs.a1111_parameters(params, 1))
+    assert parsed["Prompt"] == ("a lighthouse, at dusk: oil <lora:papercut:0.8> <lora:ink:1> "
+                                "<lora:pixel-art:-0.5>")
+    assert parsed["Negative prompt"] == "blur, noise"
+    assert parsed["Steps"] == "4" and parsed["Sampler"] == "LCM"
+    assert parsed["CFG scale"] == "1.5" and parsed["Seed"] == "42"
+    assert (parsed["Size-1"], parsed["Size-2"]) == ("512", "768")
+    assert parsed["Model"] == "dreamshaper-7"
+    assert parsed["Batch size"] == "2" and parsed["Batch pos"] == "1"
+    assert parsed["Denoising strength"] == "0.6"
+    assert parsed["LCM-LoRA"] == "lcm-lora-sdv1-5: 1"
+    assert parsed["Version"] == "fewstep 0.1.0"
+
+
+def test_infotext_quotes_values_with_commas_and_colons():
+    params = _params()
+    params["model"] = "/models/a, b: c"
+    parsed = parse_generation_parameters(outputs.a1111_parameters(params))
+    assert parsed["Model"] == "a, b: c" and parsed["Seed"] == "42"
+    assert parsed["Prompt"] == "a lighthouse, at dusk: oil"  # no tags without LoRAs
+
+
+def test_infotext_tags_use_catalogue_names_in_service_records():
+    from fewstep.server.catalog import Catalog
+
+    catalog = Catalog(model_name="dream", loras={"paper": "/l/papercut.safetensors"},
+                      hidden={"dream": "/models/dreamshaper-7",
+                              "lcm-lora": "/models/lcm-lora-sdv1-5"})
+    params = {**_params(loras=[{"ref": "/l/papercut.safetensors", "weight": 0.7}]),
+              "family": "sd15"}
+    parsed = parse_generation_parameters(outputs.a1111_parameters(catalog.redact_obj(params)))
+    assert parsed["Prompt"].endswith("<lora:paper:0.7>")
+    assert parsed["Model"] == "dream"
+
+
+def test_unwritable_folder_is_refused(tmp_path):
+    with pytest.raises(InvalidRequest, match="cannot write"):
+        outputs.check_output_path("/proc/x.png", animation=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InvalidRequest, match="not a folder"):
+        outputs.check_output_path(blocker / "x.png", animation=False)
+    with pytest.raises(InvalidRequest, match="usable path"):
+        outputs.check_output_path(str(tmp_path / "a\0b.png"), animation=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]  # the probe is gone

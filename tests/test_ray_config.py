@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from fewstep.errors import InvalidRequest
-from fewstep.ray import app, options_from_args
+from fewstep.ray import app, settings_from_args
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -40,7 +40,8 @@ def test_builder_sets_limits_resources_and_autoscaling(tmp_path):
     assert (autoscaling.min_replicas, autoscaling.max_replicas) == (2, 5)
     assert engines._deployment_config.graceful_shutdown_timeout_s >= 12
     spec = engines.init_args[0]
-    assert spec.values["lora"] == [f"style={lora}"] and spec.queue_size == 6
+    assert spec.settings.lora == {"style": str(lora)} and spec.queue_size == 6
+    assert spec.settings.api_key is None  # the replicas never see HTTP
     fixed = _deployments(app({"replicas": 3}))[1]
     assert fixed.num_replicas == 3 and fixed._deployment_config.autoscaling_config is None
 
@@ -65,8 +66,10 @@ def test_builder_refuses_bad_options_naming_them(args, field):
 
 def test_api_key_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("FEWSTEP_API_KEY", "from-env")
-    assert options_from_args({})["api_key"] == "from-env"
-    assert options_from_args({"api_key": "given"})["api_key"] == "given"
+    assert settings_from_args({}).api_key == "from-env"
+    assert settings_from_args({"api_key": "given"}).api_key == "given"
+    ingress = _deployments(app({}))[0]
+    assert ingress.init_args[1].settings.api_key == "from-env"  # the entry checks it
 
 
 @pytest.mark.parametrize("path", ["serve-config.yaml", "rayservice.yaml"])
@@ -96,7 +99,7 @@ def test_serve_ray_refuses_user_errors_before_starting_ray(flags, field):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"[{field}]" in lines[0], done.stderr
+    assert len(lines) == 1 and f"({field})" in lines[0], done.stderr
 
 
 def test_ingress_refuses_a_public_proxy_without_an_api_key(monkeypatch):

@@ -29,14 +29,13 @@ from conftest_ray import (
     gated_engine,
     kill_leftovers,
     ray_processes,
-    service_values,
+    service_settings,
     wait_gone,
 )
 from conftest_server import (
     assert_typed_error,
     decode,
     free_port,
-    make_app,
     sample_image,
     tiny_env,
     wait_until,
@@ -68,12 +67,12 @@ def ray_service(tmp_path_factory):
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        values = service_values(models, queue_size=QUEUE_SIZE, replicas="2",
-                                cpus_per_replica=0.5)
-        spec = make_spec(values, cluster_gpus=0)
+        settings = service_settings(models, queue_size=QUEUE_SIZE, replicas="2",
+                                    cpus_per_replica=0.5)
+        spec = make_spec(settings, cluster_gpus=0)
         spec.engine_factory = functools.partial(gated_engine, gate_dir=str(gate.dir))
         serve.run(build_app(spec), name="fewstep", route_prefix="/")
-        yield f"http://127.0.0.1:{port}", gate
+        yield f"http://127.0.0.1:{port}", gate, settings
     finally:
         gate.open()
         try:
@@ -96,6 +95,21 @@ def url(ray_service):
 @pytest.fixture(scope="module")
 def gate(ray_service):
     return ray_service[1]
+
+
+@pytest.fixture(scope="module")
+def single_process(ray_service):
+    """The single-process service as `fewstep serve` makes it from the same settings (over
+    the same tiny model)."""
+    from fewstep.server.app import create_app
+    from fewstep.server.catalog import Catalog
+    from fewstep.server.cli import server_options
+
+    settings = ray_service[2]
+    _, engine = tiny_env()
+    app = create_app(engine, Catalog.from_settings(settings, engine), server_options(settings))
+    with TestClient(app) as local:
+        yield local
 
 
 @pytest.fixture(scope="module")
@@ -131,14 +145,13 @@ def test_health_catalogue_and_errors(client):
     assert_typed_error(client.get("/no/such/route"), 404, "path")
 
 
-def test_same_answers_as_the_single_process_service(client):
+def test_same_answers_as_the_single_process_service(client, single_process):
     body = {"prompt": "a lighthouse", "seed": 7, **SMALL,
             "loras": [{"name": "style", "weight": 0.8}]}
     through_ray = client.post("/v1/txt2img", json=body)
     assert through_ray.status_code == 200, through_ray.text
     assert through_ray.headers["X-Fewstep-Replica"]
-    with TestClient(make_app(queue_size=2)) as local:
-        alone = local.post("/v1/txt2img", json=body)
+    alone = single_process.post("/v1/txt2img", json=body)
     assert alone.status_code == 200
     ray_json, local_json = through_ray.json(), alone.json()
     assert np.array_equal(decode(ray_json["images"][0]["b64"]),
@@ -151,8 +164,7 @@ def test_same_answers_as_the_single_process_service(client):
     upload = {"params": '{"prompt": "a boat", "seed": 3, "steps": 2, "strength": 0.5}'}
     files = {"image": ("in.png", _png(image), "image/png")}
     through_ray = client.post("/v1/img2img/upload", data=upload, files=files)
-    with TestClient(make_app(queue_size=2)) as local:
-        alone = local.post("/v1/img2img/upload", data=upload, files=files)
+    alone = single_process.post("/v1/img2img/upload", data=upload, files=files)
     assert through_ray.status_code == alone.status_code == 200, through_ray.text
     assert np.array_equal(decode(through_ray.json()["images"][0]["b64"]),
                           decode(alone.json()["images"][0]["b64"]))

@@ -1,44 +1,402 @@
-"""One Settings object: limits, device, paths. Values come from arguments or FEWSTEP_* variables."""
+"""Configuration: one pydantic-settings model per program. Each option is one field, spelled three
+ways from it: a flag (`--queue-size`), a config-file key (`queue_size`; `queue-size` works too)
+and an environment variable (`FEWSTEP_QUEUE_SIZE`). Precedence: flags, then the environment,
+then the config file, then the defaults. A bad value from any of them is one `InvalidRequest`
+naming the option (as the user spelled it) and the value.
+
+* `Settings`: the limits every request is checked against, plus device and dtype. The engine
+  and the tasks read it; `Settings.from_env(**overrides)`.
+* `EngineOptions`: how the model is loaded (the generating commands' model flags).
+* `ServeSettings`: everything `fewstep serve` takes: engine options, limits, the catalogue and
+  the service's own options.
+
+Nothing here imports torch: `pick_device` and `pick_dtype` import it when they are called."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-from dataclasses import dataclass, fields
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, ValidationError, field_validator
+from pydantic_settings import (BaseSettings, NoDecode, PydanticBaseSettingsSource,
+                               SettingsConfigDict, SettingsError)
+
+from .errors import InvalidRequest
+
+ENV_PREFIX = "FEWSTEP_"
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 
 
-@dataclass(frozen=True)
-class Settings:
-    max_pixels: int = 2048 * 2048  # width x height of one image
-    max_steps: int = 50
-    max_num_images: int = 16
-    max_frames: int = 64
-    max_prompt_chars: int = 4000  # the text encoders read 77 tokens; this bounds the work before
-    max_loras: int = 8  # per request, LCM-LoRA not counted
-    max_input_pixels: int = 4096 * 4096  # decoded input images (decompression-bomb guard)
-    device: str = "auto"
-    dtype: str = "auto"
+def _device_name(value):
+    if isinstance(value, str) and re.match(DEVICE_PATTERN, value.strip()):
+        return value.strip()
+    raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+
+
+Device = Annotated[str, BeforeValidator(_device_name)]
+Dtype = Literal["auto", "fp16", "float16", "bf16", "bfloat16", "fp32", "float32"]
+
+
+def _flag(flag: str | None = None, metavar: str | None = None, **extra) -> dict:
+    """How a field shows on the command line (read by `add_arguments`)."""
+    return {"flag": flag, "metavar": metavar, **extra}
+
+
+class _Options(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="forbid", frozen=True,
+        protected_namespaces=(), validate_default=False)
+
+
+class Settings(_Options):
+    """Limits (per request) and the default device and dtype."""
+
+    max_pixels: int = Field(2048 * 2048, ge=64, description="width x height of one image")
+    max_steps: int = Field(50, ge=1, description="denoising steps per request")
+    max_num_images: int = Field(16, ge=1, description="images per request")
+    max_frames: int = Field(64, ge=1, description="frames per animation")
+    # the text encoders read 77 tokens; this bounds the work done before that
+    max_prompt_chars: int = Field(4000, ge=1, description="characters per prompt")
+    max_loras: int = Field(8, ge=0, description="LoRAs per request (LCM-LoRA not counted)")
+    # decoded input images (decompression-bomb guard)
+    max_input_pixels: int = Field(4096 * 4096, ge=64, description="pixels of an input image")
+    device: Device = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, "
+                           "cuda:N, mps")
+    dtype: Dtype = Field("auto", description="auto (fp16 on GPUs, fp32 on CPU), fp16, bf16, "
+                         "fp32")
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
-        values = {}
-        for f in fields(cls):
-            env = os.environ.get(f"FEWSTEP_{f.name.upper()}")
-            if env is not None:
-                values[f.name] = type(getattr(cls, f.name))(env) if f.type != "str" else env
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        """FEWSTEP_* variables, then `overrides` (None values are ignored)."""
+        return load(cls, {k: v for k, v in overrides.items() if v is not None})
 
 
-def pick_device(name: str = "auto") -> str:
+class EngineOptions(_Options):
+    """How the model is loaded: the options every generating command shares."""
+
+    model: str | None = Field(None, description="base model: hub id, local diffusers folder or "
+                              ".safetensors file (default: the SD1.5 base)",
+                              json_schema_extra=_flag(metavar="REF"))
+    model_config_dir: str | None = Field(
+        None, description="local diffusers folder with the configs of a single-file model "
+        "(needed offline)", json_schema_extra=_flag("--model-config", "DIR"))
+    family: Literal["sd15", "sdxl", "ssd-1b"] | None = Field(
+        None, description="override the family detected from the model")
+    lcm_lora: str = Field("auto", min_length=1, description="LCM-LoRA: auto (the family's "
+                          "published one), none (an LCM-distilled model) or REF[:WEIGHT]",
+                          json_schema_extra=_flag(metavar="REF[:W]"))
+    device: Device = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, "
+                           "cuda:N, mps")
+    dtype: Dtype = Field("auto", description="auto (fp16 on GPUs, fp32 on CPU), fp16, bf16, "
+                         "fp32")
+    speed: Literal["off", "auto", "default", "fastest"] = Field(
+        "auto", description="fast-path preset: auto and default keep the recipe's pictures "
+        "(auto also compiles the UNet ahead on CUDA); fastest adds half precision where it "
+        "pays and a tiny VAE (approximate)")
+    tiny_vae: str | None = Field(None, description="tiny autoencoder for speed fastest "
+                                 "(default: the family's taesd)",
+                                 json_schema_extra=_flag(metavar="REF"))
+    fp16_vae: str | None = Field(None, description="an fp16-safe SDXL VAE (local copy of "
+                                 "sdxl-vae-fp16-fix): used in fp16 instead of upcasting",
+                                 json_schema_extra=_flag(metavar="REF"))
+
+
+def _catalogue_field(what: str):
+    return Field(default_factory=dict, description=f"add {what} to the catalogue (repeatable)",
+                 json_schema_extra=_flag(metavar="NAME=REF", repeat=True))
+
+
+class ServeSettings(EngineOptions, Settings):
+    """Everything `fewstep serve` takes."""
+
+    config: str | None = Field(None, description="JSON or TOML file with the same keys as "
+                               "these options (lora = {NAME = REF} or [\"NAME=REF\"])",
+                               json_schema_extra=_flag(metavar="FILE"))
+    model_name: str | None = Field(None, description="the name clients see for the model "
+                                   "(default: from the model reference)",
+                                   json_schema_extra=_flag(metavar="NAME"))
+    animate_lcm_weight: float = Field(0.55, ge=-4.0, le=4.0, allow_inf_nan=False,
+                                      description="LCM-LoRA weight for animations (the "
+                                      "recipe's 0.55)", json_schema_extra=_flag(metavar="W"))
+    lora: Annotated[dict[str, str], NoDecode] = _catalogue_field("a LoRA")
+    controlnet: Annotated[dict[str, str], NoDecode] = _catalogue_field("a ControlNet")
+    adapter: Annotated[dict[str, str], NoDecode] = _catalogue_field("a T2I-Adapter")
+    motion_adapter: Annotated[dict[str, str], NoDecode] = _catalogue_field("a motion adapter")
+    host: str = Field("127.0.0.1", min_length=1, description="bind address (any but loopback "
+                      "needs an API key)")
+    port: int = Field(7860, ge=0, le=65535, description="TCP port (0: any free port)")
+    api_key: str | None = Field(None, description="required key (Bearer, or the basic-auth "
+                                "password)", json_schema_extra=_flag(metavar="KEY"))
+    public_url: str | None = Field(None, description="base URL clients reach the service at (for "
+                                   "OpenAI `url` results; default: relative URLs)",
+                                   json_schema_extra=_flag(metavar="URL"))
+    queue_size: int = Field(16, ge=1, description="jobs waiting at most")
+    timeout: float | None = Field(None, gt=0, allow_inf_nan=False, description="default start "
+                                  "deadline of a request, seconds (default: none)",
+                                  json_schema_extra=_flag(metavar="S"))
+    grace: float = Field(30.0, ge=0, allow_inf_nan=False, description="SIGTERM: seconds work "
+                         "may go on", json_schema_extra=_flag(metavar="S"))
+    max_body_mb: float = Field(64.0, gt=0, allow_inf_nan=False,
+                               description="request body limit, MB")
+    body_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False, description="seconds a "
+                                  "client may take to send a request body",
+                                  json_schema_extra=_flag(metavar="S"))
+    job_retention_bytes: int = Field(256 * 1024 * 1024, ge=0, description="bytes of finished "
+                                     "jobs' outputs kept for clients to fetch",
+                                     json_schema_extra=_flag(metavar="BYTES"))
+    compile_shapes: str | None = Field(
+        None, description="shapes to compile ahead at start-up when compiling is on (speed auto "
+        "or fastest on CUDA): WIDTHxHEIGHTxBATCH,... (default: the family's)",
+        json_schema_extra=_flag(metavar="WxHxB,..."))
+    compile_cache: str | None = Field(None, description="folder keeping compiled graphs for "
+                                      "the next start (default ~/.cache/fewstep/compile)",
+                                      json_schema_extra=_flag(metavar="DIR"))
+    max_batch: int | None = Field(None, ge=1, description="queued jobs run as one pipeline "
+                                  "call at most (default: 8 on CUDA, 4 elsewhere)",
+                                  json_schema_extra=_flag(metavar="N"))
+    batch_wait_ms: float = Field(0.0, ge=0, allow_inf_nan=False, description="how long the "
+                                 "worker waits for companions of a lone job, ms",
+                                 json_schema_extra=_flag(metavar="MS"))
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="log level of the service")
+
+    @field_validator("compile_shapes", mode="before")
+    @classmethod
+    def _shapes(cls, value):
+        if value is not None:
+            from .accel.compile import parse_shapes
+            from .errors import InvalidRequest
+
+            try:
+                parse_shapes(str(value))
+            except InvalidRequest as exc:
+                raise ValueError(exc.message.removeprefix("compile_shapes: ")) from None
+        return value
+
+    @field_validator("public_url", mode="before")
+    @classmethod
+    def _url(cls, value):
+        if value is not None and not re.match(r"^https?://[^\s/]+[^\s]*$", str(value)):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("lora", "controlnet", "adapter", "motion_adapter", mode="before")
+    @classmethod
+    def _catalogue_entries(cls, value, info):
+        return catalogue_entries(value, info.field_name)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
+                                   dotenv_settings, file_secret_settings):
+        return init_settings, env_settings, _ConfigFileSource(settings_cls)
+
+    def limits(self) -> Settings:
+        return Settings(**{name: getattr(self, name) for name in Settings.model_fields})
+
+
+def catalogue_entries(value: Any, option: str) -> dict[str, str]:
+    """A catalogue table from a dict, a list of `NAME=REF`, or text (a JSON object or
+    comma-separated `NAME=REF`, as an environment variable gives it)."""
+    from .server.catalog import check_name
+
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except ValueError:
+                raise ValueError("is not a valid JSON object") from None
+        else:
+            value = [part for part in text.split(",") if part.strip()]
+    if isinstance(value, (list, tuple)):
+        table = {}
+        for entry in value:
+            name, sep, ref = str(entry).partition("=")
+            if not sep or not name.strip() or not ref.strip():
+                raise ValueError(f"takes NAME=REF, got {str(entry)[:80]!r}")
+            table[name.strip()] = ref.strip()
+        value = table
+    if not isinstance(value, dict):
+        raise ValueError("must be a table of NAME = REF")
+    for name, ref in value.items():
+        try:
+            check_name(name, option)
+        except InvalidRequest as exc:
+            raise ValueError(exc.message.removeprefix(f"{option} ")) from None
+        if not isinstance(ref, str) or not ref.strip():
+            raise ValueError(f"{name}: the reference must be a non-empty string")
+    return {name: ref.strip() for name, ref in value.items()}
+
+
+# -- the config file ---------------------------------------------------------------------------
+
+FILE_ALIASES = {"model_config": "model_config_dir"}  # the key earlier versions read
+
+
+def read_config_file(path: str, cls: type[BaseSettings] = ServeSettings) -> dict[str, Any]:
+    """A JSON or TOML file's options, keys normalised; unknown keys are refused."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise InvalidRequest(f"config {path!r}: no such file", field="config")
+    try:
+        text = file.read_text("utf-8")
+        if file.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise InvalidRequest(f"config {path!r} is not valid: {detail}", field="config") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"config {path!r} must hold a table/object", field="config")
+    values = {}
+    for key, value in data.items():
+        name = FILE_ALIASES.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
+        if name not in cls.model_fields or name == "config":
+            raise InvalidRequest(f"config {path!r}: unknown key {key!r}", field="config")
+        values[name] = value
+    return values
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """The file named by the `config` option (from a flag or FEWSTEP_CONFIG)."""
+
+    def get_field_value(self, field, field_name):  # required by the base class; unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = self.current_state.get("config")
+        return read_config_file(path, self.settings_cls) if path else {}
+
+
+# -- building, with errors naming the option -------------------------------------------------
+
+def load(cls: type[BaseSettings], flags: dict[str, Any] | None = None,
+         flag_names: dict[str, str] | None = None):
+    """`cls` from flags (field -> value), FEWSTEP_* variables and, for `ServeSettings`, the
+    config file. A bad value raises InvalidRequest naming where it came from."""
+    flags = dict(flags or {})
+    try:
+        return cls(**flags)
+    except ValidationError as exc:
+        raise _option_error(exc, cls, flags, flag_names or {}) from None
+    except SettingsError as exc:
+        raise InvalidRequest(" ".join(str(exc).split())[:300], field="config") from None
+
+
+def _option_error(exc: ValidationError, cls, flags: dict, flag_names: dict) -> InvalidRequest:
+    first = exc.errors()[0]
+    name = str(first["loc"][0]) if first["loc"] else None
+    if name in flags:
+        where = flag_names.get(name) or _flag_strings(cls, name)[0]
+    elif name and _env_name(name) in os.environ:
+        where = _env_name(name)
+    elif name and flags.get("config"):
+        where = f"{name} in {flags['config']}"
+    elif name and os.environ.get(_env_name("config")):
+        where = f"{name} in {os.environ[_env_name('config')]}"
+    else:
+        where = name or "option"
+    message = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    if isinstance(value, (dict, list)):  # the message names the entry at fault
+        return InvalidRequest(f"{where}: {message}", field=name)
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return InvalidRequest(f"{where}: {message} (got {shown})", field=name)
+
+
+def _env_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+# -- flags from the model ----------------------------------------------------------------------
+
+def _flag_strings(cls, name: str) -> list[str]:
+    extra = cls.model_fields[name].json_schema_extra or {}
+    return [extra.get("flag") or f"--{name.replace('_', '-')}"]
+
+
+def add_arguments(parser, cls: type[BaseSettings], *, only: tuple[str, ...] | None = None,
+                  skip: tuple[str, ...] = (), flags: dict[str, list[str]] | None = None) -> None:
+    """One flag per field of `cls`. Values stay text (pydantic converts and checks them, so a
+    bad one is reported like a bad file or environment value); unset flags stay unset, so the
+    environment and the config file can fill them."""
+    flags = flags or {}
+    for name, info in cls.model_fields.items():
+        if (only is not None and name not in only) or name in skip:
+            continue
+        extra = info.json_schema_extra or {}
+        strings = flags.get(name) or _flag_strings(cls, name)
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,
+                                  "help": _help(info, cls, name)}
+        choices = _choices(info.annotation)
+        if choices:
+            kwargs["choices"] = choices
+        else:
+            kwargs["metavar"] = extra.get("metavar") or name.upper()
+        if extra.get("repeat"):
+            kwargs["action"] = "append"
+        parser.add_argument(*strings, **kwargs)
+
+
+def _choices(annotation) -> list[str] | None:
+    for arg in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(arg) is Literal:
+            return [str(a) for a in typing.get_args(arg)]
+    return None
+
+
+def _help(info, cls, name: str) -> str:
+    text = info.description or ""
+    default = info.get_default(call_default_factory=True)
+    if default not in (None, {}, [], ""):
+        text += f" (default {default})"
+    return f"{text}; env {_env_name(name)}" if text else f"env {_env_name(name)}"
+
+
+def given(args: argparse.Namespace, cls: type[BaseSettings]) -> dict[str, Any]:
+    """The fields of `cls` that were given as flags."""
+    return {name: getattr(args, name) for name in cls.model_fields if hasattr(args, name)}
+
+
+# -- device and dtype --------------------------------------------------------------------------
+
+def pick_device(name: str | None = "auto") -> str:
+    """`auto` -> cuda, then mps, then cpu. An explicit device must exist on this machine."""
     import torch
 
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    name = (name or "auto").strip()
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    if not re.match(DEVICE_PATTERN, name):
+        raise InvalidRequest(f"device {name!r} is not one of auto, cpu, cuda, cuda:N, mps",
+                             field="device")
+    if name.startswith("cuda"):
+        if not cuda:
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no GPU found"
+            raise InvalidRequest(f"device {name!r}: CUDA is not available here ({build}); use "
+                                 "--device cpu or auto", field="device")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise InvalidRequest(f"device {name!r}: there are {torch.cuda.device_count()} CUDA "
+                                 "devices (cuda:0 ...)", field="device")
+    if name == "mps" and not mps:
+        raise InvalidRequest("device 'mps': Apple MPS is not available here; use --device cpu "
+                             "or auto", field="device")
+    return name
 
 
 def pick_dtype(name: str, device: str):
@@ -49,8 +407,6 @@ def pick_dtype(name: str, device: str):
     if name == "auto":
         return torch.float16 if device.startswith(("cuda", "mps")) else torch.float32
     if name not in table:
-        from .errors import InvalidRequest
-
         raise InvalidRequest(f"dtype must be one of auto, {', '.join(table)}; got {name!r}",
                              field="dtype")
     return table[name]

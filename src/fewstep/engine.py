@@ -102,7 +102,7 @@ class Engine:
         fp16_vae: str | None = None,
         compile_shapes: tuple[tuple[int, int, int], ...] | None = None,
         compile_cache: str | None = None,
-        preload_loras: tuple[str, ...] = (),
+        preload_loras: tuple[str, ...] | dict[str, str] = (),
     ):
         from diffusers import LCMScheduler
 
@@ -168,8 +168,10 @@ class Engine:
         self.prompt_cache: PromptCache | None = None
         self._lock = threading.RLock()
         # LoRAs loaded now (checked, inactive) so a compiled UNet never sees its layers change
-        for i, ref_text in enumerate(preload_loras):
-            self.preload_lora(ref_text, f"preload_loras.{i}")
+        named = preload_loras if isinstance(preload_loras, dict) else {
+            f"preload_loras.{i}": ref for i, ref in enumerate(preload_loras)}
+        for field_name, ref_text in named.items():  # {field named in errors: reference}
+            self.preload_lora(ref_text, field_name)
         self.speed = speed
         from .accel import FastPath
 

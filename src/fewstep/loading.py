@@ -207,7 +207,7 @@ def _pruned_up_path(keys: list[str]) -> bool:
 
 def load_pipeline(cls, ref: Ref, *, config_ref: Ref | None, family, torch_dtype, field="model"):
     """Load `cls` (a diffusers pipeline class) from a reference, safetensors only."""
-    kwargs: dict[str, Any] = dict(torch_dtype=torch_dtype)
+    kwargs: dict[str, Any] = dict(dtype=torch_dtype)
     if not family.sdxl_like:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
@@ -260,7 +260,7 @@ def load_component(cls, ref: Ref, *, torch_dtype, field: str):
     source = str(ref.path) if ref.path is not None else ref.repo
     try:
         return cls.from_pretrained(
-            source, torch_dtype=torch_dtype, use_safetensors=True,
+            source, dtype=torch_dtype, use_safetensors=True,
             local_files_only=offline_mode(),
         )
     except Exception as exc:  # noqa: BLE001

@@ -1,35 +1,66 @@
-"""Writing results: PNG (with generation parameters), JPEG/WebP, GIF and MP4. Atomic: every
-file is written under a temporary name beside its target and renamed only when all are done, so
-an error leaves no partial or half-numbered output."""
+"""Writing results: PNG, JPEG, WebP, GIF and MP4, each carrying its record (what
+`fewstep reproduce` reads back, see `records.py`) and, for images, A1111-style infotext.
+
+Where the record goes: PNG a `fewstep` text chunk (infotext in `parameters`); JPEG and WebP
+EXIF ImageDescription (infotext in UserComment); GIF the comment extension; MP4 the `comment`
+metadata tag. Atomic: every file is written under a temporary name beside its target and
+renamed only when all are done, so an error leaves no partial or half-numbered output."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin
+from PIL import ExifTags, Image, PngImagePlugin
 
 from .errors import InvalidRequest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 ANIMATION_SUFFIXES = (".gif", ".mp4")
+RECORD_KEY = "fewstep"  # PNG text chunk holding the record
+EXIF_IMAGE_DESCRIPTION = 0x010E
+EXIF_USER_COMMENT = 0x9286
 
 
-def check_output_path(out: str | Path, animation: bool) -> Path:
-    """Validate an output path before any work is done."""
-    path = Path(out).expanduser()
-    allowed = ANIMATION_SUFFIXES if animation else IMAGE_SUFFIXES
-    if path.suffix.lower() not in allowed:
-        raise InvalidRequest(
-            f"out {str(out)!r}: the suffix must be one of {', '.join(allowed)}", field="out")
-    if path.exists() and path.is_dir():
-        raise InvalidRequest(f"out {str(out)!r} is a folder", field="out")
-    if not path.parent.exists():
-        raise InvalidRequest(f"out {str(out)!r}: folder {str(path.parent)!r} does not exist",
-                             field="out")
+def check_output_path(out: str | Path, animation: bool, count: int = 1) -> Path:
+    """Validate an output path before any work is done: the suffix, the folder, and that a
+    file can be created there (`count` numbered files for several results)."""
+    try:
+        if "\0" in str(out):
+            raise ValueError("a NUL character")
+        path = Path(out).expanduser()
+        allowed = ANIMATION_SUFFIXES if animation else IMAGE_SUFFIXES
+        if path.suffix.lower() not in allowed:
+            raise InvalidRequest(
+                f"out {str(out)!r}: the suffix must be one of {', '.join(allowed)}", field="out")
+        folder = path.parent
+        if not folder.is_dir():
+            what = "is not a folder" if folder.exists() else "does not exist"
+            raise InvalidRequest(f"out {str(out)!r}: folder {str(folder)!r} {what}",
+                                 field="out")
+        for target in numbered_paths(path, count):
+            if target.is_dir():
+                raise InvalidRequest(f"out {str(target)!r} is a folder", field="out")
+    except ValueError as exc:  # NUL bytes and the like
+        raise InvalidRequest(f"out {str(out)[:80]!r} is not a usable path ({exc})",
+                             field="out") from None
+    _check_writable(folder, out)
     return path
+
+
+def _check_writable(folder: Path, out) -> None:
+    """Create and remove a file where the outputs will go: permissions, read-only file
+    systems and special folders all show here, before the work rather than after it."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fewstep-", suffix=".probe", dir=folder)
+    except OSError as exc:
+        raise InvalidRequest(f"out {str(out)!r}: cannot write in {str(folder)!r} "
+                             f"({exc.strerror or exc})", field="out") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def numbered_paths(path: Path, count: int) -> list[Path]:
@@ -40,10 +71,34 @@ def numbered_paths(path: Path, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i:0{width}d}{path.suffix}") for i in range(1, count + 1)]
 
 
+def quote(value) -> str:
+    """A value as A1111 writes it into infotext: JSON-quoted when it holds a comma, a colon
+    or a line break (its parser splits fields on commas and keys on colons)."""
+    text = str(value)
+    if "," not in text and ":" not in text and "\n" not in text and '"' not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def lora_name(ref: str) -> str:
+    """The name a `<lora:NAME:WEIGHT>` tag uses: the file's stem, or the catalogue name."""
+    name = Path(str(ref).rstrip("/\\")).name
+    name = re.sub(r"\.safetensors$", "", name)
+    return re.sub(r"[<>:\s]+", "_", name) or "lora"
+
+
+def _tag_weight(weight: float) -> str:
+    return f"{float(weight):g}"
+
+
 def a1111_parameters(params: dict, index: int = 0) -> str:
-    """The `parameters` text that AUTOMATIC1111-style tools read from a PNG."""
+    """The `parameters` text that AUTOMATIC1111-style tools read from a PNG. The prompt
+    carries the LoRA stack as `<lora:name:weight>` tags, as A1111's own prompts do, so
+    "send to txt2img" keeps it."""
     req = params["request"]
-    lines = [req["prompt"]]
+    tags = [f"<lora:{lora_name(lo['ref'])}:{_tag_weight(lo['weight'])}>"
+            for lo in req.get("loras") or []]
+    lines = [" ".join([req["prompt"], *tags]) if tags else req["prompt"]]
     if req.get("negative_prompt"):
         lines.append(f"Negative prompt: {req['negative_prompt']}")
     fields = [
@@ -60,20 +115,33 @@ def a1111_parameters(params: dict, index: int = 0) -> str:
     if req.get("strength") is not None:
         fields.append(("Denoising strength", req["strength"]))
     if params.get("lcm_lora"):
-        fields.append(("LCM-LoRA", f"{Path(params['lcm_lora']).name}:{params['lcm_weight']}"))
-    if req.get("loras"):
-        fields.append(("Lora", ", ".join(f"{Path(lo['ref']).name}:{lo['weight']}"
-                                          for lo in req["loras"])))
+        fields.append(("LCM-LoRA", f"{lora_name(params['lcm_lora'])}: "
+                                   f"{_tag_weight(params['lcm_weight'])}"))
     fields.append(("Version", f"fewstep {params['fewstep']}"))
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields))
+    lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields))
     return "\n".join(lines)
+
+
+def record_text(params: dict, index: int = 0) -> str:
+    """The record of one output, as JSON text (ASCII, so every container can hold it)."""
+    return json.dumps({**params, "batch_index": index}, sort_keys=True)
 
 
 def png_info(params: dict, index: int) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", a1111_parameters(params, index))
-    info.add_text("fewstep", json.dumps({**params, "batch_index": index}, sort_keys=True))
+    info.add_text(RECORD_KEY, record_text(params, index))
     return info
+
+
+def exif_info(params: dict, index: int):
+    """JPEG and WebP: the record in ImageDescription, the infotext in UserComment (where
+    A1111 puts it)."""
+    exif = Image.Exif()
+    exif[EXIF_IMAGE_DESCRIPTION] = record_text(params, index)
+    exif.get_ifd(ExifTags.IFD.Exif)[EXIF_USER_COMMENT] = (
+        b"UNICODE\0" + a1111_parameters(params, index).encode("utf-16-be"))
+    return exif
 
 
 def encode_image(image: Image.Image, suffix: str, params: dict | None = None,
@@ -85,36 +153,53 @@ def encode_image(image: Image.Image, suffix: str, params: dict | None = None,
     if suffix == ".png":
         image.save(buffer, format="PNG", pnginfo=png_info(params, index) if params else None)
     elif suffix in (".jpg", ".jpeg"):
-        image.save(buffer, format="JPEG", quality=95)
+        extra = {"exif": exif_info(params, index)} if params else {}
+        image.save(buffer, format="JPEG", quality=95, **extra)
     elif suffix == ".webp":
-        image.save(buffer, format="WEBP", quality=95)
+        extra = {"exif": exif_info(params, index)} if params else {}
+        image.save(buffer, format="WEBP", quality=95, **extra)
     else:
         raise InvalidRequest(f"unsupported image format {suffix!r}", field="out")
     return buffer.getvalue()
 
 
-def encode_animation(frames: list[Image.Image], suffix: str, fps: int) -> bytes:
+def encode_animation(frames: list[Image.Image], suffix: str, fps: int,
+                     params: dict | None = None, index: int = 0) -> bytes:
     suffix = suffix.lower()
+    record = record_text(params, index) if params else None
     if suffix == ".gif":
         import io
 
         buffer = io.BytesIO()
+        extra = {"comment": record.encode("ascii")} if record else {}
         frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:],
-                       duration=round(1000 / fps), loop=0)
+                       duration=round(1000 / fps), loop=0, **extra)
         return buffer.getvalue()
     if suffix == ".mp4":
         import imageio.v2 as imageio
         import numpy as np
 
+        metadata = ["-metadata", f"comment={record}"] if record else []
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / "video.mp4"
             # yuv420p needs even sizes; the image sizes fewstep allows are multiples of 8
             with imageio.get_writer(str(target), fps=fps, codec="libx264", quality=8,
-                                    macro_block_size=1, pixelformat="yuv420p") as writer:
+                                    macro_block_size=1, pixelformat="yuv420p",
+                                    output_params=metadata) as writer:
                 for frame in frames:
                     writer.append_data(np.asarray(frame))
             return target.read_bytes()
     raise InvalidRequest(f"unsupported animation format {suffix!r}", field="out")
+
+
+def encode_output(result, index: int, suffix: str, batch_index: int | None = None) -> bytes:
+    """Output number `index` of a Result (an image or an animation) in the format of `suffix`;
+    its record says `batch_index` (default `index`): its position in the generated batch."""
+    position = index if batch_index is None else batch_index
+    if result.is_animation:
+        fps = result.params["request"].get("fps", 8)
+        return encode_animation(result.pil_frames(index), suffix, fps, result.params, position)
+    return encode_image(result.pil_images()[index], suffix, result.params, position)
 
 
 def write_atomically(payloads: list[tuple[Path, bytes]]) -> list[Path]:
@@ -138,14 +223,8 @@ def write_atomically(payloads: list[tuple[Path, bytes]]) -> list[Path]:
 
 def save_result(result, out: str | Path) -> list[Path]:
     """Write a Result to `out` (numbered files for several images). Returns the paths."""
-    path = check_output_path(out, result.is_animation)
     count = result.images.shape[0]
+    path = check_output_path(out, result.is_animation, count)
     targets = numbered_paths(path, count)
-    if result.is_animation:
-        fps = result.params["request"].get("fps", 8)
-        payloads = [(t, encode_animation(result.pil_frames(i), path.suffix, fps))
-                    for i, t in enumerate(targets)]
-    else:
-        payloads = [(t, encode_image(img, path.suffix, result.params, i))
-                    for i, (t, img) in enumerate(zip(targets, result.pil_images()))]
-    return write_atomically(payloads)
+    return write_atomically([(t, encode_output(result, i, path.suffix))
+                             for i, t in enumerate(targets)])

@@ -1,5 +1,10 @@
 """The catalogue: names given at start-up -> model references. Requests name LoRAs and
-components by catalogue name only; a path or URL from the network is refused before any lookup."""
+components by catalogue name only; a path or URL from the network is refused before any lookup.
+
+Records of results (the `params` written into outputs) leave the service with catalogue names
+in place of references, and say so: `catalog_names` lists the fields that hold names.
+`restore_record` turns them back into references with the same catalogue, which is how
+`fewstep reproduce --config SERVE_CONFIG` regenerates a service output."""
 
 from __future__ import annotations
 
@@ -38,6 +43,18 @@ def parse_entry(text: str, option: str) -> tuple[str, str]:
     return check_name(name.strip(), option), ref.strip()
 
 
+LCM_NAME = "lcm-lora"  # the LCM-LoRA's name in records (it is not a requestable LoRA)
+TINY_VAE_NAME = "tiny-vae"  # the fast path's tiny VAE, when one was given
+
+
+def name_from_ref(ref: str) -> str:
+    """A catalogue name for a model reference: its last component, made safe."""
+    last = Path(str(ref).rstrip("/\\")).name or "model"
+    last = re.sub(r"\.safetensors$", "", last)
+    last = re.sub(r"[^A-Za-z0-9_.+-]+", "-", last).strip(".-") or "model"
+    return last[:64]
+
+
 @dataclass
 class Catalog:
     """What the service may load, by name. `model_name` is what clients see for the model."""
@@ -48,12 +65,37 @@ class Catalog:
     adapters: dict[str, str] = field(default_factory=dict)
     motion_adapters: dict[str, str] = field(default_factory=dict)
     hidden: dict[str, str] = field(default_factory=dict)  # other refs to hide (model, LCM-LoRA)
+    # what records of this service need beyond the engine's description (its speed preset)
+    record_extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         check_name(self.model_name, "model_name")
         for table in (self.loras, self.controlnets, self.adapters, self.motion_adapters):
             for name in table:
                 check_name(name, "catalog")
+
+    @classmethod
+    def from_settings(cls, settings, engine=None) -> "Catalog":
+        """The catalogue of a `ServeSettings`. With the engine, the model and LCM-LoRA it
+        actually loaded (defaults included) are hidden behind their names too."""
+        from ..lora import split_weight
+
+        model_ref = str(settings.model or (engine.model_ref if engine is not None else ""))
+        name = settings.model_name or name_from_ref(model_ref)
+        hidden = {name: model_ref} if model_ref else {}
+        lcm = settings.lcm_lora
+        if lcm not in ("auto", "none"):
+            hidden[LCM_NAME] = split_weight(lcm)[0]
+        elif engine is not None and getattr(engine, "lcm_ref", None):
+            hidden[LCM_NAME] = engine.lcm_ref
+        extra = {"speed": getattr(engine, "speed", settings.speed)}
+        if settings.tiny_vae and extra["speed"] != "off":
+            hidden[TINY_VAE_NAME] = settings.tiny_vae
+            extra["tiny_vae"] = settings.tiny_vae
+        return cls(model_name=name, loras=dict(settings.lora),
+                   controlnets=dict(settings.controlnet), adapters=dict(settings.adapter),
+                   motion_adapters=dict(settings.motion_adapter), hidden=hidden,
+                   record_extra=extra)
 
     def table(self, kind: str) -> dict[str, str]:
         return {"lora": self.loras, "controlnet": self.controlnets, "adapter": self.adapters,
@@ -100,6 +142,10 @@ class Catalog:
                              text)
 
     def redact_obj(self, value):
+        """`redact` through a JSON-like value. A result record (`params`) also gets
+        `catalog_names`: the fields whose values are now catalogue names."""
+        if is_record(value):
+            return self.redact_record(value)
         if isinstance(value, str):
             for ref, name in self._pairs():
                 if value == ref:
@@ -110,6 +156,127 @@ class Catalog:
         if isinstance(value, (list, tuple)):
             return [self.redact_obj(v) for v in value]
         return value
+
+
+    # -- records ------------------------------------------------------------------------
+
+    def redact_record(self, record: dict) -> dict:
+        record = {**self.record_extra, **record}
+        redacted = {k: self.redact_obj(v) for k, v in record.items()}
+        names = []
+        for path, kind in record_refs(record):
+            name = self._name_of(kind, _get(record, path))
+            if name is not None:
+                _set(redacted, path, name)
+                names.append(".".join(map(str, path)))
+        redacted["catalog_names"] = names
+        return redacted
+
+    def restore_record(self, record: dict) -> dict:
+        """The inverse of `redact_record`: catalogue names back to references. A name this
+        catalogue does not have is a NotFound naming the option that would supply it."""
+        import copy
+
+        restored = copy.deepcopy(record)
+        kinds = {tuple(p): k for p, k in record_refs(record)}
+        for dotted in record.get("catalog_names") or []:
+            path = _split(dotted)
+            kind = kinds.get(path)
+            if kind is None:
+                raise InvalidRequest(f"record: catalog_names lists {dotted!r}, which is not a "
+                                     "reference field", field="catalog_names")
+            name = _get(record, path)
+            _set(restored, path, self._ref_of(kind, name, dotted))
+        restored.pop("catalog_names", None)
+        return restored
+
+    def _name_of(self, kind: str, ref) -> str | None:
+        if not isinstance(ref, str):
+            return None
+        table = self._record_table(kind)
+        for name, entry in table.items():
+            if entry == ref or _same_path(entry, ref):
+                return name
+        return None
+
+    def _ref_of(self, kind: str, name: object, field: str) -> str | None:
+        if kind == "model":
+            if name != self.model_name or name not in self.hidden:
+                raise NotFound(f"{field}: the record's model is the catalogue name {name!r}, "
+                               "which this catalogue does not give (pass --model REF)",
+                               field="model")
+            return self.hidden[name]
+        if kind == "lcm":
+            return self.hidden.get(LCM_NAME, "auto")
+        if kind == "tiny_vae":
+            if TINY_VAE_NAME not in self.hidden:
+                raise NotFound(f"{field}: the record's tiny VAE is a catalogue name; pass the "
+                               "service's --config FILE", field="tiny_vae")
+            return self.hidden[TINY_VAE_NAME]
+        table = self.table(kind)
+        if name not in table:
+            option = "--" + kind.replace("_", "-")
+            raise NotFound(f"{field}: {KINDS[kind]} {name!r} is not in this catalogue (pass "
+                           f"{option} {name}=REF or the service's --config FILE)", field=field)
+        return table[name]
+
+    def _record_table(self, kind: str) -> dict[str, str]:
+        if kind == "model":
+            return {self.model_name: self.hidden[self.model_name]} \
+                if self.model_name in self.hidden else {}
+        if kind in ("lcm", "tiny_vae"):
+            name = LCM_NAME if kind == "lcm" else TINY_VAE_NAME
+            return {name: self.hidden[name]} if name in self.hidden else {}
+        return self.table(kind)
+
+
+def is_record(value) -> bool:
+    """A result record: what `Engine.describe` makes, with its request."""
+    return (isinstance(value, dict) and isinstance(value.get("request"), dict)
+            and "model" in value and "fewstep" in value)
+
+
+def record_refs(record: dict) -> list[tuple[tuple, str]]:
+    """(path, kind) of every reference a record holds: the model, the LCM-LoRA, the tiny VAE,
+    each LoRA and the request's component."""
+    refs: list[tuple[tuple, str]] = [(("model",), "model")]
+    if record.get("lcm_lora"):
+        refs.append((("lcm_lora",), "lcm"))
+    if record.get("tiny_vae"):
+        refs.append((("tiny_vae",), "tiny_vae"))
+    request = record.get("request") or {}
+    for i, _ in enumerate(request.get("loras") or []):
+        refs.append((("request", "loras", i, "ref"), "lora"))
+    for kind in ("controlnet", "adapter", "motion_adapter"):
+        if request.get(kind):
+            refs.append((("request", kind), kind))
+    return refs
+
+
+def _split(dotted: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in str(dotted).split("."))
+
+
+def _get(value, path: tuple):
+    for key in path:
+        try:
+            value = value[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return value
+
+
+def _set(value, path: tuple, new) -> None:
+    for key in path[:-1]:
+        value = value[key]
+    value[path[-1]] = new
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
 
 
 _ABS_PATH = re.compile(r"(?<![\w:/])(?:/[\w.+-]+){2,}/?|[A-Za-z]:\\[^\s'\"]+")

@@ -1,28 +1,30 @@
-"""`fewstep serve`: flags and/or a config file (JSON or TOML, the same keys as the flags) ->
-Engine + catalogue -> the app, run by uvicorn with a graceful SIGTERM: readiness goes false,
-new requests get 503, queued and running work may finish within `--grace` seconds, then a
-clean exit (status 0).
+"""`fewstep serve`: flags, FEWSTEP_* variables and/or a config file (JSON or TOML), all from one
+model (`fewstep.config.ServeSettings`) -> Engine + catalogue -> the app, run by uvicorn with a
+graceful SIGTERM: readiness goes false, new requests get 503, queued and running work may
+finish within `--grace` seconds, then a clean exit (status 0).
 
-Only argparse is imported at module level, so the main CLI can list `serve` cheaply."""
+Every user error -- a bad option, a name, an address in use, a missing file, a device this
+machine lacks -- is found before the model loads and reported in one line. Components that do
+not fit the model (LoRAs, ControlNets, T2I-Adapters, motion adapters) fail the start, not a
+request.
+
+Only the standard library and pydantic are imported at module level, so the main CLI can list
+`serve` cheaply and say what to install when the service's extra is missing."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
-from pathlib import Path
 
-DEFAULTS = {"host": "127.0.0.1", "port": 7860, "queue_size": 16, "grace": 30.0,
-            "max_body_mb": 64.0, "timeout": None, "device": None, "dtype": None,
-            "model": None, "model_name": None, "lcm_lora": "auto", "api_key": None,
-            "lora": [], "controlnet": [], "adapter": [], "motion_adapter": [], "log_level": "info",
-            "model_config": None, "family": None, "speed": "auto", "tiny_vae": None,
-            "animate_lcm_weight": 0.55}
-LISTS = ("lora", "controlnet", "adapter", "motion_adapter")
-from .ray_cli import RAY_DEFAULTS  # noqa: E402 - `--ray` and its options (scale out)
-
-DEFAULTS.update(RAY_DEFAULTS)
+SERVE_EXTRA = ("fastapi", "uvicorn", "prometheus_client", "python_multipart")
+GROUPS = {
+    "model": ("model", "model_name", "model_config_dir", "family", "lcm_lora",
+              "animate_lcm_weight", "device", "dtype", "speed", "tiny_vae", "fp16_vae",
+              "compile_shapes", "compile_cache"),
+    "catalogue (requests name these)": ("lora", "controlnet", "adapter", "motion_adapter"),
+    "service": ("host", "port", "api_key", "public_url", "queue_size", "timeout", "grace",
+                "max_body_mb", "body_timeout_s", "job_retention_bytes", "max_batch",
+                "batch_wait_ms", "log_level"),
+}
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -34,146 +36,166 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    S = argparse.SUPPRESS  # unset flags stay unset, so the config file can fill them
-    p.add_argument("--config", metavar="FILE", help="JSON or TOML file with the same keys "
-                   "as these options (lora = {NAME = REF} or [\"NAME=REF\"])")
-    p.add_argument("--model", metavar="REF", default=S, help="base model (as in the CLI)")
-    p.add_argument("--model-name", metavar="NAME", default=S,
-                   help="the name clients see for the model (default: from REF)")
-    p.add_argument("--lcm-lora", metavar="REF[:W]", default=S,
-                   help="LCM-LoRA (default auto: the family's)")
-    for flag, what in (("lora", "a LoRA"), ("controlnet", "a ControlNet"),
-                       ("adapter", "a T2I-Adapter"), ("motion-adapter", "a motion adapter")):
-        p.add_argument(f"--{flag}", metavar="NAME=REF", action="append", default=S,
-                       help=f"add {what} to the catalogue (repeatable)")
-    p.add_argument("--host", default=S, help="bind address (default 127.0.0.1; any other "
-                   "needs an API key)")
-    p.add_argument("--port", type=int, default=S, help="default 7860")
-    p.add_argument("--api-key", metavar="KEY", default=S,
-                   help="required key (Bearer or basic-auth password); also FEWSTEP_API_KEY")
-    p.add_argument("--queue-size", type=int, default=S, help="jobs waiting at most (default 16)")
-    p.add_argument("--timeout", type=float, default=S, metavar="S",
-                   help="default start deadline of a request, seconds (default none)")
-    p.add_argument("--grace", type=float, default=S, metavar="S",
-                   help="SIGTERM: seconds work may go on (default 30)")
-    p.add_argument("--max-body-mb", type=float, default=S, help="request body limit (64)")
-    p.add_argument("--device", default=S, help="auto, cuda, cuda:1, mps, cpu")
-    p.add_argument("--dtype", default=S, help="auto, fp16, bf16, fp32")
-    p.add_argument("--animate-lcm-weight", type=float, metavar="W", default=S,
-                   help="LCM-LoRA weight for animations (default 0.55, as in the recipe)")
-    p.add_argument("--model-config", metavar="DIR", default=S, help="local diffusers folder "
-                   "with the configs of a single-file --model (needed offline)")
-    p.add_argument("--family", default=S, choices=["sd15", "sdxl", "ssd-1b"],
-                   help="override the detected family")
-    p.add_argument("--speed", default=S, choices=["off", "auto", "default", "fastest"],
-                   help="fast-path preset (default: default)")
-    p.add_argument("--tiny-vae", metavar="REF", default=S,
-                   help="tiny autoencoder for --speed fastest (default: the family's taesd)")
-    p.add_argument("--log-level", default=S, help="uvicorn log level (info)")
-    from .ray_cli import add_ray_arguments
+    from ..config import ServeSettings, Settings, add_arguments
+
+    add_arguments(p, ServeSettings, only=("config",))
+    for title, names in GROUPS.items():
+        add_arguments(p.add_argument_group(title), ServeSettings, only=names)
+    limits = tuple(n for n in Settings.model_fields if n not in ("device", "dtype"))
+    add_arguments(p.add_argument_group("limits (per request)"), ServeSettings, only=limits)
+    from .ray_cli import add_ray_arguments  # --ray and its options (scale out)
 
     add_ray_arguments(p)
 
 
-def read_config(path: str) -> dict:
+def load_settings(args: argparse.Namespace):
+    """Flags over FEWSTEP_* variables over the config file over the defaults."""
+    from ..config import ServeSettings, given, load
+
+    return load(ServeSettings, given(args, ServeSettings))
+
+
+def require_extra(extra: str, modules: tuple[str, ...], command: str) -> None:
+    """One line saying what to install when a command's optional dependencies are absent."""
+    import importlib
+
+    from ..errors import FewstepError
+
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise FewstepError(f"{command} needs the {extra} extra (missing: "
+                           f"{', '.join(missing)}): pip install \"fewstep[{extra}]\"")
+
+
+def check_references(settings) -> None:
+    """Every reference is parsed (missing local files, pickle formats) before any loading."""
+    from ..loading import parse_ref
+    from ..lora import check_weight, split_weight
+
+    if settings.model:
+        parse_ref(settings.model, "model")
+    if settings.model_config_dir:
+        parse_ref(settings.model_config_dir, "model_config")
+    if settings.tiny_vae:
+        parse_ref(settings.tiny_vae, "tiny_vae")
+    if settings.lcm_lora not in ("auto", "none"):
+        ref, weight = split_weight(settings.lcm_lora)
+        parse_ref(ref, "lcm_lora")
+        if weight is not None:
+            check_weight(weight, "lcm_lora")
+    for kind in ("lora", "controlnet", "adapter", "motion_adapter"):
+        for name, ref in getattr(settings, kind).items():
+            parse_ref(ref, f"{kind}.{name}")
+
+
+def bind_socket(host: str, port: int):
+    """The listening address, taken before the model loads: an address in use or not of this
+    machine is a start-up error, not a surprise after loading."""
+    import errno
+    import socket
+
     from ..errors import InvalidRequest
 
-    file = Path(path)
-    if not file.is_file():
-        raise InvalidRequest(f"--config {path!r}: no such file", field="config")
-    text = file.read_bytes()
     try:
-        if file.suffix.lower() == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text.decode("utf-8"))
-        else:
-            data = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"--config {path!r} is not valid: {exc}", field="config") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("--config must hold a table/object", field="config")
-    data = {k.replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - set(DEFAULTS))
-    if unknown:
-        raise InvalidRequest(f"--config: unknown key {unknown[0]!r}", field="config")
-    for key in LISTS:
-        value = data.get(key)
-        if isinstance(value, dict):
-            data[key] = [f"{name}={ref}" for name, ref in value.items()]
-        elif value is not None and not isinstance(value, list):
-            raise InvalidRequest(f"--config: {key} must be a table or a list", field=key)
-    return data
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError):
+        raise InvalidRequest(f"host {host!r} is not an address or a name that resolves",
+                             field="host") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        reason = {errno.EADDRINUSE: "is in use", errno.EACCES: "needs privileges",
+                  errno.EADDRNOTAVAIL: "is not an address of this machine"}
+        what = reason.get(exc.errno, f"cannot be bound ({exc.strerror})")
+        field = "host" if exc.errno == errno.EADDRNOTAVAIL else "port"
+        raise InvalidRequest(f"{host}:{port} {what}", field=field) from None
+    return sock
 
 
-def resolve_options(args: argparse.Namespace) -> dict:
-    """Defaults < config file < environment (FEWSTEP_API_KEY) < flags."""
-    values = dict(DEFAULTS)
-    config = getattr(args, "config", None)
-    if config:
-        values.update(read_config(config))
-    if os.environ.get("FEWSTEP_API_KEY"):
-        values["api_key"] = os.environ["FEWSTEP_API_KEY"]
-    for key in DEFAULTS:
-        if hasattr(args, key):
-            values[key] = getattr(args, key)
-    return values
+def engine_kwargs(settings) -> dict:
+    from ..accel.compile import parse_shapes
+    from ..lora import split_weight
+
+    lcm_ref, lcm_weight = split_weight(settings.lcm_lora)
+    return dict(lcm_lora=lcm_ref, lcm_weight=1.0 if lcm_weight is None else lcm_weight,
+                animate_lcm_weight=settings.animate_lcm_weight,
+                config=settings.model_config_dir, family=settings.family,
+                settings=settings.limits(), device=settings.device, dtype=settings.dtype,
+                speed=settings.speed, tiny_vae=settings.tiny_vae, fp16_vae=settings.fp16_vae,
+                compile_shapes=parse_shapes(settings.compile_shapes)
+                if settings.compile_shapes else None,
+                compile_cache=settings.compile_cache,
+                # catalogue LoRAs are loaded before any compiling: their stacks then change
+                # weight values only, never a compiled graph
+                preload_loras={f"lora.{name}": ref for name, ref in settings.lora.items()})
 
 
-def build_catalog(values: dict, engine=None):
-    from ..lora import parse_lora_arg
-    from .catalog import Catalog, parse_entry
-
-    tables = {}
-    for key in LISTS:
-        table = {}
-        for entry in values.get(key) or []:
-            name, ref = parse_entry(entry, key.replace("_", "-"))
-            table[name] = ref
-        tables[key] = table
-    model_ref = str(values.get("model") or "")
-    name = values.get("model_name") or _name_from_ref(model_ref)
-    hidden = {name: model_ref} if model_ref else {}
-    lcm = values.get("lcm_lora")
-    if lcm and lcm not in ("auto", "none"):
-        hidden["lcm-lora"] = parse_lora_arg(lcm, "lcm_lora").ref
-    if engine is not None and getattr(engine, "lcm_ref", None):
-        hidden.setdefault("lcm-lora", engine.lcm_ref)
-    return Catalog(model_name=name, loras=tables["lora"], controlnets=tables["controlnet"],
-                   adapters=tables["adapter"], motion_adapters=tables["motion_adapter"],
-                   hidden=hidden)
+def check_catalogue(engine, catalog) -> None:
+    """Every catalogue entry is read and checked against the model: one that does not fit
+    fails the start with an error naming it."""
+    for name, ref in catalog.loras.items():
+        engine.lora(ref, f"lora.{name}")
+    for kind in ("controlnet", "adapter", "motion_adapter"):
+        for name, ref in catalog.table(kind).items():
+            engine.check_component(kind, ref, f"{kind}.{name}")
 
 
-def _name_from_ref(ref: str) -> str:
-    import re
+def server_options(settings):
+    from .service import ServerOptions
 
-    last = Path(ref.rstrip("/\\")).name or "model"
-    last = re.sub(r"\.safetensors$", "", last)
-    last = re.sub(r"[^A-Za-z0-9_.+-]+", "-", last).strip(".-") or "model"
-    return last[:64]
+    return ServerOptions(
+        api_key=settings.api_key, queue_size=settings.queue_size,
+        max_body_bytes=int(settings.max_body_mb * 1024 * 1024),
+        default_timeout_s=settings.timeout, grace_s=settings.grace,
+        public_url=settings.public_url, body_timeout_s=settings.body_timeout_s,
+        job_retention_bytes=settings.job_retention_bytes, max_batch=settings.max_batch,
+        batch_wait_ms=settings.batch_wait_ms)
 
 
 class GracefulServer:
-    """uvicorn.Server whose first SIGTERM/SIGINT drains instead of stopping at once."""
+    """uvicorn.Server whose first SIGTERM/SIGINT drains instead of stopping at once, and
+    which logs the service's own start-up and shutdown."""
 
-    def __new__(cls, config, service):
+    def __new__(cls, config, service, log, banner: str):
         import threading
 
         import uvicorn
 
         class _Server(uvicorn.Server):
+            async def startup(self, sockets=None):
+                await super().startup(sockets=sockets)
+                if self.started:
+                    log.info("%s", banner)
+
+            async def shutdown(self, sockets=None):
+                await super().shutdown(sockets=sockets)
+                log.info("stopped")
+
             def handle_exit(self, sig, frame):
                 if self._draining:
+                    log.warning("second signal: stopping now")
                     self.should_exit = True
                     self.force_exit = True
                     return
                 self._draining = True
-                service.queue.drain()  # readiness false; new work gets 503
                 grace = float(self._grace)
+                log.info("shutting down: no new work; running and queued jobs may finish "
+                         "within %g s", grace)
+                service.queue.drain()  # readiness false; new work gets 503
 
                 def finish():
                     if not service.queue.wait_idle(grace):
-                        service.queue.stop(timeout=5.0)  # past the grace: cancel the rest
+                        log.warning("grace period over: cancelling what is left")
+                        service.queue.stop(timeout=5.0)
                     self.should_exit = True
 
                 threading.Thread(target=finish, name="fewstep-drain", daemon=True).start()
@@ -185,70 +207,76 @@ class GracefulServer:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Build the engine and the app from `args` and serve until SIGTERM. Returns 0."""
-    import logging
-
+    """Check everything, build the engine and the app, serve until SIGTERM. Returns the exit
+    status: 0, or a user error's code after reporting it in one line."""
+    from ..cli import report_error
     from ..errors import FewstepError
-    from .auth import check_bind
 
-    values = resolve_options(args)
-    if values.get("ray"):
+    try:
+        return _checked_serve(args)
+    except FewstepError as exc:
+        return report_error(exc)
+
+
+def _checked_serve(args: argparse.Namespace) -> int:
+    require_extra("serve", SERVE_EXTRA, "fewstep serve")
+    if getattr(args, "ray", False):
         from .ray_cli import run_ray_serve
 
-        return run_ray_serve(values)
-    try:
-        check_bind(values["host"], values["api_key"])  # before loading anything
-        if values["queue_size"] < 1:
-            from ..errors import InvalidRequest
+        return run_ray_serve(args)
+    from ..config import pick_device
+    from .auth import check_bind
+    from .catalog import Catalog
 
-            raise InvalidRequest("--queue-size must be at least 1", field="queue_size")
-        build_catalog(values)  # names checked before the model loads
-    except FewstepError as exc:
-        print(f"error [{exc.field}]: {exc.message}", file=sys.stderr)
-        return exc.exit_code
+    settings = load_settings(args)
+    check_bind(settings.host, settings.api_key)
+    pick_device(settings.device)
+    check_references(settings)
+    Catalog.from_settings(settings)  # names checked before the model loads
+    sock = bind_socket(settings.host, settings.port)
+    try:
+        return _serve(settings, sock)
+    finally:
+        sock.close()
+
+
+def _serve(settings, sock) -> int:
+    import logging
 
     import uvicorn
 
     from ..engine import Engine
-    from ..lora import parse_lora_arg
+    from ..logs import configure_logging, quiet_libraries
     from .app import create_app
-    from .service import ServerOptions
+    from .catalog import Catalog
 
-    lcm = values["lcm_lora"]
-    lcm_ref, lcm_weight = lcm, 1.0
-    if lcm and lcm not in ("auto", "none"):
-        spec = parse_lora_arg(lcm, "lcm_lora")
-        lcm_ref, lcm_weight = spec.ref, spec.weight
-    engine = Engine(values["model"], lcm_lora=lcm_ref, lcm_weight=lcm_weight,
-                    animate_lcm_weight=float(values["animate_lcm_weight"]),
-                    config=values["model_config"], family=values["family"],
-                    device=values["device"], dtype=values["dtype"], speed=values["speed"],
-                    tiny_vae=values["tiny_vae"])
-    catalog = build_catalog({**values, "model": values["model"] or engine.model_ref}, engine)
-    for name, ref in catalog.loras.items():  # broken LoRA files fail the start, not a request
-        engine.lora(ref, f"lora {name}")
-    options = ServerOptions(api_key=values["api_key"], queue_size=int(values["queue_size"]),
-                            max_body_bytes=int(float(values["max_body_mb"]) * 1024 * 1024),
-                            default_timeout_s=values["timeout"], grace_s=float(values["grace"]))
-    app = create_app(engine, catalog, options)
-    config = uvicorn.Config(app, host=values["host"], port=int(values["port"]),
-                            log_level=values["log_level"], timeout_graceful_shutdown=5)
-    server = GracefulServer(config, app.state.service)
-    logging.getLogger("fewstep.server").info("serving %s on %s:%s", catalog.model_name,
-                                             values["host"], values["port"])
-    server.run()
+    quiet_libraries()
+    log = configure_logging(settings.log_level)
+    log.info("loading %s", settings.model or "the default model")
+    engine = Engine(settings.model, **engine_kwargs(settings))
+    catalog = Catalog.from_settings(settings, engine)
+    check_catalogue(engine, catalog)
+    app = create_app(engine, catalog, server_options(settings))
+    config = uvicorn.Config(app, log_level=settings.log_level, timeout_graceful_shutdown=5)
+    if settings.log_level not in ("debug", "trace"):
+        # uvicorn's own life-cycle lines say what ours say; its errors still show
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    host, port = sock.getsockname()[:2]
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    banner = (f"serving {catalog.model_name} ({engine.family.name}, {engine.device}, "
+              f"{str(engine.dtype).removeprefix('torch.')}) at http://{address}")
+    GracefulServer(config, app.state.service, log, banner).run(sockets=[sock])
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..errors import FewstepError
+    """`python -m fewstep.server`."""
+    from ..cli import Parser
 
-    parser = argparse.ArgumentParser(prog="python -m fewstep.server",
-                                     description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m fewstep.server", description=__doc__.split("\n\n")[0])
     add_serve_arguments(parser)
     args = parser.parse_args(argv)
     try:
         return run_serve(args)
-    except FewstepError as exc:
-        print(f"error [{exc.field}]: {exc.message}", file=sys.stderr)
-        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

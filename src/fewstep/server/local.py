@@ -248,7 +248,8 @@ class LocalBackend:
         return Health(alive=alive, ready=alive and not self._draining, detail=detail)
 
     async def queue_info(self) -> QueueInfo:
-        running = list(self._running)
+        # a batch's finished members leave at once, not when the whole batch is done
+        running = [job for job in list(self._running) if job.state not in FINAL]
         return QueueInfo(limit=self.max_size, depth=self.depth,
                          running=tuple(job.view() for job in running),
                          retry_after_s=self.retry_after())

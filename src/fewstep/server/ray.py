@@ -27,7 +27,8 @@ import functools
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable
 
 from ray import serve
@@ -39,7 +40,6 @@ from ray.serve.exceptions import (
     RequestCancelledError,
 )
 
-from ..config import Settings
 from ..errors import FewstepError
 from .backend import FINAL, RUNNING
 from .ray_backend import Overloaded, RayBackend, ReplicaLost, ReplicaState
@@ -54,55 +54,40 @@ CONSTRUCTOR_RETRIES = 3  # a replica that cannot load its engine is retried this
 
 @dataclass
 class ServiceSpec:
-    """What the deployments need, plain and picklable: the `fewstep serve` option values (see
-    `fewstep.server.cli`), the request limits, and how to run replicas."""
+    """What the deployments need, plain and picklable: the options of `fewstep serve --ray`
+    (`ray_cli.RayServeSettings`) and how to run replicas."""
 
-    values: dict[str, Any]
-    settings: Settings = field(default_factory=Settings.from_env)
+    settings: Any  # RayServeSettings
     min_replicas: int = 1
     max_replicas: int = 1
     gpus_per_replica: float = 0.0
     cpus_per_replica: float = 1.0
-    # makes the engine from the option values (default: as `fewstep serve` does); tests use it
-    engine_factory: Callable[[dict], Any] | None = None
+    # makes the engine from the settings (default: as `fewstep serve` does); tests use it
+    engine_factory: Callable[[Any], Any] | None = None
 
     @property
     def queue_size(self) -> int:
-        return int(self.values["queue_size"])
+        return int(self.settings.queue_size)
 
     def server_options(self) -> ServerOptions:
-        values = self.values
-        return ServerOptions(api_key=values["api_key"], queue_size=self.queue_size,
-                             max_body_bytes=int(float(values["max_body_mb"]) * 1024 * 1024),
-                             default_timeout_s=values["timeout"], grace_s=float(values["grace"]))
+        from .cli import server_options
+
+        return server_options(self.settings)
 
     def make_engine(self):
         if self.engine_factory is not None:
-            return self.engine_factory(self.values)
+            return self.engine_factory(self.settings)
         from ..engine import Engine
-        from ..lora import parse_lora_arg
+        from .cli import engine_kwargs
 
-        values = self.values
-        lcm = values["lcm_lora"]
-        lcm_ref, lcm_weight = lcm, 1.0
-        if lcm and lcm not in ("auto", "none"):
-            spec = parse_lora_arg(lcm, "lcm_lora")
-            lcm_ref, lcm_weight = spec.ref, spec.weight
-        return Engine(values["model"], lcm_lora=lcm_ref, lcm_weight=lcm_weight,
-                      animate_lcm_weight=float(values["animate_lcm_weight"]),
-                      config=values["model_config"], family=values["family"],
-                      settings=self.settings, device=values["device"], dtype=values["dtype"],
-                      speed=values["speed"], tiny_vae=values["tiny_vae"])
+        return Engine(self.settings.model, **engine_kwargs(self.settings))
 
-    def catalog(self, model_ref: str | None, lcm_ref: str | None):
-        """The catalogue, with the model's and LCM-LoRA's references hidden as `fewstep serve`
-        hides them (known once an engine has resolved the defaults)."""
-        from types import SimpleNamespace
+    def catalog(self, engine):
+        """The catalogue, with the model, LCM-LoRA (and tiny VAE) references that `engine`
+        resolved hidden as `fewstep serve` hides them (an engine, or its description)."""
+        from .catalog import Catalog
 
-        from .cli import build_catalog
-
-        values = {**self.values, "model": self.values["model"] or model_ref}
-        return build_catalog(values, SimpleNamespace(lcm_ref=lcm_ref))
+        return Catalog.from_settings(self.settings, engine)
 
 
 # -- the engine replicas ------------------------------------------------------------------------
@@ -114,19 +99,18 @@ class EngineReplica:
     "preview", then "final" with the job's state, error and encoded files."""
 
     def __init__(self, spec: ServiceSpec):
-        from ..cli import _quiet_libraries
+        from ..logs import quiet_libraries
+        from .cli import check_catalogue
         from .convert.common import encode_result
         from .local import LocalBackend
         from .service import default_max_batch
 
-        _quiet_libraries()  # a replica's log is the cluster's: no progress bars or notices
+        quiet_libraries()  # a replica's log is the cluster's: no progress bars or notices
         context = serve.get_replica_context()
         self.name = context.replica_id.unique_id
         engine = spec.make_engine()
-        self.catalog = spec.catalog(getattr(engine, "model_ref", None),
-                                    getattr(engine, "lcm_ref", None))
-        for name, ref in self.catalog.loras.items():  # broken LoRA files fail the replica
-            engine.lora(ref, f"lora {name}")
+        self.catalog = spec.catalog(engine)
+        check_catalogue(engine, self.catalog)  # entries that do not fit fail the replica
         self.engine = engine
         capacity = spec.queue_size + 1
         options = spec.server_options()
@@ -177,8 +161,11 @@ class EngineReplica:
                     await backend.cancel(view.id)
 
     def describe(self) -> dict:
-        return {**self.backend.describe(), "model_ref": getattr(self.engine, "model_ref", None),
-                "lcm_ref": getattr(self.engine, "lcm_ref", None), "replica": self.name}
+        """The model, and what the ingress needs to build the same catalogue."""
+        engine = self.engine
+        return {**self.backend.describe(), "model_ref": getattr(engine, "model_ref", None),
+                "lcm_ref": getattr(engine, "lcm_ref", None),
+                "speed": getattr(engine, "speed", None), "replica": self.name}
 
     def check_health(self) -> None:
         if not self.backend.alive:
@@ -248,11 +235,11 @@ class Ingress:
     async def __init__(self, engines, spec: ServiceSpec):
         self.engines = engines
         self.spec = spec
-        _check_proxy_bind(spec.values.get("api_key"))
+        _check_proxy_bind(spec.settings.api_key)
         capacity = spec.queue_size + 1
         options = spec.server_options()
         self.backend = RayBackend(
-            self._dispatch, self._replica_state, spec.settings, describe=self._describe,
+            self._dispatch, self._replica_state, spec.settings.limits(), describe=self._describe,
             overflow=spec.queue_size, retention=options.job_retention,
             retention_bytes=options.job_retention_bytes)
         self._capacity = capacity
@@ -262,7 +249,9 @@ class Ingress:
         from .app import create_app
 
         description = self.backend.describe()
-        catalog = self.spec.catalog(description.get("model_ref"), description.get("lcm_ref"))
+        engine = SimpleNamespace(model_ref=description["model_ref"],
+                                 lcm_ref=description["lcm_ref"], speed=description["speed"])
+        catalog = self.spec.catalog(engine)
         app = create_app(catalog=catalog, options=self.spec.server_options(),
                          backend=self.backend)
         app.add_middleware(ReplicaHeaderMiddleware, backend=self.backend)
@@ -339,7 +328,7 @@ def _check_proxy_bind(api_key: str | None) -> None:
 def build_app(spec: ServiceSpec):
     """The Serve application: the ingress bound to the engine replicas' deployment."""
     capacity = spec.queue_size + 1
-    grace = float(spec.values["grace"])
+    grace = float(spec.settings.grace)
     engine_options: dict[str, Any] = dict(
         # the ingress admits at most the ready replicas' capacity plus queue_size; Ray's own
         # limit only catches what that count cannot see (jobs cancelled but still stopping)
@@ -358,7 +347,7 @@ def build_app(spec: ServiceSpec):
             # a replica with one job running and one waiting is busy: add one
             "target_ongoing_requests": 2}
     # the replicas' logs (and Ray's line per call) at the service's --log-level
-    level = str(spec.values.get("log_level") or "info").upper()
+    level = str(spec.settings.log_level).upper()
     logging_config = {"log_level": "DEBUG" if level == "TRACE" else level}
     engines = serve.deployment(EngineReplica).options(**engine_options,
                                                       logging_config=logging_config)
@@ -367,5 +356,6 @@ def build_app(spec: ServiceSpec):
         ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=grace + 5.0,
         logging_config=logging_config)
     # the replicas never see HTTP: they need no API key
-    engine_spec = dataclasses.replace(spec, values={**spec.values, "api_key": None})
+    engine_spec = dataclasses.replace(
+        spec, settings=spec.settings.model_copy(update={"api_key": None}))
     return ingress.bind(engines.bind(engine_spec), spec)

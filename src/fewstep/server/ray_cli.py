@@ -4,7 +4,9 @@ one with `--ray-address`), deploys the application of `fewstep.server.ray` with 
 queued work may finish within `--grace` seconds; then the application is removed, and Serve and
 the Ray instance are shut down if fewstep started them (a joined cluster is left running).
 
-Only the standard library is imported at module level (the CLI lists its flags cheaply)."""
+The options are `fewstep serve`'s (`fewstep.config.ServeSettings`) plus those of
+`RayServeSettings` below, as flags, FEWSTEP_* variables or config-file keys alike. Ray itself is
+imported only when the service starts."""
 
 from __future__ import annotations
 
@@ -14,110 +16,116 @@ import signal
 import sys
 import threading
 
-RAY_DEFAULTS = {"ray": False, "replicas": "1", "ray_address": None, "gpus_per_replica": None,
-                "cpus_per_replica": 1.0}
+from pydantic import Field, field_validator
+
+from ..config import ServeSettings
+
 APP_NAME = "fewstep"
+RAY_OPTIONS = ("replicas", "ray_address", "gpus_per_replica", "cpus_per_replica")
 
 
-def add_ray_arguments(p: argparse.ArgumentParser) -> None:
-    S = argparse.SUPPRESS
-    group = p.add_argument_group("Ray Serve (scale out)")
-    group.add_argument("--ray", action="store_true", default=S,
-                       help="serve on Ray Serve: several engine replicas behind one HTTP entry")
-    group.add_argument("--replicas", metavar="N|MIN:MAX", default=S,
-                       help="engine replicas (default 1); MIN:MAX autoscales between the two")
-    group.add_argument("--ray-address", metavar="auto|ADDR", default=S,
-                       help="join this Ray cluster (default: start a local instance)")
-    group.add_argument("--gpus-per-replica", type=float, metavar="G", default=S,
-                       help="GPUs per replica (default 1 when the cluster has GPUs, else 0)")
-    group.add_argument("--cpus-per-replica", type=float, metavar="C", default=S,
-                       help="CPUs per replica (default 1)")
+class RayServeSettings(ServeSettings):
+    """Everything `fewstep serve` takes, and how the service runs on Ray."""
+
+    ray: bool = Field(False, description="serve on Ray Serve: engine replicas behind one "
+                      "HTTP entry")
+    replicas: str = Field("1", description="engine replicas: N, or MIN:MAX to autoscale "
+                          "between the two", json_schema_extra={"metavar": "N|MIN:MAX"})
+    ray_address: str | None = Field(None, description="join this Ray cluster (default: start "
+                                    "a local instance)",
+                                    json_schema_extra={"metavar": "auto|ADDR"})
+    gpus_per_replica: float | None = Field(None, ge=0, allow_inf_nan=False, description=(
+        "GPUs per replica (default 1 when the cluster has GPUs and the device is not the "
+        "CPU, else 0)"), json_schema_extra={"metavar": "G"})
+    cpus_per_replica: float = Field(1.0, ge=0, allow_inf_nan=False,
+                                    description="CPUs per replica",
+                                    json_schema_extra={"metavar": "C"})
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _replicas(cls, value):
+        low, high = parse_replicas(value)
+        return f"{low}:{high}"
+
+    def replica_bounds(self) -> tuple[int, int]:
+        return parse_replicas(self.replicas)
 
 
-def parse_replicas(text) -> tuple[int, int]:
-    """`N` or `MIN:MAX` -> (min, max), both at least 1, min <= max."""
-    from ..errors import InvalidRequest
-
-    raw = str(text).strip()
+def parse_replicas(value) -> tuple[int, int]:
+    """`N` or `MIN:MAX` -> (min, max), 1 <= min <= max."""
+    raw = str(value).strip()
     low, sep, high = raw.partition(":")
     try:
         bounds = (int(low), int(high) if sep else int(low))
     except ValueError:
-        raise InvalidRequest(f"--replicas takes N or MIN:MAX, got {raw!r}",
-                             field="replicas") from None
+        raise ValueError("takes N or MIN:MAX") from None
     if bounds[0] < 1 or bounds[1] < bounds[0]:
-        raise InvalidRequest(f"--replicas {raw!r}: need 1 <= MIN <= MAX", field="replicas")
+        raise ValueError("needs 1 <= MIN <= MAX")
     return bounds
 
 
-def _number(values: dict, key: str, low: float = 0.0) -> float | None:
-    from ..errors import InvalidRequest
+def add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    from ..config import add_arguments
 
-    value = values.get(key)
-    if value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if not number >= low or number == float("inf"):
-        raise InvalidRequest(f"--{key.replace('_', '-')} must be a number >= {low:g}, got "
-                             f"{value!r}", field=key)
-    return number
+    group = p.add_argument_group("Ray Serve (scale out)")
+    group.add_argument("--ray", action="store_true", default=argparse.SUPPRESS,
+                       help=RayServeSettings.model_fields["ray"].description)
+    add_arguments(group, RayServeSettings, only=RAY_OPTIONS)
 
 
-def make_spec(values: dict, cluster_gpus: float | None = None):
-    """The deployments' spec from `fewstep serve` option values. `cluster_gpus`: the GPUs the
-    Ray cluster has (the default of --gpus-per-replica is 1 when it has any, unless the device
-    asked for is the CPU)."""
-    from ..config import Settings
+def load_ray_settings(args: argparse.Namespace) -> RayServeSettings:
+    """Flags over FEWSTEP_* variables over the config file over the defaults."""
+    from ..config import given, load
+
+    return load(RayServeSettings, given(args, RayServeSettings))
+
+
+def make_spec(settings: RayServeSettings, cluster_gpus: float | None = None):
+    """The deployments' spec. `cluster_gpus`: the GPUs the Ray cluster has (the default of
+    --gpus-per-replica is 1 when it has any, unless the device asked for is the CPU)."""
     from .ray import ServiceSpec
 
-    low, high = parse_replicas(values.get("replicas", "1"))
-    gpus = _number(values, "gpus_per_replica")
+    low, high = settings.replica_bounds()
+    gpus = settings.gpus_per_replica
     if gpus is None:
-        on_cpu = str(values.get("device") or "auto").startswith("cpu")
-        gpus = 1.0 if cluster_gpus and not on_cpu else 0.0
-    cpus = _number(values, "cpus_per_replica")
-    return ServiceSpec(values=dict(values), settings=Settings.from_env(), min_replicas=low,
-                       max_replicas=high, gpus_per_replica=gpus,
-                       cpus_per_replica=1.0 if cpus is None else cpus)
+        gpus = 1.0 if cluster_gpus and not str(settings.device).startswith("cpu") else 0.0
+    return ServiceSpec(settings=settings, min_replicas=low, max_replicas=high,
+                       gpus_per_replica=gpus, cpus_per_replica=settings.cpus_per_replica)
 
 
-def check_values(values: dict) -> None:
-    """Every user error found before Ray starts or a model loads."""
-    from ..errors import InvalidRequest
+def check_settings(settings: RayServeSettings, *, local: bool) -> None:
+    """Every user error found before Ray starts or a model loads. On a local instance the
+    device, the files and the address are this machine's, so they are checked too."""
     from .auth import check_bind
-    from .cli import build_catalog
+    from .catalog import Catalog
+    from .cli import bind_socket, check_references
 
-    check_bind(values["host"], values["api_key"])
-    if int(values["queue_size"]) < 1:
-        raise InvalidRequest("--queue-size must be at least 1", field="queue_size")
-    build_catalog(values)  # names checked
-    parse_replicas(values.get("replicas", "1"))
-    _number(values, "gpus_per_replica")
-    _number(values, "cpus_per_replica")
+    check_bind(settings.host, settings.api_key)
+    Catalog.from_settings(settings)  # names checked
+    if local:
+        from ..config import pick_device
+
+        pick_device(settings.device)
+        check_references(settings)
+        bind_socket(settings.host, settings.port).close()  # in use, or not of this machine
 
 
-def run_ray_serve(values: dict) -> int:
+def run_ray_serve(args: argparse.Namespace) -> int:
     """Serve on Ray until SIGTERM/SIGINT; returns the exit status. User errors raise
     FewstepError before Ray starts."""
-    import logging
-
     from ..errors import FewstepError
+    from ..logs import configure_logging
+    from .cli import require_extra
 
-    check_values(values)
-    try:
-        import ray
-        from ray import serve
-    except ImportError:
-        raise FewstepError('fewstep serve --ray needs the ray extra: pip install '
-                           '"fewstep[ray]"', field="ray") from None
+    settings = load_ray_settings(args)
+    require_extra("ray", ("ray.serve",), "fewstep serve --ray")
+    check_settings(settings, local=not settings.ray_address)
+    import ray
+    from ray import serve
+
     from .ray import build_app
 
-    log = logging.getLogger("fewstep.server")
-    logging.basicConfig(level=str(values.get("log_level") or "info").upper(),
-                        format="%(levelname)s %(name)s: %(message)s")
+    log = configure_logging(settings.log_level)
     stop = threading.Event()
     signals = []
 
@@ -126,7 +134,7 @@ def run_ray_serve(values: dict) -> int:
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    address = values.get("ray_address")
+    address = settings.ray_address
     started_ray = started_serve = False
     try:
         if address:
@@ -145,12 +153,12 @@ def run_ray_serve(values: dict) -> int:
         # ray.init installs its own SIGTERM handler: ours drains first
         for s in previous:
             signal.signal(s, on_signal)
-        spec = make_spec(values, ray.cluster_resources().get("GPU", 0.0))
+        spec = make_spec(settings, ray.cluster_resources().get("GPU", 0.0))
         started_serve = started_ray or not _serve_running(serve)
         if not started_serve:
-            _check_entry(values)
-        serve.start(http_options={"host": values["host"], "port": int(values["port"])})
-        deploy = threading.Thread(target=_deploy, args=(serve, build_app(spec), stop),
+            _check_entry(settings)
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        deploy = threading.Thread(target=_deploy, args=(serve, build_app(spec)),
                                   name="fewstep-deploy", daemon=True)
         deploy.start()
         while deploy.is_alive() and not stop.is_set():
@@ -160,17 +168,17 @@ def run_ray_serve(values: dict) -> int:
             print(f"error: the service did not start: {reason}", file=sys.stderr)
             return 1
         if not stop.is_set():
-            print(f"serving on Ray: {spec.min_replicas}"
-                  f"{'' if spec.max_replicas == spec.min_replicas else f'-{spec.max_replicas}'}"
-                  f" replica(s) ({spec.gpus_per_replica:g} GPU, {spec.cpus_per_replica:g} CPU "
-                  f"each) at http://{values['host']}:{values['port']}", file=sys.stderr,
-                  flush=True)
+            scale = f"{spec.min_replicas}" if spec.min_replicas == spec.max_replicas else \
+                f"{spec.min_replicas}-{spec.max_replicas}"
+            log.info("serving on Ray: %s replica(s) (%g GPU, %g CPU each) at http://%s:%s",
+                     scale, spec.gpus_per_replica, spec.cpus_per_replica, settings.host,
+                     settings.port)
             while not stop.wait(1.0):
                 if not ray.is_initialized():
                     print("error: the Ray instance went away", file=sys.stderr)
                     return 1
         if not deploy.is_alive():  # deployed: drain it (else it is still starting: stop it)
-            _drain(serve, float(values["grace"]), signals, log)
+            _drain(serve, settings.grace, signals, log)
         return 0
     finally:
         _shut_down(ray, serve, started_ray, started_serve, log)
@@ -178,7 +186,7 @@ def run_ray_serve(values: dict) -> int:
             signal.signal(s, handler)
 
 
-def _deploy(serve, app, stop: threading.Event) -> None:
+def _deploy(serve, app) -> None:
     """serve.run in a thread, so a signal during a long start (models loading) is seen."""
     me = threading.current_thread()
     try:
@@ -220,7 +228,7 @@ def _serve_running(serve) -> bool:
     return bool(status.proxies or status.applications)
 
 
-def _check_entry(values: dict) -> None:
+def _check_entry(settings) -> None:
     """Serve already running on the joined cluster keeps its own HTTP address: say so rather
     than announce one that nobody listens on."""
     from ..errors import InvalidRequest
@@ -232,7 +240,7 @@ def _check_entry(values: dict) -> None:
     except Exception:  # noqa: BLE001 - unknown: serve.start reports what it can
         return
     host, port = http.get("host"), http.get("port")
-    if (host, port) != (values["host"], int(values["port"])):
+    if (host, port) != (settings.host, settings.port):
         raise InvalidRequest(
             f"Serve already runs on this cluster with its HTTP entry at {host}:{port}; pass "
             f"--host {host} --port {port}", field="port")
