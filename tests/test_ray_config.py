@@ -64,6 +64,17 @@ def test_builder_refuses_bad_options_naming_them(args, field):
     assert info.value.field == field, info.value.message
 
 
+def test_replicas_on_gpus_take_the_gpu_ray_gives_them():
+    from fewstep.server.ray_cli import make_spec
+
+    assert make_spec(settings_from_args({}), cluster_gpus=4).gpus_per_replica == 1
+    assert make_spec(settings_from_args({"device": "cpu"}), cluster_gpus=4).gpus_per_replica == 0
+    assert make_spec(settings_from_args({}), cluster_gpus=0).gpus_per_replica == 0
+    with pytest.raises(InvalidRequest) as info:
+        make_spec(settings_from_args({"device": "cuda:1"}), cluster_gpus=4)
+    assert info.value.field == "device"
+
+
 def test_api_key_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("FEWSTEP_API_KEY", "from-env")
     assert settings_from_args({}).api_key == "from-env"

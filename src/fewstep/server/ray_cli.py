@@ -85,10 +85,16 @@ def make_spec(settings: RayServeSettings, cluster_gpus: float | None = None):
     --gpus-per-replica is 1 when it has any, unless the device asked for is the CPU)."""
     from .ray import ServiceSpec
 
+    from ..errors import InvalidRequest
+
     low, high = settings.replica_bounds()
     gpus = settings.gpus_per_replica
     if gpus is None:
         gpus = 1.0 if cluster_gpus and not str(settings.device).startswith("cpu") else 0.0
+    if gpus > 0 and ":" in str(settings.device):
+        raise InvalidRequest(
+            f"device {settings.device!r}: Ray gives each replica its own GPU, which it sees as "
+            "cuda:0; use --device auto or cuda", field="device")
     return ServiceSpec(settings=settings, min_replicas=low, max_replicas=high,
                        gpus_per_replica=gpus, cpus_per_replica=settings.cpus_per_replica)
 
