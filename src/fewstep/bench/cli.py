@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .models import LCM_ALPHA, LCM_RANK
-from .modes import ENGINE_MODES, MODES
+from .modes import MODES
 
 
 def _batches(text: str) -> list[int]:
@@ -81,6 +81,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "a CPU with AMX or AVX512-BF16)")
     p.add_argument("--compile-cache-dir", default=None,
                    help="compile cache of the main run (default: in --workdir)")
+    p.add_argument("--cold-start-only", action="store_true",
+                   help="only the cold starts of --cold-start (no timed modes)")
     p.add_argument("--lora-switch", action="store_true",
                    help="only measure LoRA changes on a compiled UNet (with --tiny: the tiny "
                         "models; else the real architecture at --resolution)")
@@ -90,7 +92,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lora", help=argparse.SUPPRESS)
     p.add_argument("--taesd", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if "recipe" not in args.modes and not (args.child or args.lora_switch):
+    if "recipe" not in args.modes and not (args.child or args.lora_switch
+                                           or args.cold_start_only):
         p.error("--modes: the recipe is the baseline every mode is compared with; include it")
     for name in ("repeats", "throughput_repeats", "breakdown_repeats", "steps"):
         if getattr(args, name) < 1:
@@ -105,6 +108,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.batch is None:
         args.batch = [1, 2] if args.device == "cpu" else [4, 8, 16]
     args.cold_start = _modes(args.cold_start) if args.cold_start.strip() else []
+    if args.cold_start_only:
+        if not args.cold_start:
+            p.error("--cold-start-only: name the modes with --cold-start")
+        args.modes = []
     args.dtype = str(pick_dtype(args.dtype, args.device)).removeprefix("torch.")
     return args
 
@@ -137,18 +144,21 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     if args.compile_cache_dir is None:
         args.compile_cache_dir = str(workdir / "compile-cache")
+    from . import report
+
+    name = args.name or f"{report.device_slug(args.device)}-{args.family}-{args.resolution}" \
+        + ("-tiny" if args.tiny else "") + ("-cold-start" if args.cold_start_only else "")
+
+    def save(data: dict) -> None:  # after each mode too: a run cut short keeps what it measured
+        report.write(data, args.out, name, args.json)
+
     try:
         if args.lora_switch:
             return _lora_switch(args, workdir)
-        data = run(args, workdir)
+        data = run(args, workdir, save)
     finally:
         if tmp is not None:
             tmp.cleanup()
-    from . import report
-
-    name = args.name or f"{data['device_slug']}-{args.family}-{args.resolution}" + \
-        ("-tiny" if args.tiny else "")
-    report.write(data, args.out, name, args.json)
     print(report.markdown(data))
     return 0
 
@@ -166,7 +176,7 @@ def _lora_switch(args, workdir: Path) -> int:
     return 0
 
 
-def run(args, workdir: Path) -> dict[str, Any]:
+def run(args, workdir: Path, save) -> dict[str, Any]:
     import diffusers
     import torch
 
@@ -182,24 +192,13 @@ def run(args, workdir: Path) -> dict[str, Any]:
     if args.tiny:
         model, lora, taesd = build_tiny(workdir / "tiny", args.family)
     else:
-        model, lora, taesd = build_real(args.family, workdir / args.family, dtype)
+        model, lora, taesd = build_real(args.family, workdir / args.family, dtype,
+                                        args.device)
     build_s = time.perf_counter() - build_start
 
     results: dict[str, Any] = {}
-    for mode in args.modes:
-        print(f"[bench] {mode} ...", file=sys.stderr, flush=True)
-        results[mode] = (recipe_mode(args, model, lora, dtype) if mode == "recipe" else
-                         engine_mode(args, mode, model, lora, taesd))
-    first = {m: r.pop("_first_image") for m, r in results.items()}
-    agreement = {m: round(float(np.abs(first[m] - first["recipe"]).max()), 6)
-                 for m in results if m != "recipe" and first[m].shape == first["recipe"].shape}
-    cold = cold_starts(args, args.cold_start, model, lora, taesd, workdir) \
-        if args.cold_start else {}
-    load_end = os.getloadavg()
-    notes = list(args.note)
-    notes.append(f"1-minute load average: {load_start[0]:.2f} at the start, {load_end[0]:.2f} "
-                 f"at the end ({os.cpu_count()} cores).")
-    return {
+    first: dict[str, np.ndarray] = {}
+    data: dict[str, Any] = {
         "device": report.device_name(args.device),
         "device_slug": report.device_slug(args.device),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
@@ -211,19 +210,42 @@ def run(args, workdir: Path) -> dict[str, Any]:
                    "breakdown_repeats": args.breakdown_repeats, "guidance": 1.0,
                    "tiny": args.tiny, "timed_shapes": [f"{w}x{h}x{b}" for w, h, b in
                                                        timed_shapes(args)],
-                   "engine_modes": [m for m in args.modes if m in ENGINE_MODES],
                    "lcm_lora": {"rank": LCM_RANK, "alpha": LCM_ALPHA}},
         "results": results,
-        "ratios": report.ratios(results),
-        "agreement": agreement,
-        "cold_start": cold,
+        "ratios": {},
+        "agreement": {},
+        "cold_start": {},
         "memory_note": ("CUDA max_memory_allocated during the timed calls" if
                         args.device.startswith("cuda") else
                         "peak process RSS during the timed calls (the mode's weights included; "
                         "each mode is freed before the next loads)"),
-        "load_average": {"start": [round(v, 2) for v in load_start],
-                         "end": [round(v, 2) for v in load_end]},
-        "notes": notes,
         "build_models_s": round(build_s, 1),
-        "wall_s": round(time.time() - started, 1),
     }
+
+    def update(final: bool = False) -> None:
+        load_now = os.getloadavg()
+        if "recipe" in results:
+            data["ratios"] = report.ratios(results)
+            data["agreement"] = {
+                m: round(float(np.abs(first[m] - first["recipe"]).max()), 6)
+                for m in results if m != "recipe" and first[m].shape == first["recipe"].shape}
+        data["load_average"] = {"start": [round(v, 2) for v in load_start],
+                                "end": [round(v, 2) for v in load_now]}
+        data["notes"] = list(args.note) + [
+            f"1-minute load average: {load_start[0]:.2f} at the start, {load_now[0]:.2f} at the "
+            f"{'end' if final else 'last save (unfinished run)'} ({os.cpu_count()} cores)."]
+        data["wall_s"] = round(time.time() - started, 1)
+        save(data)
+
+    for mode in args.modes:
+        print(f"[bench] {mode} ...", file=sys.stderr, flush=True)
+        results[mode] = (recipe_mode(args, model, lora, dtype) if mode == "recipe" else
+                         engine_mode(args, mode, model, lora, taesd))
+        first[mode] = results[mode].pop("_first_image")
+        update()
+    if args.cold_start:
+        print(f"[bench] cold start: {', '.join(args.cold_start)} ...", file=sys.stderr,
+              flush=True)
+        data["cold_start"] = cold_starts(args, args.cold_start, model, lora, taesd, workdir)
+    update(final=True)
+    return data

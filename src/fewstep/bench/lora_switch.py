@@ -33,7 +33,7 @@ def lora_switch(args, workdir: Path) -> dict[str, Any]:
         from .models import build_real, build_style_loras
 
         model, lcm, taesd = build_real(args.family, workdir / args.family,
-                                       pick_dtype(args.dtype, args.device))
+                                       pick_dtype(args.dtype, args.device), args.device)
         styles = [str(p) for p in build_style_loras(args.family, workdir / "style-loras")]
         size = args.resolution
     # the auto preset compiles on CUDA only: here the UNet is always compiled (the point)
@@ -64,8 +64,10 @@ def lora_switch(args, workdir: Path) -> dict[str, Any]:
         sync(args.device)
         rows.append({"call": label, "seconds": round(time.perf_counter() - began, 3),
                      "new_graphs": compiled_graphs() - graphs})
+    from .report import device_name
+
     return {"family": "sd15 (tiny)" if args.tiny else args.family, "resolution": size,
-            "steps": args.steps, "device": args.device, "built_with": built,
+            "steps": args.steps, "device": device_name(args.device), "built_with": built,
             "applied": report.applied, "load_s": round(load_s, 2),
             "warmup_compile_s": round(report.seconds.get("warmup", 0.0), 2),
             "calls": rows, "torch": torch.__version__}

@@ -192,9 +192,15 @@ def measure(run: Run, pipe, *, device: str, steps: int, batches: list[int], repe
     step count: on CUDA twice, since CUDA graphs are recorded on a shape's second run."""
     cuda = device.startswith("cuda")
     shapes = sorted({1, *batches})
+    first_call = None
     for _ in range(2 if cuda else 1):
         for batch in shapes:
+            sync(device)
+            start = time.perf_counter()
             run(batch, steps=steps, prompt_index=-1 - batch)
+            sync(device)
+            if first_call is None:  # what the first request after start-up waits
+                first_call = time.perf_counter() - start
     # on a CPU the stage boundaries cost nothing: split the timed calls themselves
     timer = StageTimer(pipe, device) if not cuda else None
     graphs_before = compiled_graphs()
@@ -233,6 +239,7 @@ def measure(run: Run, pipe, *, device: str, steps: int, batches: list[int], repe
         "latency_ms_p50": round(float(np.percentile(ms, 50)), 1),
         "latency_ms_p90": round(float(np.percentile(ms, 90)), 1),
         "latency_ms_all": [round(float(t), 1) for t in ms],
+        "first_call_ms": round(first_call * 1000, 1),
         "images_per_s": throughput[str(max(batches))],
         "images_per_s_by_batch": throughput,
         "peak_memory_mb": memory.mb,
@@ -263,8 +270,6 @@ def count_syncs(run: Run, pipe, *, device: str, steps: int) -> dict[str, Any]:
     * `unet_batch_per_image`: the UNet's batch at guidance 1 (1: no classifier-free doubling).
     * `profiler` (CUDA only): what the torch profiler saw in one call with nothing wrapped:
       `cudaStreamSynchronize` and scalar-read counts and the busiest host operations."""
-    import torch
-
     from ..accel.syncs import SyncCounter, count_loop_syncs
 
     out: dict[str, Any] = {"host_syncs_per_call": None}

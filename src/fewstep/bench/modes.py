@@ -78,6 +78,12 @@ def _measure(args, run, pipe) -> dict[str, Any]:
 
 
 def recipe_mode(args, model: Path, lora: Path, dtype) -> dict[str, Any]:
+    result = _recipe(args, model, lora, dtype)
+    _free()  # the pipeline went with the call's frame
+    return result
+
+
+def _recipe(args, model: Path, lora: Path, dtype) -> dict[str, Any]:
     from ..reference import recipe_call, recipe_pipeline
 
     start = time.perf_counter()
@@ -93,12 +99,21 @@ def recipe_mode(args, model: Path, lora: Path, dtype) -> dict[str, Any]:
 
     result = {"load_s": round(load_s, 2), "compile_warmup_s": None, "compiled_shapes": []}
     result.update(_measure(args, run, pipe))
-    del pipe, run
-    _free()
     return result
 
 
 def engine_mode(args, mode: str, model: Path, lora: Path, taesd: Path) -> dict[str, Any]:
+    result = _engine(args, mode, model, lora, taesd)
+    _free()  # the engine went with the call's frame
+    if result["compiled_shapes"]:
+        import torch
+
+        # forget the graphs of the engine just freed: the next mode compiles its own
+        torch._dynamo.reset()
+    return result
+
+
+def _engine(args, mode: str, model: Path, lora: Path, taesd: Path) -> dict[str, Any]:
     from ..tasks import Txt2ImgRequest
 
     shapes = timed_shapes(args)
@@ -122,11 +137,4 @@ def engine_mode(args, mode: str, model: Path, lora: Path, taesd: Path) -> dict[s
     result.update(_measure(args, run, engine.base))
     result["fast_path"] = {"built_with": built, "options": path.options.describe(),
                            "applied": report.applied, "checks": report.checks}
-    del engine, run, path
-    _free()
-    if compiles:
-        import torch
-
-        # forget the graphs of the engine just freed: the next mode compiles its own
-        torch._dynamo.reset()
     return result

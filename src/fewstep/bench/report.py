@@ -81,9 +81,39 @@ def markdown(data: dict) -> str:
         f"torch {data['versions']['torch']}, diffusers {data['versions']['diffusers']}, "
         f"dtype {cfg['dtype']}, random weights"
         f"{' (tiny test models)' if cfg['tiny'] else ' of the real architecture'}; "
-        f"{cfg['repeats']} timed calls at batch 1 after a warm-up of every timed shape, "
-        f"{cfg['throughput_repeats']} per throughput batch. Device: `{cfg['device']}`.",
+        + (f"{cfg['repeats']} timed calls at batch 1 after a warm-up of every timed shape, "
+           f"{cfg['throughput_repeats']} per throughput batch" if modes else "cold starts only")
+        + f". Device: `{cfg['device']}`.",
         "",
+    ]
+    if modes:
+        lines += _mode_tables(data, modes, batches)
+    if data.get("cold_start"):
+        lines += ["", "Cold start, process start to first image (s):", "",
+                  "| mode | compile cache | total | import | load (with compiling) | first image |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for mode, info in data["cold_start"].items():
+            runs = [("empty", info["cold"]), ("warm", info["warm"])] if "cold" in info \
+                else [("—", info)]
+            for cache, run in runs:
+                if "error" in run:
+                    lines.append(f"| {mode} | {cache} | failed: "
+                                 f"{run['error'].strip().splitlines()[-1][:120]} | | | |")
+                else:
+                    lines.append(f"| {mode} | {cache} | {run['process_start_to_first_image_s']}"
+                                 f" | {run['import_s']} | {run['load_s']} | "
+                                 f"{run['first_image_s']} |")
+    if data.get("agreement"):
+        lines += ["", "Largest pixel difference (0..1) of the first image against the recipe's: "
+                  + ", ".join(f"{k} {v}" for k, v in data["agreement"].items()) + "."]
+    for note in data.get("notes", []):
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def _mode_tables(data: dict, modes: list[str], batches: list[str]) -> list[str]:
+    results = data["results"]
+    lines = [
         "| mode | p50 (ms) | p90 (ms) | " + " | ".join(f"images/s b{b}" for b in batches)
         + " | peak memory (MB) | load (s) | speed-up vs recipe (p50) | throughput vs recipe |",
         "|---|" + "---:|" * (6 + len(batches)),
@@ -112,37 +142,19 @@ def markdown(data: dict) -> str:
                      f"{_dash(b.get('unet_step_ms'))} | {cell('vae_decode')} | "
                      f"{_dash(b.get('other_ms'))} | {_dash(b.get('total_ms'))} |")
     lines += ["", "Host syncs and compiles:", "",
-              "| mode | host syncs per call (CUDA) | scalar reads in the loop | recompiles "
-              "during timed calls | UNet batch per image | compiled ahead | compile at "
-              "start-up (s) |", "|---|---:|---:|---:|---:|---|---:|"]
+              "| mode | host syncs per call (CUDA) | cudaStreamSynchronize per call "
+              "(profiler) | scalar reads in the loop | recompiles during timed calls | UNet "
+              "batch per image | compiled ahead | compile at start-up (s) | first call after "
+              "load (ms) |", "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for mode in modes:
         r = results[mode]
-        lines.append(f"| {mode} | {_dash(r['host_syncs_per_call'])} | "
+        profiled = (r.get("profiler") or {}).get("cudaStreamSynchronize")
+        lines.append(f"| {mode} | {_dash(r['host_syncs_per_call'])} | {_dash(profiled)} | "
                      f"{_dash(r['scalar_reads_in_loop'])} | "
                      f"{r['recompiles_during_timed_calls']} | {_dash(r['unet_batch_per_image'])} "
                      f"| {', '.join(r['compiled_shapes']) or '—'} | "
-                     f"{_dash(r['compile_warmup_s'])} |")
-    if data.get("cold_start"):
-        lines += ["", "Cold start, process start to first image (s):", "",
-                  "| mode | compile cache | total | import | load (with compiling) | first image |",
-                  "|---|---|---:|---:|---:|---:|"]
-        for mode, info in data["cold_start"].items():
-            runs = [("empty", info["cold"]), ("warm", info["warm"])] if "cold" in info \
-                else [("—", info)]
-            for cache, run in runs:
-                if "error" in run:
-                    lines.append(f"| {mode} | {cache} | failed: "
-                                 f"{run['error'].strip().splitlines()[-1][:120]} | | | |")
-                else:
-                    lines.append(f"| {mode} | {cache} | {run['process_start_to_first_image_s']}"
-                                 f" | {run['import_s']} | {run['load_s']} | "
-                                 f"{run['first_image_s']} |")
-    if data.get("agreement"):
-        lines += ["", "Largest pixel difference (0..1) of the first image against the recipe's: "
-                  + ", ".join(f"{k} {v}" for k, v in data["agreement"].items()) + "."]
-    for note in data.get("notes", []):
-        lines += ["", note]
-    return "\n".join(lines) + "\n"
+                     f"{_dash(r['compile_warmup_s'])} | {r['first_call_ms']} |")
+    return lines
 
 
 def chart(data: dict, path: Path) -> None:
@@ -203,5 +215,6 @@ def write(data: dict, out: Path, name: str, json_path: Path | None = None) -> Pa
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(data, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown(data))
-    chart(data, out / f"{name}.png")
+    if data["results"]:
+        chart(data, out / f"{name}.png")
     return json_path
