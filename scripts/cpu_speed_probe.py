@@ -103,14 +103,57 @@ def build(variant: str, base: torch.nn.Module, inputs):
     return call, time.perf_counter() - start
 
 
+def peak(rounds: int) -> int:
+    """GFLOP/s of a 2048x2048 matrix product: what this CPU's cores reach in practice."""
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(2048, 2048, dtype=dtype)
+        b = torch.randn(2048, 2048, dtype=dtype)
+        torch.mm(a, b)
+        times = []
+        for _ in range(max(rounds, 3) * 3):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - start)
+        flop = 2 * 2048**3
+        print(json.dumps({"part": "peak", "dtype": str(dtype).removeprefix("torch."),
+                          "best_gflop_s": round(flop / min(times) / 1e9, 1),
+                          "median_gflop_s": round(flop / statistics.median(times) / 1e9, 1),
+                          "threads": torch.get_num_threads()}), flush=True)
+    return 0
+
+
+def flops(part: str, resolution: int) -> float:
+    """GFLOP of one call (torch's flop counter, on the meta device: no memory, no time)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from fewstep.bench.models import SD15_UNET, SD_VAE
+
+    latent = resolution // 8
+    with torch.device("meta"):
+        inputs = ((torch.empty(1, 4, latent, latent), torch.tensor(759), torch.empty(1, 77, 768))
+                  if part == "unet" else (torch.empty(1, 4, latent, latent),))
+        model = (_Unet(UNet2DConditionModel(**SD15_UNET)) if part == "unet"
+                 else _Decoder(AutoencoderKL(**SD_VAE)))
+        with FlopCounterMode(display=False) as counter:
+            model(*inputs)
+    return counter.get_total_flops() / 1e9
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="a diffusers SD1.5 folder")
-    p.add_argument("--part", choices=("unet", "vae"), default="unet")
+    p.add_argument("--model", help="a diffusers SD1.5 folder (not for --part peak)")
+    p.add_argument("--part", choices=("unet", "vae", "peak"), default="unet",
+                   help="peak: the matrix-multiply rate in float32 and bfloat16 (the ceiling)")
     p.add_argument("--variants", default="eager,cl,compile-freeze-cl,bf16-cl")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
+    if args.part == "peak":
+        return peak(args.rounds)
+    if not args.model:
+        p.error("--model: the SD1.5 folder is needed for --part unet and vae")
     inputs = _inputs(args.part, args.resolution // 8)
     base = _load(args.part, args.model)
     with torch.inference_mode():
@@ -131,11 +174,14 @@ def main() -> int:
             calls[variant]()
             report[variant]["times"].append(time.perf_counter() - start)
     scale = float(reference.abs().max())
+    gflop = flops(args.part, args.resolution)
     for variant in variants:
         times = report[variant].pop("times")
         print(json.dumps({"part": args.part, "variant": variant, "resolution": args.resolution,
                           "best_s": round(min(times), 3),
                           "median_s": round(statistics.median(times), 3),
+                          "gflop": round(gflop, 1),
+                          "best_gflop_s": round(gflop / min(times), 1),
                           "reference_max": round(scale, 4), **report[variant],
                           "threads": torch.get_num_threads()}), flush=True)
     return 0

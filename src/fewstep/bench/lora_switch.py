@@ -17,6 +17,8 @@ from .modes import make_engine
 
 
 def lora_switch(args, workdir: Path) -> dict[str, Any]:
+    import os
+
     import torch
 
     from ..tasks import LoraRequest, Txt2ImgRequest
@@ -39,6 +41,7 @@ def lora_switch(args, workdir: Path) -> dict[str, Any]:
     # the auto preset compiles on CUDA only: here the UNet is always compiled (the point)
     if args.compile is None:
         args.compile = True
+    load_start = os.getloadavg()[0]
     start = time.perf_counter()
     engine, path, report, built = make_engine(args, "auto", model, lcm, taesd,
                                               ((size, size, 1),), args.compile_cache_dir,
@@ -70,4 +73,7 @@ def lora_switch(args, workdir: Path) -> dict[str, Any]:
             "steps": args.steps, "device": device_name(args.device), "built_with": built,
             "applied": report.applied, "load_s": round(load_s, 2),
             "warmup_compile_s": round(report.seconds.get("warmup", 0.0), 2),
-            "calls": rows, "torch": torch.__version__}
+            "calls": rows, "torch": torch.__version__,
+            "load_average_1min": {"start": round(load_start, 2),
+                                  "end": round(os.getloadavg()[0], 2)},
+            "cpu_cores": os.cpu_count()}
