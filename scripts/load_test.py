@@ -14,6 +14,12 @@ the verdict; exits 1 on any lost or corrupted result.
 (`max_batch` 1) and with it (`--max-batch`, default 4), and reports the throughput of each:
 
     python scripts/load_test.py --compare-batching --requests 32 --concurrency 16
+
+`--ray` serves tiny models on a local Ray instance (Ray Serve, `fewstep.server.ray`) with 1 and
+then 2 engine replicas of one CPU each, and reports the throughput of each (needs the ray
+extra; the ratio is what matters):
+
+    python scripts/load_test.py --ray --requests 32 --concurrency 16
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-batching", action="store_true",
                    help="serve tiny models here, without and with batching, and compare")
     p.add_argument("--max-batch", type=int, default=4, help="with --compare-batching")
+    p.add_argument("--ray", action="store_true",
+                   help="serve tiny models on Ray Serve with 1 and 2 replicas, and compare")
     p.add_argument("--requests", type=int, default=40)
     p.add_argument("--concurrency", type=int, default=12)
     p.add_argument("--seeds", type=int, default=3, help="distinct seeds (images compared)")
@@ -73,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.compare_batching:
         return compare_batching(args)
+    if args.ray:
+        return compare_replicas(args)
     return 0 if load(args.url, args)["ok"] else 1
 
 
@@ -191,6 +201,52 @@ def compare_batching(args) -> int:
     print("\n| max_batch | images/s | vs no batching |\n|---:|---:|---:|")
     for max_batch, row in rows:
         print(f"| {max_batch} | {row['images_per_s']:.2f} | {row['images_per_s'] / base:.2f}x |")
+    return 0 if all(row["ok"] for _, row in rows) else 1
+
+
+def compare_replicas(args, replica_counts=(1, 2)) -> int:
+    """The same load on tiny models served on a local Ray instance, with 1 and 2 replicas."""
+    import os
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    from fewstep.config import load
+    from fewstep.server.ray import build_app
+    from fewstep.server.ray_cli import RayServeSettings, make_spec
+    from fewstep.testing import build_tiny_models
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        models = build_tiny_models(Path(tmp))
+        ray.init(address="local", num_cpus=max(replica_counts), include_dashboard=False,
+                 log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            for replicas in replica_counts:
+                print(f"-- {replicas} replica(s)")
+                settings = load(RayServeSettings, {
+                    "model": str(models.sd15), "lcm_lora": str(models.lcm_sd15),
+                    "device": "cpu", "model_name": "tiny", "queue_size": 64,
+                    "replicas": str(replicas), "cpus_per_replica": 1})
+                serve.run(build_app(make_spec(settings, cluster_gpus=0)), name="fewstep",
+                          route_prefix="/")
+                rows.append((replicas, load(f"http://127.0.0.1:{port}", args)))
+                serve.delete("fewstep")
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    base = rows[0][1]["images_per_s"] or float("nan")
+    print("\n| replicas | images/s | vs 1 replica |\n|---:|---:|---:|")
+    for replicas, row in rows:
+        print(f"| {replicas} | {row['images_per_s']:.2f} | {row['images_per_s'] / base:.2f}x |")
     return 0 if all(row["ok"] for _, row in rows) else 1
 
 

@@ -43,6 +43,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         add_arguments(p.add_argument_group(title), ServeSettings, only=names)
     limits = tuple(n for n in Settings.model_fields if n not in ("device", "dtype"))
     add_arguments(p.add_argument_group("limits (per request)"), ServeSettings, only=limits)
+    from .ray_cli import add_ray_arguments  # --ray and its options (scale out)
+
+    add_ray_arguments(p)
 
 
 def load_settings(args: argparse.Namespace):
@@ -217,6 +220,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def _checked_serve(args: argparse.Namespace) -> int:
     require_extra("serve", SERVE_EXTRA, "fewstep serve")
+    if getattr(args, "ray", False):
+        from .ray_cli import run_ray_serve
+
+        return run_ray_serve(args)
     from ..config import pick_device
     from .auth import check_bind
     from .catalog import Catalog
