@@ -83,19 +83,16 @@ class FileGate:
 
 
 def service_settings(models, **extra):
-    """`fewstep serve --ray` settings for the tiny model and the catalogue of the service
-    tests (`conftest_server.make_catalog`)."""
+    """`fewstep serve --ray` settings for the tiny model with two LoRAs (every replica checks
+    its catalogue at start, so it holds only what the tests use)."""
     from fewstep.config import load
     from fewstep.server.ray_cli import RayServeSettings
 
     return load(RayServeSettings, {
         "model": str(models.sd15), "lcm_lora": str(models.lcm_sd15), "model_name": "tiny-sd15",
         "device": "cpu",
-        "lora": {"style": str(models.style_sd15), "style-peft": str(models.style_sd15_peft),
-                 "motion": str(models.motion_lora)},
-        "controlnet": {"canny": str(models.controlnet)},
-        "adapter": {"canny": str(models.adapter_sd15)},
-        "motion_adapter": {"motion": str(models.motion_adapter)}, **extra})
+        "lora": {"style": str(models.style_sd15), "style-peft": str(models.style_sd15_peft)},
+        **extra})
 
 
 def ray_processes(root_pid: int) -> list:
