@@ -167,11 +167,11 @@ def studio(chromium, server):
     assert not page.errors, page.errors
     offsite = [u for u in page.urls if not u.startswith((base + "/", "data:", "blob:"))]
     assert not offsite, f"the page loaded from elsewhere: {offsite}"
-    wait_until(service.queue.idle, "the server to be idle after the test")
+    wait_until(service.backend.idle, "the server to be idle after the test")
 
 
 def job_ids(service):
-    return {job.id for job in service.queue.jobs()}
+    return {job.id for job in service.backend.job_list()}
 
 
 def png_text(data: bytes) -> dict:
@@ -268,7 +268,7 @@ def test_every_task_end_to_end(studio, server, images, shots, task, expected):
     assert result.evaluate("img => img.naturalWidth") == 64
     if task == "animate":  # a real animation: the GIF shown has the frames asked for
         _, service = server
-        data, media_type = service.queue.get(studio.current_job()).outputs[0]
+        data, media_type = service.backend.job(studio.current_job()).output.files[0]
         assert media_type == "image/gif"
         with Image.open(io.BytesIO(data)) as gif:
             assert gif.n_frames == 2
@@ -451,7 +451,7 @@ def test_cancel_stops_the_running_job(studio, server):
         studio.generate()
         gate.wait_entered()
         studio.wait_state("running")
-        job = service.queue.get(studio.current_job())
+        job = service.backend.job(studio.current_job())
         studio.by("cancel").click()
         wait_until(job.cancel.is_set, "the cancel to reach the server")
     studio.wait_state("cancelled")
@@ -476,14 +476,14 @@ def test_realtime_newer_requests_supersede_older_ones(studio, server, shots):
         studio.wait_for_selector("#app[data-superseded='1'][data-pending='1']")
         studio.by("prompt").fill("three")
         studio.wait_for_selector("#app[data-superseded='2'][data-pending='1']")
-        live = [j for j in service.queue.jobs() if j.id not in before]
+        live = [j for j in service.backend.job_list() if j.id not in before]
         assert len(live) == 1 and live[0].state == "running"  # one running, one waiting here
     studio.locator("[data-testid=result][alt*='three']").wait_for()
     studio.wait_for_selector("#app[data-pending='0']")
     studio.wait_state("done")
-    new = [j for j in service.queue.jobs() if j.id not in before]
+    new = [j for j in service.backend.job_list() if j.id not in before]
     assert [j.state for j in new] == ["cancelled", "done"]
-    assert new[1].params["request"]["prompt"] == "three"  # "two" never ran
+    assert new[1].output.params["request"]["prompt"] == "three"  # "two" never ran
     studio.shot(shots, "realtime")
 
     # typing quickly: the debounce makes one request of three keystrokes
@@ -491,10 +491,10 @@ def test_realtime_newer_requests_supersede_older_ones(studio, server, shots):
     studio.by("prompt").press_sequentially(" four", delay=20)
     studio.locator("[data-testid=result][alt*='three four']").wait_for()
     studio.wait_state("done")
-    new = [j for j in service.queue.jobs() if j.id not in before]
+    new = [j for j in service.backend.job_list() if j.id not in before]
     assert [j.state for j in new if j.state == "done"] == ["done"]
     assert all(j.state in ("done", "cancelled") for j in new)
-    assert new[-1].params["request"]["prompt"] == "three four"
+    assert new[-1].output.params["request"]["prompt"] == "three four"
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -558,7 +558,7 @@ def test_a_full_queue_shows_busy_and_retries_once(chromium, server, shots):
             page.wait_state("queued", "running")
             assert len(page.job_posts("txt2img")) == 4
         page.wait_result()
-        assert service.queue.get(running).state == "done"
+        assert service.backend.job(running).state == "done"
         assert not page.by("error").is_visible()
         assert not page.errors, page.errors
     finally:
@@ -642,8 +642,8 @@ def test_lora_stack_is_sent_and_recorded(studio, server):
     body = studio.job_posts("txt2img")[-1]
     assert body["loras"] == [{"name": "style", "weight": 0.5}, {"name": "style-peft",
                                                                  "weight": 1}]
-    job = service.queue.get(studio.current_job())
-    assert [(lo["ref"], lo["weight"]) for lo in job.params["request"]["loras"]] == [
+    job = service.backend.job(studio.current_job())
+    assert [(lo["ref"], lo["weight"]) for lo in job.output.params["request"]["loras"]] == [
         ("style", 0.5), ("style-peft", 1.0)]
     studio.by("lora-toggle-style").uncheck()
     studio.by("num-images").fill("2")

@@ -49,6 +49,7 @@ class PipelineCall:
     output: str = "images"  # "images" (N, H, W, 3) or "frames" (N, F, H, W, 3)
     batched: tuple[str, ...] = ()  # arguments given per prompt when calls are merged
     record: dict[str, Any] = field(default_factory=dict)  # the request, for the result
+    inputs: dict[str, str] = field(default_factory=dict)  # input image digests, by field
     warnings: tuple[str, ...] = ()
 
     def merge_key(self) -> tuple | None:

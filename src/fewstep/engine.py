@@ -508,6 +508,8 @@ class Engine:
         """Everything needed to reproduce a result."""
         return {
             "request": dict(call.record),
+            "inputs": dict(call.inputs),  # digests: a reproduction checks it got the same images
+            "speed": self.speed,
             "model": self.model_ref,
             "family": self.family.name,
             "lcm_lora": self.lcm_ref,

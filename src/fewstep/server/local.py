@@ -324,6 +324,18 @@ class LocalBackend:
         typical = durations[len(durations) // 2] if durations else 1.0
         return max(1, min(600, round(typical * (len(self._queue) + 1))))
 
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._queue and not self._running
+
+    def job(self, job_id: str) -> Job:
+        """The backend's own (live) job, for in-process callers."""
+        return self._job(job_id)
+
+    def job_list(self) -> list[Job]:
+        with self._cond:
+            return list(self._jobs.values())
+
     @property
     def kept_bytes(self) -> int:
         return self._kept_bytes

@@ -13,6 +13,7 @@ from ..calls import ModelView, PipelineCall
 from ..config import Settings
 from ..errors import InvalidRequest
 from ..lora import MAX_LORA_WEIGHT
+from ..records import input_digests
 
 MAX_SEED = 2**63 - 1
 MIN_IMAGE_SIDE = 8  # the VAE downscales by 8: smaller inputs have no latent pixel
@@ -167,7 +168,8 @@ class Request(BaseModel):
             steps=self.steps, guidance=self.guidance, seed=self.seed, count=self.num_images,
             width=width, height=height,
             loras=tuple((lora.ref, lora.weight) for lora in self.loras),
-            record=self.record(), warnings=tuple(self.warnings()), **details)
+            record=self.record(), inputs=input_digests(self), warnings=tuple(self.warnings()),
+            **details)
 
 
 def invalid_from_pydantic(exc: ValidationError) -> InvalidRequest:

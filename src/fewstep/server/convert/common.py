@@ -129,7 +129,8 @@ def encode_result(result, catalog) -> JobOutput:
     if result.is_animation:
         fps = int(params.get("request", {}).get("fps") or 8)
         for i in range(result.images.shape[0]):
-            files.append((encode_animation(result.pil_frames(i), ".gif", fps), "image/gif"))
+            files.append((encode_animation(result.pil_frames(i), ".gif", fps, params, i),
+                          "image/gif"))
     else:
         height, width = result.images.shape[1:3]
         params_png = {**params, "width": width, "height": height}

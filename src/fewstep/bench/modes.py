@@ -1,0 +1,140 @@
+"""The modes the benchmark compares, each loaded fresh in the same process, one after the other:
+
+* `recipe`: `reference.recipe_pipeline` exactly as the LCM-LoRA guide writes it (stock pipeline,
+  LCM-LoRA loaded with `load_lora_weights` and left unfused),
+* `default`, `auto`, `fastest`: `Engine(speed=<mode>)`, what users of that preset get. A mode that
+  compiles (`auto` and `fastest` on CUDA) compiles ahead, at start-up, exactly the shapes that are
+  timed; that time is part of its load time, never of a timed call.
+
+`--compile/--no-compile` and `--half` override a preset's choices: the engine is then made with
+`speed="off"` and the preset applied with the overrides through `FastPath` (reported as such)."""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+from typing import Any
+
+from .measure import count_syncs, measure, prompt
+
+MODES = ("recipe", "default", "auto", "fastest")
+ENGINE_MODES = MODES[1:]
+SEED = 42
+
+
+def timed_shapes(args) -> tuple[tuple[int, int, int], ...]:
+    """(width, height, batch) of every timed call: batch 1 and each throughput batch."""
+    return tuple((args.resolution, args.resolution, b) for b in sorted({1, *args.batch}))
+
+
+def overrides(args, mode: str) -> dict[str, Any]:
+    """The options given on the command line that change a preset."""
+    out: dict[str, Any] = {}
+    if mode in ("auto", "fastest") and args.compile is not None:
+        out["compile_unet"] = args.compile
+    if mode == "fastest" and args.half is not None:
+        out["dtype"] = None if args.half == "none" else args.half
+    return out
+
+
+def make_engine(args, mode: str, model, lora, taesd, shapes, cache_dir: str, **engine_options):
+    """The engine of `mode`, its FastPath, the FastPath's report and how it was built. Compiles
+    (and warms) `shapes` if the mode compiles."""
+    from ..engine import Engine
+
+    common = dict(lcm_lora=str(lora), device=args.device, dtype=args.dtype, **engine_options)
+    tiny = {"tiny_vae": str(taesd)} if mode == "fastest" else {}
+    changes = overrides(args, mode)
+    ahead = {"compile_shapes": shapes, "compile_cache": cache_dir} \
+        if mode in ("auto", "fastest") else {}  # the modes that may compile
+    if not changes:
+        engine = Engine(str(model), speed=mode, **ahead, **tiny, **common)
+        return engine, engine.fast_path, engine.fast_report, f"Engine(speed={mode!r})"
+    from ..accel import FastPath
+
+    engine = Engine(str(model), speed="off", **common)
+    if ahead:
+        ahead = {"compile_shapes": shapes, "compile_cache_dir": cache_dir}
+    path = FastPath.preset(mode, args.device, args.family, **ahead, **tiny, **changes)
+    return engine, path, path.apply(engine), \
+        f"Engine(speed='off') + FastPath.preset({mode!r}, {changes})"
+
+
+def _free() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _measure(args, run, pipe) -> dict[str, Any]:
+    result = measure(run, pipe, device=args.device, steps=args.steps, batches=args.batch,
+                     repeats=args.repeats, throughput_repeats=args.throughput_repeats,
+                     breakdown_repeats=args.breakdown_repeats)
+    result.update(count_syncs(run, pipe, device=args.device, steps=args.steps))
+    return result
+
+
+def recipe_mode(args, model: Path, lora: Path, dtype) -> dict[str, Any]:
+    result = _recipe(args, model, lora, dtype)
+    _free()  # the pipeline went with the call's frame
+    return result
+
+
+def _recipe(args, model: Path, lora: Path, dtype) -> dict[str, Any]:
+    from ..reference import recipe_call, recipe_pipeline
+
+    start = time.perf_counter()
+    pipe = recipe_pipeline("txt2img", str(model), str(lora), torch_dtype=dtype,
+                           device=args.device, sdxl=args.family != "sd15")
+    pipe.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - start
+
+    def run(batch, steps, prompt_index):
+        return recipe_call(pipe, prompt(prompt_index), SEED, num_inference_steps=steps,
+                           guidance_scale=1.0, height=args.resolution, width=args.resolution,
+                           num_images_per_prompt=batch)
+
+    result = {"load_s": round(load_s, 2), "compile_warmup_s": None, "compiled_shapes": []}
+    result.update(_measure(args, run, pipe))
+    return result
+
+
+def engine_mode(args, mode: str, model: Path, lora: Path, taesd: Path) -> dict[str, Any]:
+    result = _engine(args, mode, model, lora, taesd)
+    _free()  # the engine went with the call's frame
+    if result["compiled_shapes"]:
+        import torch
+
+        # forget the graphs of the engine just freed: the next mode compiles its own
+        torch._dynamo.reset()
+    return result
+
+
+def _engine(args, mode: str, model: Path, lora: Path, taesd: Path) -> dict[str, Any]:
+    from ..tasks import Txt2ImgRequest
+
+    shapes = timed_shapes(args)
+    start = time.perf_counter()
+    engine, path, report, built = make_engine(args, mode, model, lora, taesd, shapes,
+                                              args.compile_cache_dir)
+    load_s = time.perf_counter() - start
+
+    def run(batch, steps, prompt_index):
+        request = Txt2ImgRequest(prompt=prompt(prompt_index), steps=steps, guidance=1.0,
+                                 width=args.resolution, height=args.resolution, seed=SEED,
+                                 num_images=batch)
+        return engine.generate(request).images
+
+    compiles = bool(path.options.compile_unet)
+    result = {"load_s": round(load_s, 2),
+              "compile_warmup_s": round(report.seconds["warmup"], 2)
+              if "warmup" in report.seconds else None,
+              "compiled_shapes": [f"{w}x{h}x{b}" for w, h, b in path.options.compile_shapes]
+              if compiles else []}
+    result.update(_measure(args, run, engine.base))
+    result["fast_path"] = {"built_with": built, "options": path.options.describe(),
+                           "applied": report.applied, "checks": report.checks}
+    return result
