@@ -199,3 +199,15 @@ def test_lora_changes_keep_the_compiled_graph_valid(compiled, engines, tiny):
             image = engine.generate(request).images
         assert _graphs() == before
         assert np.abs(image - plain.generate(request).images).max() <= BATCH_TOL, loras
+
+
+def test_several_images_per_request_match_the_recipe(tiny):
+    from fewstep.reference import recipe_arguments, recipe_call, recipe_pipeline
+
+    engine = Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", dtype="fp32")
+    request = Txt2ImgRequest(prompt="two of them", seed=8, width=64, height=64, num_images=2)
+    ours = engine.generate(request).images
+    pipe = recipe_pipeline("txt2img", str(tiny.sd15), str(tiny.lcm_sd15))
+    reference = recipe_call(pipe, request.prompt, 8, **recipe_arguments(request))
+    assert ours.shape == reference.shape == (2, 64, 64, 3)
+    assert np.abs(ours - reference).max() <= 1e-3

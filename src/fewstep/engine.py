@@ -446,8 +446,9 @@ class Engine:
         kwargs.update(self._step_callback(pipe, jobs))
         try:
             with torch.inference_mode(), self._call_contexts():
+                # one embedding per prompt: the pipeline repeats it for the call's images
                 embeds = encode_prompts(pipe, [(j.call.prompt, j.call.negative_prompt)
-                                               for j in jobs for _ in range(j.call.count)],
+                                               for j in jobs],
                                         first.guidance, self.prompt_cache, first.loras)
                 # one CPU generator per request: the same seed gives the same noise on every
                 # device and in every batch, as `torch.manual_seed` in the recipe

@@ -50,6 +50,11 @@ class AheadOfTimeCompiler:
         self.warm_seconds: dict[str, float] = {}
 
     def install(self, engine) -> None:
+        import torch._dynamo.config as dynamo_config
+
+        # every declared shape keeps its graph (dynamo's default keeps 8 per function)
+        dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit,
+                                             len(self.shapes) + 8)
         engine.add_pipeline_hook(self._compile)
         engine.add_call_context(self._stance)
 
