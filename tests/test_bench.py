@@ -140,11 +140,9 @@ def test_measure_counts_graphs_compiled_during_timed_calls():
         width = 4 + (prompt_index % 3 if prompt_index >= 0 else 0)
         return pipe(batch, lambda z: compiled(torch.ones(z.shape[0], width)))
 
-    torch._dynamo.reset()
     result = measure.measure(run, pipe, device="cpu", steps=2, batches=[1], repeats=3,
                              throughput_repeats=1, breakdown_repeats=1)
     assert result["recompiles_during_timed_calls"] >= 1
-    torch._dynamo.reset()
 
 
 def test_memory_peak_reads_rss_without_psutil(monkeypatch):
