@@ -7,7 +7,7 @@
 #     bash benchmarks/fetch_gpu_wheels.sh              # here, once: the wheels -> .whl/
 #     # then, on the GPU machine, from the repository root, carrying .whl:
 #     bash benchmarks/gpu_run.sh                       # main runs, then the extras if time is left
-#     bash benchmarks/gpu_run.sh extra                 # only cold starts and LoRA switches
+#     bash benchmarks/gpu_run.sh sd15|sdxl|extra       # one part (a second call, same machine)
 #
 # Results land in $OUT (at most 8 files come back): results.tar.gz (every JSON, markdown and
 # chart), the markdown summaries and gpu_run.log. Each bench run saves after every mode, so a run
@@ -71,18 +71,23 @@ python3 -c "import torch; assert torch.cuda.is_available()" || { say "no CUDA de
 BENCH=(python3 -m fewstep.bench --workdir "$WORK" --out "$RESULTS" --cold-start ""
        --note "Run by benchmarks/gpu_run.sh in one call of at most 10 minutes.")
 
-if [ "$WHAT" = all ]; then
+case "$WHAT" in all|sd15|sdxl|extra) ;; *) say "unknown step set $WHAT"; exit 2 ;; esac
+if [ "$WHAT" = all ] || [ "$WHAT" = sd15 ]; then
   # SD1.5: ~40 s to compile a shape with an empty cache; fastest compiles the same fp16 UNet
   # graphs as auto and finds them in the shared cache
   step sd15-512 150 250 "${BENCH[@]}" --family sd15 --resolution 512 --batch 1,8 \
     --repeats 20 --throughput-repeats 3
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = sdxl ]; then
   # SDXL: ~75 s a shape with an empty cache
-  step sdxl-1024 200 330 "${BENCH[@]}" --family sdxl --resolution 1024 --batch 1,4 \
+  step sdxl-1024 200 360 "${BENCH[@]}" --family sdxl --resolution 1024 --batch 1,4 \
     --repeats 8 --throughput-repeats 2
 fi
-# the extras: a fresh process from start to first image (recipe; auto with an empty, then a
-# warm compile cache), and LoRA changes on the compiled SD1.5 UNet (rank-16 style LoRAs)
-step cold-start-sd15 100 200 "${BENCH[@]}" --family sd15 --resolution 512 --cold-start-only \
-  --cold-start recipe,auto
-step lora-switch-sd15 45 120 python3 -m fewstep.bench --family sd15 --resolution 512 \
-  --lora-switch --workdir "$WORK" --json "$RESULTS/gpu-lora-switch-sd15-512.json"
+if [ "$WHAT" = all ] || [ "$WHAT" = extra ]; then
+  # a fresh process from start to first image (recipe; auto with an empty, then a warm compile
+  # cache), and LoRA changes on the compiled SD1.5 UNet (rank-16 style LoRAs)
+  step cold-start-sd15 100 200 "${BENCH[@]}" --family sd15 --resolution 512 \
+    --cold-start-only --cold-start recipe,auto
+  step lora-switch-sd15 45 120 python3 -m fewstep.bench --family sd15 --resolution 512 \
+    --lora-switch --workdir "$WORK" --json "$RESULTS/gpu-lora-switch-sd15-512.json"
+fi

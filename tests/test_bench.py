@@ -44,9 +44,11 @@ def test_every_mode_reports_every_field(smoke):
         assert r["latency_ms_p90"] >= r["latency_ms_p50"]
         assert len(r["latency_ms_all"]) == 2
         assert set(r["images_per_s_by_batch"]) == {"1", "2"}
+        assert r["images_decoded_by_batch"]["1"] == 1, mode
         assert r["image_finite"] and r["load_s"] > 0
         # nothing compiles on a CPU by default, and nothing compiled during timed calls
         assert r["recompiles_during_timed_calls"] == 0
+        assert len(r["load_average_1min"]) == 2 and r["first_call_ms"] > 0
         assert r["compiled_shapes"] == [] and r["compile_warmup_s"] is None
         # host syncs are counted on CUDA only; the loop's scalar reads everywhere
         assert r["host_syncs_per_call"] is None
@@ -56,6 +58,9 @@ def test_every_mode_reports_every_field(smoke):
         assert b["text_encode_ms"] > 0 and b["unet_steps_ms"] > 0 and b["vae_decode_ms"] > 0
         assert b["unet_step_ms"] == pytest.approx(b["unet_steps_ms"] / 2, abs=0.1)
         assert b["calls"] == 2
+    # the recipe's batch-2 call decodes 2 images (the engine's decodes 4 today: an engine bug
+    # with num_images > 1, see benchmarks/README.md)
+    assert data["results"]["recipe"]["images_decoded_by_batch"]["2"] == 2
     # the stock scheduler reads scalars back in its loop; fewstep's never does
     assert data["results"]["recipe"]["scalar_reads_in_loop"] > 0
     for mode in ENGINE_MODES:
@@ -135,11 +140,9 @@ def test_measure_counts_graphs_compiled_during_timed_calls():
         width = 4 + (prompt_index % 3 if prompt_index >= 0 else 0)
         return pipe(batch, lambda z: compiled(torch.ones(z.shape[0], width)))
 
-    torch._dynamo.reset()
     result = measure.measure(run, pipe, device="cpu", steps=2, batches=[1], repeats=3,
                              throughput_repeats=1, breakdown_repeats=1)
     assert result["recompiles_during_timed_calls"] >= 1
-    torch._dynamo.reset()
 
 
 def test_memory_peak_reads_rss_without_psutil(monkeypatch):

@@ -222,7 +222,8 @@ def run(args, workdir: Path, save) -> dict[str, Any]:
         "memory_note": ("CUDA max_memory_allocated during the timed calls" if
                         args.device.startswith("cuda") else
                         "peak process RSS during the timed calls (the mode's weights included; "
-                        "each mode is freed before the next loads)"),
+                        "each mode is freed before the next loads, but memory the allocator "
+                        "kept from an earlier mode still counts)"),
         "build_models_s": round(build_s, 1),
     }
 

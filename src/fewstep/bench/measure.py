@@ -176,6 +176,28 @@ class StageTimer:
         return out
 
 
+class DecodedImages:
+    """Counts the images `vae.decode` decodes in a call: a call for N images that decodes more
+    did work it threw away (wrapping the VAE never touches a compiled UNet)."""
+
+    def __init__(self, pipe):
+        self.vae = pipe.vae
+        self.count = 0
+
+    def __enter__(self):
+        original = self.vae.decode
+
+        def decode(z, *args, **kwargs):
+            self.count += int(z.shape[0])
+            return original(z, *args, **kwargs)
+
+        self.vae.decode = decode
+        return self
+
+    def __exit__(self, *exc):
+        self.vae.__dict__.pop("decode", None)
+
+
 def compiled_graphs() -> int:
     """Graphs dynamo has compiled in this process so far."""
     from torch._dynamo.utils import counters
@@ -203,6 +225,7 @@ def measure(run: Run, pipe, *, device: str, steps: int, batches: list[int], repe
                 first_call = time.perf_counter() - start
     # on a CPU the stage boundaries cost nothing: split the timed calls themselves
     timer = StageTimer(pipe, device) if not cuda else None
+    load_before = os.getloadavg()[0]  # a shared machine's other work slows the timed calls
     graphs_before = compiled_graphs()
     with MemoryPeak(device) as memory:
         times, first = [], None
@@ -218,17 +241,20 @@ def measure(run: Run, pipe, *, device: str, steps: int, batches: list[int], repe
                 times.append(time.perf_counter() - start)
                 if first is None:
                     first = images
-        throughput = {}
+        throughput, decoded = {}, {}
         for batch in batches:
             runs = []
             for i in range(throughput_repeats):
-                sync(device)
-                start = time.perf_counter()
-                run(batch, steps=steps, prompt_index=100 + i)
-                sync(device)
-                runs.append(time.perf_counter() - start)
+                with DecodedImages(pipe) as images_decoded:
+                    sync(device)
+                    start = time.perf_counter()
+                    run(batch, steps=steps, prompt_index=100 + i)
+                    sync(device)
+                    runs.append(time.perf_counter() - start)
             throughput[str(batch)] = round(batch / float(np.median(runs)), 4)
+            decoded[str(batch)] = images_decoded.count
     recompiles = compiled_graphs() - graphs_before
+    load_after = os.getloadavg()[0]
     if timer is None:
         timer = StageTimer(pipe, device)
         with timer:
@@ -242,8 +268,10 @@ def measure(run: Run, pipe, *, device: str, steps: int, batches: list[int], repe
         "first_call_ms": round(first_call * 1000, 1),
         "images_per_s": throughput[str(max(batches))],
         "images_per_s_by_batch": throughput,
+        "images_decoded_by_batch": decoded,
         "peak_memory_mb": memory.mb,
         "recompiles_during_timed_calls": recompiles,
+        "load_average_1min": [round(load_before, 2), round(load_after, 2)],
         "breakdown": timer.summary(steps),
         "image_finite": bool(np.isfinite(first).all()),
         "_first_image": first,

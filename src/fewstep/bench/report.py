@@ -103,6 +103,14 @@ def markdown(data: dict) -> str:
                     lines.append(f"| {mode} | {cache} | {run['process_start_to_first_image_s']}"
                                  f" | {run['import_s']} | {run['load_s']} | "
                                  f"{run['first_image_s']} |")
+    wasted = {m: {b: n for b, n in r.get("images_decoded_by_batch", {}).items()
+                  if n != int(b) * data["config"]["throughput_repeats"]}
+              for m, r in data["results"].items()}
+    for mode, batches_off in wasted.items():
+        for batch, n in batches_off.items():
+            lines += ["", f"Note: {mode} decoded {n // data['config']['throughput_repeats']} "
+                      f"images per batch-{batch} call: its images/s b{batch} counts only the "
+                      f"{batch} it returned."]
     if data.get("agreement"):
         lines += ["", "Largest pixel difference (0..1) of the first image against the recipe's: "
                   + ", ".join(f"{k} {v}" for k, v in data["agreement"].items()) + "."]
@@ -115,8 +123,9 @@ def _mode_tables(data: dict, modes: list[str], batches: list[str]) -> list[str]:
     results = data["results"]
     lines = [
         "| mode | p50 (ms) | p90 (ms) | " + " | ".join(f"images/s b{b}" for b in batches)
-        + " | peak memory (MB) | load (s) | speed-up vs recipe (p50) | throughput vs recipe |",
-        "|---|" + "---:|" * (6 + len(batches)),
+        + " | peak memory (MB) | load (s) | speed-up vs recipe (p50) | throughput vs recipe "
+        "| machine load (1 min, before/after) |",
+        "|---|" + "---:|" * (6 + len(batches)) + "---|",
     ]
     for mode in modes:
         r = results[mode]
@@ -125,7 +134,8 @@ def _mode_tables(data: dict, modes: list[str], batches: list[str]) -> list[str]:
             f"| {mode} | {r['latency_ms_p50']} | {r['latency_ms_p90']} | "
             + " | ".join(str(r["images_per_s_by_batch"][b]) for b in batches)
             + f" | {r['peak_memory_mb']} | {r['load_s']} | {ratio['latency_speedup']}x | "
-            f"{ratio['throughput_ratio']}x |")
+            f"{ratio['throughput_ratio']}x | "
+            f"{' / '.join(str(v) for v in r.get('load_average_1min', [])) or '—'} |")
     lines += ["", "Where the time goes (median of batch-1 calls, ms; speed-up against the "
               "recipe's stage in brackets):", "",
               "| mode | text encode | UNet steps (all) | per step | VAE decode | other | total |",
@@ -193,7 +203,7 @@ def _pil_chart(labels, lat, ips, title, path: Path) -> None:
 
     img = Image.new("RGB", (900, 360), "white")
     draw = ImageDraw.Draw(img)
-    draw.text((10, 8), title, fill="black")
+    draw.text((10, 8), title.replace("—", "-"), fill="black")  # PIL's default font: ASCII
     for panel, (name, values) in enumerate((("latency p50 ms (lower is better)", lat),
                                             ("images/s (higher is better)", ips))):
         x0 = 20 + panel * 450
