@@ -36,8 +36,10 @@ class StaticLCMScheduler(LCMScheduler):
         self._tables = None
         self._noise = None
 
-    def _prepare(self, model_output: torch.Tensor, generator) -> None:
-        """Per-index tables for the whole schedule and the noise for every step still to run."""
+    def tables(self, device) -> dict:
+        """Per-index scalars for the whole schedule (set_timesteps first): the alpha tables as
+        CPU scalars, as the stock step reads `alphas_cumprod`, and the boundary scalings on
+        `device`, as the stock step computes them from the device timestep."""
         timesteps = self._host_timesteps
         alphas = self.alphas_cumprod  # on the CPU, as the stock step reads it
         alpha_t, alpha_prev = [], []
@@ -45,11 +47,9 @@ class StaticLCMScheduler(LCMScheduler):
             prev = timesteps[k + 1] if k + 1 < len(timesteps) else t
             alpha_t.append(alphas[t])
             alpha_prev.append(alphas[prev] if prev >= 0 else self.final_alpha_cumprod)
-        device = model_output.device
-        # the stock step computes the scalings from the device timestep: same ops, same device
         steps = torch.tensor(timesteps, dtype=torch.long, device=device)
         c_skip, c_out = self.get_scalings_for_boundary_condition_discrete(steps)
-        self._tables = {
+        return {
             "alpha_sqrt": [a.sqrt() for a in alpha_t],
             "beta_sqrt": [(1 - a).sqrt() for a in alpha_t],
             "alpha_prev_sqrt": [a.sqrt() for a in alpha_prev],
@@ -57,33 +57,23 @@ class StaticLCMScheduler(LCMScheduler):
             "c_skip": c_skip,
             "c_out": c_out,
         }
-        first = self._step_index
-        noisy_steps = max(0, self.num_inference_steps - 1 - first)
-        self._noise_offset = first
-        if noisy_steps == 0:
-            self._noise = None
-            return
-        draws = [randn_tensor(model_output.shape, generator=generator,
-                              device=torch.device("cpu"), dtype=model_output.dtype)
-                 for _ in range(noisy_steps)]
-        noise = torch.stack(draws)
-        if device.type == "cuda":
-            noise = noise.pin_memory()
-            self._noise_host = noise  # kept alive until the copy has run
-        self._noise = noise.to(device, non_blocking=True)
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
-             return_dict: bool = True):
-        if self.num_inference_steps is None:
-            raise ValueError("Number of inference steps is 'None', you need to run "
-                             "'set_timesteps' after creating the scheduler")
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        if self._tables is None:
-            self._prepare(model_output, generator)
-        k = self._step_index
-        tab = self._tables
+    def draw_noise(self, shape, dtype, generator, first: int = 0) -> torch.Tensor | None:
+        """The noise of every step from index `first` on that adds noise (all but the last),
+        stacked on the CPU: the same draws, in the same order, as the stock step makes one per
+        step. None when no step adds noise."""
+        count = max(0, self.num_inference_steps - 1 - first)
+        if count == 0:
+            return None
+        return torch.stack([randn_tensor(shape, generator=generator,
+                                         device=torch.device("cpu"), dtype=dtype)
+                            for _ in range(count)])
 
+    def update(self, tables: dict, k: int, model_output: torch.Tensor, sample: torch.Tensor,
+               noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step index `k` of the stock `LCMScheduler.step`, from `tables`, with this step's
+        `noise` (unused at the last step): (prev_sample, denoised)."""
+        tab = tables
         prediction = self.config.prediction_type
         if prediction == "epsilon":
             predicted = (sample - tab["beta_sqrt"][k] * model_output) / tab["alpha_sqrt"][k]
@@ -102,10 +92,40 @@ class StaticLCMScheduler(LCMScheduler):
 
         denoised = tab["c_out"][k] * predicted + tab["c_skip"][k] * sample
         if k != self.num_inference_steps - 1:
-            noise = self._noise[k - self._noise_offset]
             prev_sample = tab["alpha_prev_sqrt"][k] * denoised + tab["beta_prev_sqrt"][k] * noise
         else:
             prev_sample = denoised
+        return prev_sample, denoised
+
+    def _prepare(self, model_output: torch.Tensor, generator) -> None:
+        """Per-index tables for the whole schedule and the noise for every step still to run."""
+        device = model_output.device
+        self._tables = self.tables(device)
+        first = self._step_index
+        self._noise_offset = first
+        noise = self.draw_noise(model_output.shape, model_output.dtype, generator, first)
+        if noise is None:
+            self._noise = None
+            return
+        if device.type == "cuda":
+            noise = noise.pin_memory()
+            self._noise_host = noise  # kept alive until the copy has run
+        self._noise = noise.to(device, non_blocking=True)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run "
+                             "'set_timesteps' after creating the scheduler")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        if self._tables is None:
+            self._prepare(model_output, generator)
+        k = self._step_index
+        noise = None
+        if k != self.num_inference_steps - 1:
+            noise = self._noise[k - self._noise_offset]
+        prev_sample, denoised = self.update(self._tables, k, model_output, sample, noise)
         self._step_index += 1
         if not return_dict:
             return (prev_sample, denoised)
