@@ -43,6 +43,8 @@ from .prompts import PromptCache, encode_prompts
 
 ProgressFn = Callable[[int, int], None]
 PreviewFn = Callable[[int, Any], None]
+# (pipe, calls, the pipeline's arguments) -> images as the pipeline gives them, or None
+CallRunner = Callable[[Any, list[PipelineCall], dict[str, Any]], "np.ndarray | None"]
 
 
 @dataclass
@@ -165,6 +167,7 @@ class Engine:
         self._vae = base.vae
         self._hooks: list[Callable[[Any], None]] = []
         self._call_contexts_made: list[Callable[[], Any]] = []
+        self._call_runners: list[CallRunner] = []
         self.prompt_cache: PromptCache | None = None
         self._lock = threading.RLock()
         # LoRAs loaded now (checked, inactive) so a compiled UNet never sees its layers change
@@ -198,6 +201,22 @@ class Engine:
         that removes it again."""
         self._call_contexts_made.append(make)
         return lambda: self._call_contexts_made.remove(make)
+
+    def add_call_runner(self, runner: "CallRunner") -> Callable[[], None]:
+        """Offer every pipeline call to `runner(pipe, calls, arguments)` before the pipeline
+        runs it: `calls` are the PipelineCalls merged into it, `arguments` exactly what the
+        pipeline would get (embeddings, generator(s), steps, guidance, output_type="np", the
+        step callback and the task's own arguments). The runner returns the images as the
+        pipeline would (float32 NHWC in 0..1) or None to leave the call to the pipeline.
+        Returns a function that removes it again."""
+        self._call_runners.append(runner)
+        return lambda: self._call_runners.remove(runner)
+
+    @property
+    def fuses_loras(self) -> bool:
+        """Whether LoRA stacks are written in place into the same weight tensors (so a captured
+        graph of the models stays valid when the stack changes)."""
+        return self._fused is not None
 
     def convert_dtype(self, dtype) -> None:
         """Run every model in `dtype` from now on (components loaded later too)."""
@@ -453,7 +472,7 @@ class Engine:
                 # one CPU generator per request: the same seed gives the same noise on every
                 # device and in every batch, as `torch.manual_seed` in the recipe
                 generators = [torch.Generator("cpu").manual_seed(job.call.seed) for job in jobs]
-                output = pipe(
+                arguments = dict(
                     **embeds,
                     num_inference_steps=first.steps,
                     guidance_scale=first.guidance,
@@ -462,6 +481,14 @@ class Engine:
                     **{first.batch_arg: first.count},
                     **kwargs,
                 )
+                images = None
+                for runner in self._call_runners:
+                    images = runner(pipe, [job.call for job in jobs], arguments)
+                    if images is not None:
+                        break
+                if images is None:
+                    output = pipe(**arguments)
+                    images = output.frames if first.output == "frames" else output.images
         except torch.OutOfMemoryError as exc:
             self.release_memory()
             raise OutOfMemory("out of memory on the device; try a smaller size or batch") from exc
@@ -469,7 +496,6 @@ class Engine:
             raise
         except ValueError as exc:  # diffusers' own input checks
             raise InvalidRequest(str(exc)[:500]) from exc
-        images = output.frames if first.output == "frames" else output.images
         images = np.asarray(images, dtype=np.float32)
         for job in jobs:
             if len(jobs) > 1 and job.cancel is not None and job.cancel.is_set():
