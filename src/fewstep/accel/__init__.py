@@ -25,6 +25,9 @@ fp16_vae           an fp16-safe SDXL VAE (a local copy of sdxl-vae-fp16-fix) so 
                    the float32 `force_upcast` decode is not needed               weights)
 compile_unet       `torch.compile` of the UNet for declared shapes, compiled at  ~1e-3 (fused
                    start-up, cached on disk; other shapes run plain at once      kernels)
+cuda_graph_loop    CUDA only, opt-in: the whole text-to-image call (all steps    exact (same
+                   and the decode) as one CUDA graph per declared shape and     ops; unverified
+                   step count, captured at start-up (`graphs.py`)               on a GPU so far)
 =================  ===========================================================  ==============
 
 Presets: `off` (nothing), `default` (the exact techniques), `auto` (the exact techniques, plus on
@@ -72,6 +75,10 @@ class FastOptions:
     compile_mode: str | None = None  # torch.compile mode; None: inductor's default
     compile_cache_dir: str | None = None  # inductor / FX graph cache kept on disk
     compile_shapes: tuple[tuple[int, int, int], ...] = ()  # (width, height, batch) compiled ahead
+    # whole text-to-image loop as CUDA graphs, for compile_shapes (or the family's) x graph_steps;
+    # no preset turns it on yet: it has not run on a GPU in this repository
+    cuda_graph_loop: bool = False
+    graph_steps: tuple[int, ...] = (4,)
 
     def describe(self) -> dict[str, Any]:
         out = {}
@@ -113,6 +120,7 @@ class FastPath:
         self.options = replace(options, **overrides) if overrides else options
         self.report = FastReport()
         self.compiler: AheadOfTimeCompiler | None = None
+        self.graph_runner = None
         self._done: set[tuple[str, int]] = set()
         self._dtype = None
         self._vae = None
@@ -190,15 +198,29 @@ class FastPath:
         engine.add_pipeline_hook(self.prepare)
         if opts.compile_unet:
             cache = use_cache_dir(opts.compile_cache_dir or default_cache_dir())
-            self.compiler = AheadOfTimeCompiler(opts.compile_shapes, opts.compile_mode)
+            mode = opts.compile_mode
+            if opts.cuda_graph_loop and mode == "reduce-overhead" and \
+                    engine.device.startswith("cuda"):
+                mode = None  # the whole loop becomes one graph: no graphs of its own inside
+            self.compiler = AheadOfTimeCompiler(opts.compile_shapes, mode)
             self.compiler.install(engine)
-            rep.applied["compile_unet"] = (f"on (mode={opts.compile_mode or 'default'}, "
+            rep.applied["compile_unet"] = (f"on (mode={mode or 'default'}, "
                                            f"shapes={len(opts.compile_shapes)}, cache={cache})")
         else:
             rep.applied["compile_unet"] = "off"
         rep.seconds["apply"] = time.perf_counter() - start
         if self.compiler is not None and opts.compile_shapes:
             rep.seconds["warmup"] = self.compiler.warm_up(engine)
+        if opts.cuda_graph_loop:  # last: it captures the models as everything above left them
+            from .graphs import GraphedTxt2ImgRunner
+
+            began = time.perf_counter()
+            shapes = opts.compile_shapes or DEFAULT_SHAPES.get(engine.family.name, ())
+            self.graph_runner = GraphedTxt2ImgRunner(shapes, opts.graph_steps)
+            rep.applied["cuda_graph_loop"] = self.graph_runner.install(engine)
+            rep.seconds["graph_capture"] = time.perf_counter() - began
+        else:
+            rep.applied["cuda_graph_loop"] = "off"
         return rep
 
     def _load_vae(self, engine, ref, field_name: str, tiny: bool):

@@ -1,0 +1,166 @@
+"""The whole-loop text-to-image runner (fewstep.accel.graphs), on CPU with tiny models: its loop,
+run eagerly (no CUDA graph on a CPU), gives the plain pipeline's pixels for SD1.5 and SDXL, solo
+and batched; it reads nothing back from the device; the runner declines what it cannot run (and
+the pipeline then gives the usual result); LoRA changes go through it with the plain pixels."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from fewstep.accel.graphs import GraphedTxt2ImgRunner
+from fewstep.accel.syncs import SyncCounter
+from fewstep.engine import Engine, Job
+from fewstep.errors import Cancelled
+from fewstep.selftest import sample_image
+from fewstep.tasks import ControlNetRequest, LoraRequest, Txt2ImgRequest
+
+SIZE = 64
+STEPS = 4
+
+
+def _engines(tiny, family: str):
+    model, lcm = {"sd15": (tiny.sd15, tiny.lcm_sd15), "sdxl": (tiny.sdxl, tiny.lcm_sdxl)}[family]
+    common = dict(lcm_lora=str(lcm), device="cpu", dtype="fp32")
+    # the same engine twice: the plain one runs every call on the pipeline
+    plain = Engine(str(model), speed="default", **common)
+    looped = Engine(str(model), speed="default", **common)
+    runner = GraphedTxt2ImgRunner(((SIZE, SIZE, 1), (SIZE, SIZE, 2)), steps=(STEPS, 2),
+                                  eager=True)
+    status = runner.install(looped)
+    assert status.startswith("on (4 eager loops")
+    return plain, looped, runner
+
+
+@pytest.fixture(scope="module")
+def sd15(tiny):
+    return _engines(tiny, "sd15")
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny):
+    return _engines(tiny, "sdxl")
+
+
+def _request(prompt="a lighthouse", seed=3, **extra):
+    values = dict(prompt=prompt, seed=seed, steps=STEPS, width=SIZE, height=SIZE)
+    values.update(extra)
+    return Txt2ImgRequest(**values)
+
+
+def _through_loop(engine, runner, requests):
+    """Run `requests` as one call; checks that the runner (not the pipeline) ran it."""
+    before = runner.replays
+    results = engine.run([Job(engine.plan(r)) for r in requests])
+    assert runner.replays == before + 1, runner.declined
+    return np.concatenate([r.images for r in results])
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("case", ["one image", "two requests", "two images"])
+def test_loop_gives_the_pipelines_pixels(request, family, case):
+    plain, looped, runner = request.getfixturevalue(family)
+    if case == "one image":
+        requests = [_request()]
+    elif case == "two requests":  # batch 2: two prompts, two seeds, a generator each
+        requests = [_request("a red house", 11), _request("a blue boat", 12)]
+    else:  # batch 2 from one seed: one generator draws both images' noise
+        requests = [_request(num_images=2, seed=7)]
+    ours = _through_loop(looped, runner, requests)
+    reference = np.concatenate([plain.generate(r).images for r in requests]) \
+        if case != "two requests" else \
+        np.concatenate([r.images for r in plain.run([Job(plain.plan(q)) for q in requests])])
+    assert ours.shape == (len(requests) * (2 if case == "two images" else 1), SIZE, SIZE, 3)
+    assert ours.dtype == np.float32
+    assert np.array_equal(ours, reference), np.abs(ours - reference).max()
+    if len(ours) == 2:
+        assert not np.array_equal(ours[0], ours[1])
+
+
+def test_loop_reads_nothing_back(sd15, sdxl):
+    for _, _, runner in (sd15, sdxl):
+        loop = runner.loops[(SIZE, SIZE, 2, STEPS)]
+        counter = SyncCounter(keep_stacks=True)
+        with torch.inference_mode(), counter:
+            loop.run()  # all steps and the VAE decode
+            assert counter.count == 0, "\n".join(counter.where[:3])
+            loop.timesteps[0].item()  # what the stock scheduler does per step: counted
+        assert counter.count == 1
+
+
+def test_runner_declines_on_cpu_and_the_fast_path_says_why(tiny):
+    from fewstep.accel import FastOptions, FastPath
+
+    engine = Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", dtype="fp32",
+                    speed="off")
+    runner = GraphedTxt2ImgRunner(((SIZE, SIZE, 1),))
+    assert runner.install(engine) == "skipped: needs CUDA"
+    assert runner(engine.base, [engine.plan(_request())], {}) is None
+    assert runner.declined == "no loop was captured"
+    report = FastPath(FastOptions(cuda_graph_loop=True)).apply(engine)
+    assert report.applied["cuda_graph_loop"] == "skipped: needs CUDA"
+    assert engine.generate(_request()).images.shape == (1, SIZE, SIZE, 3)
+
+
+@pytest.mark.parametrize("case", ["controlnet", "guidance", "shape", "steps", "unfused loras"])
+def test_ineligible_calls_run_on_the_pipeline(sd15, tiny, case, monkeypatch):
+    plain, looped, runner = sd15
+    loras = [LoraRequest(ref=str(tiny.style_sd15), weight=0.7)]
+    if case == "controlnet":
+        req = ControlNetRequest(prompt="edges", seed=5, steps=STEPS, width=SIZE, height=SIZE,
+                                control_image=sample_image(), controlnet=str(tiny.controlnet))
+        why = "not a text-to-image call"
+    elif case == "guidance":  # classifier-free guidance doubles the UNet batch
+        req = _request(guidance=2.0, negative_prompt="blur")
+        why = "guidance above 1"
+    elif case == "shape":
+        req = _request(width=48, height=40)
+        why = "no loop captured for 48x40x1"
+    elif case == "steps":
+        req = _request(steps=3)
+        why = "3 steps"
+    else:  # adapters computed beside the layers are not in a captured graph
+        monkeypatch.setattr(type(looped), "fuses_loras", property(lambda self: False))
+        req = _request(loras=loras)
+        why = "LoRAs computed beside"
+    before = runner.replays
+    ours = looped.generate(req).images
+    assert runner.replays == before and why in runner.declined
+    assert np.abs(ours - plain.generate(req).images).max() <= 1e-4
+
+
+def test_lora_changes_between_runs_keep_the_plain_pixels(sd15, tiny):
+    plain, looped, runner = sd15
+    stacks = [[LoraRequest(ref=str(tiny.style_sd15), weight=0.8)],
+              [LoraRequest(ref=str(tiny.style_sd15), weight=0.3),
+               LoraRequest(ref=str(tiny.style_sd15_peft), weight=0.6)],
+              []]
+    seen = []
+    for loras in stacks:
+        req = _request("switch", 9, loras=loras)
+        ours = _through_loop(looped, runner, [req])
+        # the fused stack was written into the weights the loop reads, in place
+        reference = plain.generate(req).images
+        assert np.array_equal(ours, reference), (loras, np.abs(ours - reference).max())
+        seen.append(ours)
+    assert not np.array_equal(seen[0], seen[2]) and not np.array_equal(seen[0], seen[1])
+
+
+def test_step_callback_runs_for_every_step_and_can_cancel(sd15):
+    _, looped, runner = sd15
+    steps, previews = [], []
+    job = Job(looped.plan(_request()), progress=lambda k, total: steps.append((k, total)),
+              preview=lambda k, image: previews.append(k))
+    before = runner.replays
+    looped.run([job])
+    assert runner.replays == before + 1
+    assert steps == [(k, STEPS) for k in range(1, STEPS + 1)] and previews == [1, 2, 3, 4]
+
+    cancel = threading.Event()
+    job = Job(looped.plan(_request()), progress=lambda k, total: k == 2 and cancel.set(),
+              cancel=cancel)
+    with pytest.raises(Cancelled, match="after step 2 of 4"):
+        looped.run([job])
