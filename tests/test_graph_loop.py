@@ -92,16 +92,13 @@ def test_loop_reads_nothing_back(sd15, sdxl):
 
 
 def test_runner_declines_on_cpu_and_the_fast_path_says_why(tiny):
-    from fewstep.accel import FastOptions, FastPath
-
     engine = Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", dtype="fp32",
-                    speed="off")
+                    speed="default", cuda_graph_loop=True)
+    assert engine.fast_report.applied["cuda_graph_loop"] == "skipped: needs CUDA"
     runner = GraphedTxt2ImgRunner(((SIZE, SIZE, 1),))
     assert runner.install(engine) == "skipped: needs CUDA"
     assert runner(engine.base, [engine.plan(_request())], {}) is None
     assert runner.declined == "no loop was captured"
-    report = FastPath(FastOptions(cuda_graph_loop=True)).apply(engine)
-    assert report.applied["cuda_graph_loop"] == "skipped: needs CUDA"
     assert engine.generate(_request()).images.shape == (1, SIZE, SIZE, 3)
 
 

@@ -156,6 +156,9 @@ class ServeSettings(EngineOptions, Settings):
     compile_cache: str | None = Field(None, description="folder keeping compiled graphs for "
                                       "the next start (default ~/.cache/fewstep/compile)",
                                       json_schema_extra=_flag(metavar="DIR"))
+    cuda_graph_loop: Literal["off", "on"] = Field(
+        "off", description="CUDA only: capture the whole text-to-image call (all steps and the "
+        "decode) as one CUDA graph per compile shape at start-up (4 steps; not yet measured)")
     max_batch: int | None = Field(None, ge=1, description="queued jobs run as one pipeline "
                                   "call at most (default: 8 on CUDA, 4 elsewhere)",
                                   json_schema_extra=_flag(metavar="N"))

@@ -104,6 +104,7 @@ class Engine:
         fp16_vae: str | None = None,
         compile_shapes: tuple[tuple[int, int, int], ...] | None = None,
         compile_cache: str | None = None,
+        cuda_graph_loop: bool = False,
         preload_loras: tuple[str, ...] | dict[str, str] = (),
     ):
         from diffusers import LCMScheduler
@@ -185,6 +186,8 @@ class Engine:
             extra["compile_shapes"] = tuple(compile_shapes)
         if compile_cache is not None:
             extra["compile_cache_dir"] = compile_cache
+        if cuda_graph_loop:  # opt-in: the whole text-to-image loop as CUDA graphs
+            extra["cuda_graph_loop"] = True
         self.fast_path = FastPath.preset(speed, self.device, chosen.name, **extra)
         self.fast_report = self.fast_path.apply(self)
 

@@ -19,7 +19,7 @@ SERVE_EXTRA = ("fastapi", "uvicorn", "prometheus_client", "python_multipart")
 GROUPS = {
     "model": ("model", "model_name", "model_config_dir", "family", "lcm_lora",
               "animate_lcm_weight", "device", "dtype", "speed", "tiny_vae", "fp16_vae",
-              "compile_shapes", "compile_cache"),
+              "compile_shapes", "compile_cache", "cuda_graph_loop"),
     "catalogue (requests name these)": ("lora", "controlnet", "adapter", "motion_adapter"),
     "service": ("host", "port", "api_key", "public_url", "queue_size", "timeout", "grace",
                 "max_body_mb", "body_timeout_s", "job_retention_bytes", "max_batch",
@@ -134,6 +134,7 @@ def engine_kwargs(settings) -> dict:
                 compile_shapes=parse_shapes(settings.compile_shapes)
                 if settings.compile_shapes else None,
                 compile_cache=settings.compile_cache,
+                cuda_graph_loop=settings.cuda_graph_loop == "on",
                 # catalogue LoRAs are loaded before any compiling: their stacks then change
                 # weight values only, never a compiled graph
                 preload_loras={f"lora.{name}": ref for name, ref in settings.lora.items()})
