@@ -146,6 +146,16 @@ def test_lora_changes_between_runs_keep_the_plain_pixels(sd15, tiny):
     assert not np.array_equal(seen[0], seen[2]) and not np.array_equal(seen[0], seen[1])
 
 
+def test_results_do_not_share_the_loops_buffers(sd15):
+    _, looped, runner = sd15
+    before = runner.replays
+    first = looped.generate(_request(seed=21)).images
+    kept = first.copy()
+    looped.generate(_request(seed=22))
+    assert runner.replays == before + 2
+    assert np.array_equal(first, kept)
+
+
 def test_step_callback_runs_for_every_step_and_can_cancel(sd15):
     _, looped, runner = sd15
     steps, previews = [], []
@@ -161,3 +171,36 @@ def test_step_callback_runs_for_every_step_and_can_cancel(sd15):
               cancel=cancel)
     with pytest.raises(Cancelled, match="after step 2 of 4"):
         looped.run([job])
+
+
+def test_guidance_embedding_of_lcm_distilled_unets(tmp_path):
+    """A UNet with `time_cond_proj_dim` (an LCM-distilled model) gets the guidance as an
+    embedding, not as a doubled batch: the loop fills it per call, as the pipeline does."""
+    from diffusers import UNet2DConditionModel
+
+    from fewstep.accel.graphs import Txt2ImgLoop
+    from fewstep.accel.scheduler import StaticLCMScheduler
+    from fewstep.testing import build_sd15_pipeline
+
+    pipe = build_sd15_pipeline(tmp_path)
+    torch.manual_seed(1)
+    config = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
+    pipe.unet = UNet2DConditionModel(**{**config, "time_cond_proj_dim": 16})
+    pipe.scheduler = StaticLCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.inference_mode():
+        embeds = pipe.encode_prompt("a cat", "cpu", 1, False)[0]
+        loop = Txt2ImgLoop(pipe, SIZE, SIZE, 2, STEPS)
+        seen = []
+        for guidance in (1.0, 3.0):
+            arguments = dict(prompt_embeds=embeds, num_inference_steps=STEPS,
+                             guidance_scale=guidance, output_type="np",
+                             num_images_per_prompt=2, width=SIZE, height=SIZE)
+            reference = pipe(**arguments, generator=torch.Generator().manual_seed(4)).images
+            loop.load(pipe, {**arguments, "generator": torch.Generator().manual_seed(4)})
+            assert loop.buffers.timestep_cond is not None
+            loop.run()
+            ours = loop.buffers.images.permute(0, 2, 3, 1).float().numpy().copy()
+            assert np.array_equal(ours, reference), (guidance, np.abs(ours - reference).max())
+            seen.append(ours)
+    assert not np.array_equal(seen[0], seen[1])  # the embedding reached the UNet

@@ -307,7 +307,11 @@ class GraphedTxt2ImgRunner:
             else:
                 loop.run()
             self._report_steps(pipe, loop, arguments)
-            images = loop.buffers.images.cpu().permute(0, 2, 3, 1).float().numpy()
+            images = loop.buffers.images
+            # the pipeline's pt_to_numpy; a CPU buffer is copied first, as the next call
+            # overwrites it
+            images = (images.clone() if images.device.type == "cpu" else images.cpu())
+            images = images.permute(0, 2, 3, 1).float().numpy()
         self.replays += 1
         self.declined = None
         return images
