@@ -204,3 +204,21 @@ def test_guidance_embedding_of_lcm_distilled_unets(tmp_path):
             assert np.array_equal(ours, reference), (guidance, np.abs(ours - reference).max())
             seen.append(ours)
     assert not np.array_equal(seen[0], seen[1])  # the embedding reached the UNet
+
+
+def test_half_precision_sdxl_decodes_in_float32_like_the_pipeline(tiny):
+    """SDXL in fp16 with `force_upcast`: the pipeline converts its VAE to float32 for the decode
+    and back; the loop decodes with one float32 copy (weights that stay put), same pixels."""
+    common = dict(lcm_lora=str(tiny.lcm_sdxl), device="cpu", dtype="fp16", speed="default")
+    plain, looped = Engine(str(tiny.sdxl), **common), Engine(str(tiny.sdxl), **common)
+    runner = GraphedTxt2ImgRunner(((SIZE, SIZE, 2), (SIZE, SIZE, 1)), steps=(STEPS,),
+                                  eager=True)
+    runner.install(looped)
+    first, second = (runner.loops[(SIZE, SIZE, b, STEPS)] for b in (2, 1))
+    assert first.decoder.dtype == torch.float32 and first.vae.dtype == torch.float16
+    assert second.decoder is first.decoder  # one float32 copy for all the runner's loops
+    requests = [_request("a red house", 11), _request("a blue boat", 12)]
+    ours = _through_loop(looped, runner, requests)
+    reference = np.concatenate([r.images for r in plain.run([Job(plain.plan(q))
+                                                             for q in requests])])
+    assert np.array_equal(ours, reference), np.abs(ours - reference).max()

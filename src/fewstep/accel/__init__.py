@@ -1,6 +1,6 @@
 """Speed techniques for an Engine: each one switchable, each one measured by `fewstep.bench`.
 They reach the engine only through its public seam (`add_pipeline_hook`, `add_call_context`,
-`convert_dtype`, `replace_vae`, `set_scheduler`, `prompt_cache`).
+`add_call_runner`, `convert_dtype`, `replace_vae`, `set_scheduler`, `prompt_cache`).
 
     >>> engine = Engine(model, speed="off")
     >>> FastPath.preset("fastest", engine.device).apply(engine)

@@ -80,7 +80,8 @@ class Txt2ImgLoop:
     """All LCM steps and the VAE decode of one text-to-image shape and step count, on static
     buffers, for SD1.5 and SDXL-family pipelines at guidance that does not double the batch."""
 
-    def __init__(self, pipe, width: int, height: int, batch: int, steps: int):
+    def __init__(self, pipe, width: int, height: int, batch: int, steps: int,
+                 float32_vae=None):
         from diffusers import StableDiffusionXLPipeline
 
         unet = pipe.unet
@@ -104,7 +105,8 @@ class Txt2ImgLoop:
 
         # the decode as the pipeline does it; SDXL in fp16 with `force_upcast` decodes in float32
         # (the pipeline converts its VAE back and forth; a graph needs weights that stay put, so
-        # the loop keeps a float32 copy: the same values)
+        # the loop uses a float32 copy, the same values: `float32_vae`, shared by a runner's
+        # loops, or its own)
         self.decoder = self.vae
         self.denormalize = True  # SD1.5 passes do_denormalize=[True] * batch
         self.latents_mean = self.latents_std = None
@@ -112,7 +114,8 @@ class Txt2ImgLoop:
             self.denormalize = bool(pipe.image_processor.config.do_normalize)
             if self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast",
                                                             False):
-                self.decoder = copy.deepcopy(self.vae).to(dtype=torch.float32)
+                self.decoder = float32_vae if float32_vae is not None else \
+                    copy.deepcopy(self.vae).to(dtype=torch.float32)
             config = self.decoder.config
             if getattr(config, "latents_mean", None) is not None and \
                     getattr(config, "latents_std", None) is not None:
@@ -280,11 +283,14 @@ class GraphedTxt2ImgRunner:
         self.engine = engine
         pipe = engine.pipeline("txt2img")
         pool = torch.cuda.graph_pool_handle() if cuda and not self.eager else None
+        float32_vae = None
         with torch.inference_mode():
             for width, height, batch in self.shapes:
                 for steps in self.steps:
                     began = time.perf_counter()
-                    loop = Txt2ImgLoop(pipe, width, height, batch, steps)
+                    loop = Txt2ImgLoop(pipe, width, height, batch, steps, float32_vae)
+                    if loop.decoder is not loop.vae:
+                        float32_vae = loop.decoder
                     self.loops[loop.key] = loop
                     if pool is not None:
                         self.graphs[loop.key] = _capture(loop, pool)
