@@ -28,7 +28,7 @@ def _engines(tiny, family: str):
     # the same engine twice: the plain one runs every call on the pipeline
     plain = Engine(str(model), speed="default", **common)
     looped = Engine(str(model), speed="default", **common)
-    runner = GraphedTxt2ImgRunner(((SIZE, SIZE, 1), (SIZE, SIZE, 2)), steps=(STEPS, 2),
+    runner = GraphedTxt2ImgRunner(((SIZE, SIZE, 1), (SIZE, SIZE, 2)), steps=(STEPS, 1),
                                   eager=True)
     status = runner.install(looped)
     assert status.startswith("on (4 eager loops")
@@ -60,11 +60,13 @@ def _through_loop(engine, runner, requests):
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-@pytest.mark.parametrize("case", ["one image", "two requests", "two images"])
+@pytest.mark.parametrize("case", ["one image", "two requests", "two images", "one step"])
 def test_loop_gives_the_pipelines_pixels(request, family, case):
     plain, looped, runner = request.getfixturevalue(family)
     if case == "one image":
         requests = [_request()]
+    elif case == "one step":  # no step adds noise: the loop has no noise buffer
+        requests = [_request(steps=1)]
     elif case == "two requests":  # batch 2: two prompts, two seeds, a generator each
         requests = [_request("a red house", 11), _request("a blue boat", 12)]
     else:  # batch 2 from one seed: one generator draws both images' noise
