@@ -340,6 +340,8 @@ class GraphedTxt2ImgRunner:
             return None, "output_type is not np"
         if wants_guidance(pipe, arguments["guidance_scale"]):
             return None, "guidance above 1 doubles the batch"
+        # a fused stack is written in place into the weight tensors the graph reads, so the
+        # graph captured with no LoRA runs any stack; unfused adapters are layers it never saw
         if any(call.loras for call in calls) and not self.engine.fuses_loras:
             return None, "LoRAs computed beside the layers are not in the captured graph"
         if getattr(pipe, "safety_checker", None) is not None or \
