@@ -25,11 +25,15 @@ fp16_vae           an fp16-safe SDXL VAE (a local copy of sdxl-vae-fp16-fix) so 
                    the float32 `force_upcast` decode is not needed               weights)
 compile_unet       `torch.compile` of the UNet for declared shapes, compiled at  ~1e-3 (fused
                    start-up, cached on disk; other shapes run plain at once      kernels)
+openvino           CPU: the base UNet and VAE decoder converted to OpenVINO for  f32: 1e-5;
+                   the declared sizes at start-up, kept on disk; LoRA stacks,    bf16: no
+                   other sizes and ControlNet run on torch (`accel/openvino.py`)
 =================  ===========================================================  ==============
 
 Presets: `off` (nothing), `default` (the exact techniques), `auto` (the exact techniques, plus on
-CUDA the compiled UNet with CUDA graphs for the declared shapes), `fastest` (also half precision
-where it pays and the tiny VAE: approximate).
+CUDA the compiled UNet with CUDA graphs for the declared shapes, on a CPU OpenVINO in float32
+when it is installed), `fastest` (also half precision where it pays and the tiny VAE:
+approximate). The Engine decides on OpenVINO (`openvino.choose`) and passes it as `openvino=`.
 
 Classifier-free guidance at guidance <= 1 does not double the batch: diffusers' own
 `do_classifier_free_guidance` is `guidance_scale > 1` (a test checks it), so nothing is done here
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,6 +77,7 @@ class FastOptions:
     compile_mode: str | None = None  # torch.compile mode; None: inductor's default
     compile_cache_dir: str | None = None  # inductor / FX graph cache kept on disk
     compile_shapes: tuple[tuple[int, int, int], ...] = ()  # (width, height, batch) compiled ahead
+    openvino: str | None = None  # "f32" / "bf16": the CPU UNet and VAE decoder in OpenVINO
 
     def describe(self) -> dict[str, Any]:
         out = {}
@@ -113,6 +119,7 @@ class FastPath:
         self.options = replace(options, **overrides) if overrides else options
         self.report = FastReport()
         self.compiler: AheadOfTimeCompiler | None = None
+        self.openvino = None  # OpenVINOParts, when on
         self._done: set[tuple[str, int]] = set()
         self._dtype = None
         self._vae = None
@@ -150,6 +157,8 @@ class FastPath:
         rep = self.report
         start = time.perf_counter()
 
+        # before any dtype change: the converted models take float32 weights
+        rep.applied["openvino"] = self._openvino(engine) if opts.openvino else "off"
         if opts.dtype:
             self._dtype = pick_dtype(opts.dtype, engine.device)
             engine.convert_dtype(self._dtype)
@@ -200,6 +209,27 @@ class FastPath:
         if self.compiler is not None and opts.compile_shapes:
             rep.seconds["warmup"] = self.compiler.warm_up(engine)
         return rep
+
+    def _openvino(self, engine) -> str:
+        from .openvino import OpenVINOParts, enough_memory
+
+        opts = self.options
+        shapes = opts.compile_shapes or DEFAULT_SHAPES.get(engine.family.name, ())[:1]
+        sizes = tuple(dict.fromkeys((w, h) for w, h, _ in shapes))
+        batches = tuple(sorted({b for _, _, b in shapes})) or (1,)
+        # a replaced VAE (tiny, fp16-safe) decodes instead of the original: not converted
+        decoder = opts.tiny_vae is None and opts.fp16_vae is None
+        parts = [engine.base.unet] + ([engine.base.vae] if decoder else [])
+        fits, why = enough_memory(parts, len(sizes))
+        if not fits:
+            return f"skipped: {why}"
+        start = time.perf_counter()
+        self.openvino = OpenVINOParts(opts.openvino, sizes, batches, decoder=decoder,
+                                      cache_dir=Path(opts.compile_cache_dir or
+                                                     default_cache_dir()) / "openvino")
+        done = self.openvino.install(engine)
+        self.report.seconds["openvino"] = time.perf_counter() - start
+        return done
 
     def _load_vae(self, engine, ref, field_name: str, tiny: bool):
         from diffusers import AutoencoderKL, AutoencoderTiny

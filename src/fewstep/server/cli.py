@@ -18,8 +18,8 @@ import argparse
 SERVE_EXTRA = ("fastapi", "uvicorn", "prometheus_client", "python_multipart")
 GROUPS = {
     "model": ("model", "model_name", "model_config_dir", "family", "lcm_lora",
-              "animate_lcm_weight", "device", "dtype", "speed", "tiny_vae", "fp16_vae",
-              "compile_shapes", "compile_cache"),
+              "animate_lcm_weight", "device", "dtype", "speed", "openvino", "tiny_vae",
+              "fp16_vae", "compile_shapes", "compile_cache"),
     "catalogue (requests name these)": ("lora", "controlnet", "adapter", "motion_adapter"),
     "service": ("host", "port", "api_key", "public_url", "queue_size", "timeout", "grace",
                 "max_body_mb", "body_timeout_s", "job_retention_bytes", "max_batch",
@@ -130,7 +130,8 @@ def engine_kwargs(settings) -> dict:
                 animate_lcm_weight=settings.animate_lcm_weight,
                 config=settings.model_config_dir, family=settings.family,
                 settings=settings.limits(), device=settings.device, dtype=settings.dtype,
-                speed=settings.speed, tiny_vae=settings.tiny_vae, fp16_vae=settings.fp16_vae,
+                speed=settings.speed, openvino=settings.openvino, tiny_vae=settings.tiny_vae,
+                fp16_vae=settings.fp16_vae,
                 compile_shapes=parse_shapes(settings.compile_shapes)
                 if settings.compile_shapes else None,
                 compile_cache=settings.compile_cache,
