@@ -41,7 +41,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_arguments(p, ServeSettings, only=("config",))
     for title, names in GROUPS.items():
         add_arguments(p.add_argument_group(title), ServeSettings, only=names)
-    limits = tuple(n for n in Settings.model_fields if n not in ("device", "dtype"))
+    limits = tuple(n for n in Settings.model_fields if n not in ("device", "dtype", "openvino"))
     add_arguments(p.add_argument_group("limits (per request)"), ServeSettings, only=limits)
     from .ray_cli import add_ray_arguments  # --ray and its options (scale out)
 
