@@ -115,6 +115,12 @@ def test_converted_models_are_reused_from_disk_and_keyed_by_weights(sd15, tiny):
                     compile_shapes=((SIZE, SIZE, 1),), compile_cache=str(cache))
     assert all(again.fast_path.openvino.cached.values())
     assert np.abs(_txt2img(again) - _txt2img(first)).max() == 0
+    # LoRAs loaded ahead (as the service does with its catalogue) wrap layers, not weights
+    preloaded = _engine(tiny.sd15, tiny.lcm_sd15, speed="auto", openvino="on",
+                        compile_shapes=((SIZE, SIZE, 1),), compile_cache=str(cache),
+                        preload_loras=(str(tiny.style_sd15),))
+    assert all(preloaded.fast_path.openvino.cached.values())
+    assert np.abs(_txt2img(preloaded) - _txt2img(first)).max() == 0
     # other weights (the LCM-LoRA fused at another strength): another UNet, converted anew
     other = _engine(tiny.sd15, tiny.lcm_sd15, lcm_weight=0.5, speed="auto", openvino="on",
                     compile_shapes=((SIZE, SIZE, 1),), compile_cache=str(cache))

@@ -135,6 +135,11 @@ class Engine:
                 chosen = detect_family(unet_config)
             else:
                 chosen = family_by_name(single_file_family(ref.path))
+        elif unet_config and detect_family(unet_config).sdxl_like != chosen.sdxl_like:
+            # SDXL and SSD-1B share a layout (choosing one for the other picks its LCM-LoRA);
+            # SD1.5 against either would fail deep inside the pipeline
+            raise ModelError(f"family {chosen.name!r} does not fit {model_text!r}: its UNet is "
+                             f"{detect_family(unet_config).name}", field="family")
         self.family: Family = chosen
         self.model_ref = model_text
 

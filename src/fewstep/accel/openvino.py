@@ -83,6 +83,7 @@ def fingerprint(module: torch.nn.Module) -> str:
             continue
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // 32)
+        name = name.replace(".base_layer.", ".")  # a layer peft wrapped holds the same weight
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(flat[::step][:32].to(torch.float32).cpu().numpy().tobytes())
     return digest.hexdigest()[:20]
