@@ -9,6 +9,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# engines run torch unless a test asks for OpenVINO (tests/test_openvino.py): every other test
+# compares torch paths, and converting each test's engine would add seconds to each
+os.environ.setdefault("FEWSTEP_OPENVINO", "off")
 
 
 @pytest.fixture(scope="session")

@@ -156,6 +156,19 @@ def test_family_detection(tiny):
     assert names == ["sd15", "sdxl", "ssd-1b", "sd15"]
 
 
+def test_a_family_that_does_not_fit_the_model_is_refused_before_loading(tiny):
+    with pytest.raises(ModelError) as info:
+        Engine(str(tiny.sdxl), family="sd15", lcm_lora=str(tiny.lcm_sd15), device="cpu")
+    assert info.value.field == "family" and "sdxl" in info.value.message
+    with pytest.raises(ModelError) as info:
+        Engine(str(tiny.sd15), family="sdxl", lcm_lora=str(tiny.lcm_sdxl), device="cpu")
+    assert info.value.field == "family"
+    # SSD-1B shares SDXL's layout: naming the other one only changes the defaults
+    engine = Engine(str(tiny.ssd1b), family="sdxl", lcm_lora="none", device="cpu",
+                    speed="off")
+    assert engine.family.name == "sdxl"
+
+
 def test_settings_limits_apply(tiny):
     engine = Engine(str(tiny.sd15), lcm_lora="none", device="cpu",
                     settings=Settings(max_pixels=64 * 32, max_steps=2))

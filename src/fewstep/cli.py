@@ -236,8 +236,8 @@ def run_task(args) -> int:
         engine = Engine(options.model, lcm_lora=lcm_ref, lcm_weight=lcm_weight,
                         animate_lcm_weight=lcm_weight, config=options.model_config_dir,
                         family=options.family, settings=settings, device=options.device,
-                        dtype=options.dtype, speed=options.speed, tiny_vae=options.tiny_vae,
-                        fp16_vae=options.fp16_vae)
+                        dtype=options.dtype, speed=options.speed, openvino=options.openvino,
+                        tiny_vae=options.tiny_vae, fp16_vae=options.fp16_vae)
     result = _generate(engine, request, quiet=args.quiet)
     result.params = complete_record(result.params, request, engine, options.tiny_vae)
     paths = _save(result, out)

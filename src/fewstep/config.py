@@ -69,6 +69,9 @@ class Settings(_Options):
                            "cuda:N, mps")
     dtype: Dtype = Field("auto", description="auto (fp16 on GPUs, fp32 on CPU), fp16, bf16, "
                          "fp32")
+    openvino: Literal["auto", "on", "off"] = Field(
+        "auto", description="CPU: run the UNet and VAE decoder in OpenVINO (auto: with speed "
+        "auto or fastest when the openvino package is installed)")
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -94,6 +97,9 @@ class EngineOptions(_Options):
                            "cuda:N, mps")
     dtype: Dtype = Field("auto", description="auto (fp16 on GPUs, fp32 on CPU), fp16, bf16, "
                          "fp32")
+    openvino: Literal["auto", "on", "off"] = Field(
+        "auto", description="CPU: run the UNet and VAE decoder in OpenVINO (auto: with speed "
+        "auto or fastest when the openvino package is installed)")
     speed: Literal["off", "auto", "default", "fastest"] = Field(
         "auto", description="fast-path preset: auto and default keep the recipe's pictures "
         "(auto also compiles the UNet ahead on CUDA); fastest adds half precision where it "

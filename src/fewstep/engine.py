@@ -106,6 +106,7 @@ class Engine:
         compile_cache: str | None = None,
         cuda_graph_loop: bool = False,
         preload_loras: tuple[str, ...] | dict[str, str] = (),
+        openvino: str | None = None,
     ):
         from diffusers import LCMScheduler
 
@@ -114,11 +115,14 @@ class Engine:
         self.dtype = pick_dtype(dtype or self.settings.dtype, self.device)
         lcm_weight = check_weight(lcm_weight, "lcm_lora")
         animate_lcm_weight = check_weight(animate_lcm_weight, "animate_lcm_weight")
-        from .accel import PRESETS
+        from .accel import PRESETS, half_dtype_for
+        from .accel.openvino import choose as choose_openvino
 
         if speed not in PRESETS:  # checked before anything is loaded
             raise InvalidRequest(f"speed must be one of {', '.join(PRESETS)}; got {speed!r}",
                                  field="speed")
+        openvino_precision, _ = choose_openvino(openvino or self.settings.openvino, speed,
+                                                self.device, half_dtype_for(self.device))
 
         config_ref = parse_ref(config, "config") if config else None
         chosen = family_by_name(family) if family else None
@@ -134,6 +138,11 @@ class Engine:
                 chosen = detect_family(unet_config)
             else:
                 chosen = family_by_name(single_file_family(ref.path))
+        elif unet_config and detect_family(unet_config).sdxl_like != chosen.sdxl_like:
+            # SDXL and SSD-1B share a layout (choosing one for the other picks its LCM-LoRA);
+            # SD1.5 against either would fail deep inside the pipeline
+            raise ModelError(f"family {chosen.name!r} does not fit {model_text!r}: its UNet is "
+                             f"{detect_family(unet_config).name}", field="family")
         self.family: Family = chosen
         self.model_ref = model_text
 
@@ -170,6 +179,9 @@ class Engine:
         self._call_contexts_made: list[Callable[[], Any]] = []
         self._call_runners: list[CallRunner] = []
         self.prompt_cache: PromptCache | None = None
+        # the LoRA stack of the pipeline call running now ((ref, weight), ...): () is the base
+        # model, the weights a converted (OpenVINO) model holds
+        self.current_loras: tuple = ()
         self._lock = threading.RLock()
         # LoRAs loaded now (checked, inactive) so a compiled UNet never sees its layers change
         named = preload_loras if isinstance(preload_loras, dict) else {
@@ -188,6 +200,8 @@ class Engine:
             extra["compile_cache_dir"] = compile_cache
         if cuda_graph_loop:  # opt-in: the whole text-to-image loop as CUDA graphs
             extra["cuda_graph_loop"] = True
+        if openvino_precision:
+            extra["openvino"] = openvino_precision
         self.fast_path = FastPath.preset(speed, self.device, chosen.name, **extra)
         self.fast_report = self.fast_path.apply(self)
 
@@ -460,6 +474,7 @@ class Engine:
             check_fits(lora, loader, pipe.unet)  # every LoRA checked before any is applied
             stack.append((lora, weight))
         apply_stack(loader, self._slots_for(pipe), stack)
+        self.current_loras = tuple(first.loras)
 
         kwargs = dict(first.arguments)
         for name in first.batched:

@@ -28,11 +28,15 @@ compile_unet       `torch.compile` of the UNet for declared shapes, compiled at 
 cuda_graph_loop    CUDA only, opt-in: the whole text-to-image call (all steps    exact (same
                    and the decode) as one CUDA graph per declared shape and     ops; unverified
                    step count, captured at start-up (`graphs.py`)               on a GPU so far)
+openvino           CPU: the base UNet and VAE decoder converted to OpenVINO for  f32: 1e-5;
+                   the declared sizes at start-up, kept on disk; LoRA stacks,    bf16: no
+                   other sizes and ControlNet run on torch (`accel/openvino.py`)
 =================  ===========================================================  ==============
 
 Presets: `off` (nothing), `default` (the exact techniques), `auto` (the exact techniques, plus on
-CUDA the compiled UNet with CUDA graphs for the declared shapes), `fastest` (also half precision
-where it pays and the tiny VAE: approximate).
+CUDA the compiled UNet with CUDA graphs for the declared shapes, on a CPU OpenVINO in float32
+when it is installed), `fastest` (also half precision where it pays and the tiny VAE:
+approximate). The Engine decides on OpenVINO (`openvino.choose`) and passes it as `openvino=`.
 
 Classifier-free guidance at guidance <= 1 does not double the batch: diffusers' own
 `do_classifier_free_guidance` is `guidance_scale > 1` (a test checks it), so nothing is done here
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,6 +84,7 @@ class FastOptions:
     # no preset turns it on yet: it has not run on a GPU in this repository
     cuda_graph_loop: bool = False
     graph_steps: tuple[int, ...] = (4,)
+    openvino: str | None = None  # "f32" / "bf16": the CPU UNet and VAE decoder in OpenVINO
 
     def describe(self) -> dict[str, Any]:
         out = {}
@@ -121,6 +127,7 @@ class FastPath:
         self.report = FastReport()
         self.compiler: AheadOfTimeCompiler | None = None
         self.graph_runner = None
+        self.openvino = None  # OpenVINOParts, when on
         self._done: set[tuple[str, int]] = set()
         self._dtype = None
         self._vae = None
@@ -158,6 +165,8 @@ class FastPath:
         rep = self.report
         start = time.perf_counter()
 
+        # before any dtype change: the converted models take float32 weights
+        rep.applied["openvino"] = self._openvino(engine) if opts.openvino else "off"
         if opts.dtype:
             self._dtype = pick_dtype(opts.dtype, engine.device)
             engine.convert_dtype(self._dtype)
@@ -222,6 +231,27 @@ class FastPath:
         else:
             rep.applied["cuda_graph_loop"] = "off"
         return rep
+
+    def _openvino(self, engine) -> str:
+        from .openvino import OpenVINOParts, enough_memory
+
+        opts = self.options
+        shapes = opts.compile_shapes or DEFAULT_SHAPES.get(engine.family.name, ())[:1]
+        sizes = tuple(dict.fromkeys((w, h) for w, h, _ in shapes))
+        batches = tuple(sorted({b for _, _, b in shapes})) or (1,)
+        # a replaced VAE (tiny, fp16-safe) decodes instead of the original: not converted
+        decoder = opts.tiny_vae is None and opts.fp16_vae is None
+        parts = [engine.base.unet] + ([engine.base.vae] if decoder else [])
+        fits, why = enough_memory(parts, len(sizes))
+        if not fits:
+            return f"skipped: {why}"
+        start = time.perf_counter()
+        self.openvino = OpenVINOParts(opts.openvino, sizes, batches, decoder=decoder,
+                                      cache_dir=Path(opts.compile_cache_dir or
+                                                     default_cache_dir()) / "openvino")
+        done = self.openvino.install(engine)
+        self.report.seconds["openvino"] = time.perf_counter() - start
+        return done
 
     def _load_vae(self, engine, ref, field_name: str, tiny: bool):
         from diffusers import AutoencoderKL, AutoencoderTiny

@@ -44,7 +44,8 @@ def child(args) -> None:
         shapes = ((args.resolution, args.resolution, 1),)
         engine, path, _, _ = make_engine(args, args.child, model, lora, taesd, shapes,
                                          args.compile_cache_dir)
-        compiles = bool(path.options.compile_unet)
+        # both build ahead into the cache folder: the second start finds the first's work
+        compiles = bool(path.options.compile_unet or path.openvino is not None)
         loaded = time.time()
         images = engine.generate(Txt2ImgRequest(
             prompt=PROMPT, steps=args.steps, width=args.resolution, height=args.resolution,
@@ -65,6 +66,7 @@ def _spawn(args, mode: str, model, lora, taesd, cache_dir: str) -> dict[str, Any
         cmd.append("--compile" if args.compile else "--no-compile")
     if args.half is not None:
         cmd += ["--half", args.half]
+    cmd += ["--openvino", getattr(args, "openvino", "auto")]
     src = str(Path(__file__).resolve().parents[2])  # this checkout's fewstep first
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir,
                PYTHONPATH=os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p))

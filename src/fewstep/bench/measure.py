@@ -186,6 +186,8 @@ class DecodedImages:
 
     def __enter__(self):
         original = self.vae.decode
+        # a decode set on the instance (the OpenVINO route) is put back afterwards
+        self._previous = self.vae.__dict__.get("decode")
 
         def decode(z, *args, **kwargs):
             self.count += int(z.shape[0])
@@ -195,7 +197,10 @@ class DecodedImages:
         return self
 
     def __exit__(self, *exc):
-        self.vae.__dict__.pop("decode", None)
+        if self._previous is not None:
+            self.vae.decode = self._previous
+        else:
+            self.vae.__dict__.pop("decode", None)
 
 
 def compiled_graphs() -> int:

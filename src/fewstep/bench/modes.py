@@ -44,18 +44,26 @@ def make_engine(args, mode: str, model, lora, taesd, shapes, cache_dir: str, **e
     from ..engine import Engine
 
     common = dict(lcm_lora=str(lora), device=args.device, dtype=args.dtype, **engine_options)
+    openvino = getattr(args, "openvino", "auto")
     tiny = {"tiny_vae": str(taesd)} if mode == "fastest" else {}
     changes = overrides(args, mode)
     ahead = {"compile_shapes": shapes, "compile_cache": cache_dir} \
         if mode in ("auto", "fastest") else {}  # the modes that may compile
     if not changes:
-        engine = Engine(str(model), speed=mode, **ahead, **tiny, **common)
+        engine = Engine(str(model), speed=mode, openvino=openvino, **ahead, **tiny, **common)
         return engine, engine.fast_path, engine.fast_report, f"Engine(speed={mode!r})"
     from ..accel import FastPath
 
-    engine = Engine(str(model), speed="off", **common)
+    engine = Engine(str(model), speed="off", openvino="off", **common)
     if ahead:
         ahead = {"compile_shapes": shapes, "compile_cache_dir": cache_dir}
+    from ..accel import half_dtype_for
+    from ..accel.openvino import choose
+
+    half = changes.get("dtype", half_dtype_for(engine.device))
+    precision, _ = choose(openvino, mode, engine.device, half)
+    if precision:
+        changes["openvino"] = precision
     path = FastPath.preset(mode, args.device, args.family, **ahead, **tiny, **changes)
     return engine, path, path.apply(engine), \
         f"Engine(speed='off') + FastPath.preset({mode!r}, {changes})"
@@ -137,4 +145,8 @@ def _engine(args, mode: str, model: Path, lora: Path, taesd: Path) -> dict[str, 
     result.update(_measure(args, run, engine.base))
     result["fast_path"] = {"built_with": built, "options": path.options.describe(),
                            "applied": report.applied, "checks": report.checks}
+    if path.openvino is not None:  # which calls the converted models took (the rest: torch)
+        result["openvino"] = {"calls": dict(path.openvino.calls),
+                              "build_s": path.openvino.seconds,
+                              "from_cache": path.openvino.cached}
     return result

@@ -18,8 +18,8 @@ import argparse
 SERVE_EXTRA = ("fastapi", "uvicorn", "prometheus_client", "python_multipart")
 GROUPS = {
     "model": ("model", "model_name", "model_config_dir", "family", "lcm_lora",
-              "animate_lcm_weight", "device", "dtype", "speed", "tiny_vae", "fp16_vae",
-              "compile_shapes", "compile_cache", "cuda_graph_loop"),
+              "animate_lcm_weight", "device", "dtype", "speed", "openvino", "tiny_vae",
+              "fp16_vae", "compile_shapes", "compile_cache", "cuda_graph_loop"),
     "catalogue (requests name these)": ("lora", "controlnet", "adapter", "motion_adapter"),
     "service": ("host", "port", "api_key", "public_url", "queue_size", "timeout", "grace",
                 "max_body_mb", "body_timeout_s", "job_retention_bytes", "max_batch",
@@ -41,7 +41,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_arguments(p, ServeSettings, only=("config",))
     for title, names in GROUPS.items():
         add_arguments(p.add_argument_group(title), ServeSettings, only=names)
-    limits = tuple(n for n in Settings.model_fields if n not in ("device", "dtype"))
+    limits = tuple(n for n in Settings.model_fields if n not in ("device", "dtype", "openvino"))
     add_arguments(p.add_argument_group("limits (per request)"), ServeSettings, only=limits)
     from .ray_cli import add_ray_arguments  # --ray and its options (scale out)
 
@@ -130,7 +130,8 @@ def engine_kwargs(settings) -> dict:
                 animate_lcm_weight=settings.animate_lcm_weight,
                 config=settings.model_config_dir, family=settings.family,
                 settings=settings.limits(), device=settings.device, dtype=settings.dtype,
-                speed=settings.speed, tiny_vae=settings.tiny_vae, fp16_vae=settings.fp16_vae,
+                speed=settings.speed, openvino=settings.openvino, tiny_vae=settings.tiny_vae,
+                fp16_vae=settings.fp16_vae,
                 compile_shapes=parse_shapes(settings.compile_shapes)
                 if settings.compile_shapes else None,
                 compile_cache=settings.compile_cache,

@@ -1,0 +1,323 @@
+"""OpenVINO for the UNet and the VAE decoder on a CPU (optional: `pip install fewstep[openvino]`).
+
+On the CPUs measured here OpenVINO's CPU plugin runs the float32 SD1.5 UNet about 1.7x and the
+VAE decoder about 1.25x faster than torch, at differences of 1e-5 (`benchmarks/README.md`).
+
+How it is used, and why:
+
+* The base UNet (with its LCM-LoRA fused) and the VAE decoder are converted once per declared
+  image size (`compile_shapes`, else the family's native size), batch left dynamic. The size
+  stays fixed in each converted model: diffusers' UNet takes size-dependent Python branches
+  (upsample sizes) that a trace would freeze.
+* The converted models are kept on disk (IR files, and OpenVINO's compiled blobs), keyed by a
+  fingerprint of the weights, so the next process start skips the conversion.
+* OpenVINO keeps the weights as constants. A request with a LoRA stack (written into torch's
+  weights in place) or with ControlNet / T2I-Adapter residuals, an undeclared size or a longer
+  prompt embedding runs on torch, at once: the converted models serve the base model only.
+* `f32` keeps the recipe's pictures (within 1e-4); `bf16` (the `fastest` preset, on CPUs with
+  AVX512-BF16 or AMX) is approximate, as torch's bf16 is.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODES = ("auto", "on", "off")
+# the UNet keyword arguments a converted model cannot take (it has no inputs for them)
+_UNET_EXTRAS = ("class_labels", "timestep_cond", "attention_mask", "down_block_additional_residuals",
+                "mid_block_additional_residual", "down_intrablock_additional_residuals",
+                "encoder_attention_mask")
+
+
+def available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose(mode: str, preset: str, device: str, half: str | None) -> tuple[str | None, str]:
+    """The OpenVINO precision to use (`f32` / `bf16`, or None) and why.
+
+    `auto`: on a CPU, for the `auto` and `fastest` presets, when the package is installed.
+    `on`: as auto for every preset but `off`, and an error where it cannot run."""
+    from ..errors import InvalidRequest
+
+    if mode not in MODES:
+        raise InvalidRequest(f"openvino must be one of {', '.join(MODES)}; got {mode!r}",
+                             field="openvino")
+    if mode == "off" or preset == "off":
+        return None, "off"
+    if not device.startswith("cpu"):
+        if mode == "on":
+            raise InvalidRequest(f"openvino: runs on a CPU only; the device is {device!r}",
+                                 field="openvino")
+        return None, "off (not a CPU)"
+    if mode == "auto" and preset not in ("auto", "fastest"):
+        return None, f"off (speed {preset})"
+    if not available():
+        if mode == "on":
+            raise InvalidRequest("openvino: the openvino package is not installed "
+                                 "(pip install 'fewstep[openvino]')", field="openvino")
+        return None, "off (package not installed)"
+    return ("bf16" if preset == "fastest" and half == "bf16" else "f32"), "on"
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """A cheap digest of a module's weights: names, shapes, dtypes and 32 values spread over
+    each tensor. A fine-tuned model or another fused LoRA changes nearly every value, so it
+    changes the digest; hashing every byte of a 3.4 GB UNet would take seconds."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        if "lora_" in name:  # peft adapter layers are switched off in a converted model
+            continue
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 32)
+        name = name.replace(".base_layer.", ".")  # a layer peft wrapped holds the same weight
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(flat[::step][:32].to(torch.float32).cpu().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+class _UNetGraph(torch.nn.Module):
+    """The UNet call a converted model holds: positional tensors only."""
+
+    def __init__(self, unet, sdxl: bool):
+        super().__init__()
+        self.unet = unet
+        self.sdxl = sdxl
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
+        # the class's forward: the instance's is replaced once the models are converted
+        return type(self.unet).forward(self.unet, sample, timestep, encoder_hidden_states,
+                                       added_cond_kwargs=added, return_dict=False)[0]
+
+
+class _DecoderGraph(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z):
+        return type(self.vae).decode(self.vae, z, return_dict=False)[0]
+
+
+@dataclass
+class _Converted:
+    """One converted part at one size: its infer request and the input shapes it takes."""
+
+    request: Any
+    shapes: tuple  # per input: the shape without the batch dimension
+
+
+@dataclass
+class OpenVINOParts:
+    """Converts the base UNet and VAE decoder, and routes the calls that fit them."""
+
+    precision: str  # "f32" / "bf16"
+    sizes: tuple[tuple[int, int], ...]  # (width, height) in pixels
+    batches: tuple[int, ...] = (1,)  # warmed at start-up (a new batch size prepares kernels)
+    cache_dir: Path | None = None
+    decoder: bool = True
+    unet_models: dict[tuple[int, int], _Converted] = field(default_factory=dict)
+    vae_models: dict[tuple[int, int], _Converted] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=lambda: {"unet": 0, "unet_torch": 0,
+                                                           "vae": 0, "vae_torch": 0})
+    seconds: dict[str, float] = field(default_factory=dict)
+    cached: dict[str, bool] = field(default_factory=dict)
+
+    def install(self, engine) -> str:
+        """Convert (or load from the cache) and route the base pipeline's UNet and VAE through
+        the converted models. Returns what was done, for the FastPath report."""
+        import openvino as ov
+
+        unet, vae = engine.base.unet, engine.base.vae
+        sdxl = engine.family.sdxl_like
+        scale = engine.base.vae_scale_factor
+        core = ov.Core()
+        cache = Path(self.cache_dir).expanduser() if self.cache_dir else None
+        if cache is not None:
+            cache.mkdir(parents=True, exist_ok=True)
+            core.set_property({"CACHE_DIR": str(cache / "blobs")})
+        config = {"INFERENCE_PRECISION_HINT": self.precision,
+                  # the same threads as torch: the user's setting holds for both
+                  "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+        unet_key = fingerprint(unet)
+        vae_key = fingerprint(vae) if self.decoder else None
+        for width, height in self.sizes:
+            latent = (height // scale, width // scale)
+            inputs = _unet_inputs(unet, latent, sdxl)
+            self.unet_models[latent] = self._part(
+                core, config, cache, "unet", unet_key, (width, height),
+                lambda: _UNetGraph(unet, sdxl), inputs)
+            if self.decoder:
+                z = (torch.zeros(1, vae.config.latent_channels, *latent),)
+                self.vae_models[latent] = self._part(
+                    core, config, cache, "vae", vae_key, (width, height),
+                    lambda: _DecoderGraph(vae), z)
+        self._route(engine, unet, vae)
+        parts = "unet" + (" + vae decoder" if self.decoder else "")
+        sizes = ", ".join(f"{w}x{h}" for w, h in self.sizes)
+        return f"on ({self.precision}; {parts}; {sizes}; cache={cache or 'none'})"
+
+    def _part(self, core, config, cache, part, key, size, make, inputs) -> _Converted:
+        import openvino as ov
+
+        name = f"{part}-{size[0]}x{size[1]}-{key}-ov{ov.__version__.split('-')[0]}"
+        start = time.perf_counter()
+        path = cache / f"{name}.xml" if cache is not None else None
+        hit = path is not None and path.exists() and path.with_suffix(".bin").exists()
+        if hit:
+            model = path
+        else:
+            shapes = [ov.PartialShape([-1, *x.shape[1:]]) if x.dim() else ov.PartialShape([])
+                      for x in inputs]
+            with torch.no_grad(), warnings.catch_warnings():
+                # the trace's shape branches: the size is fixed per model; the batch-dependent
+                # ones in diffusers' upsampling only choose a memory layout
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                model = ov.convert_model(make(), example_input=inputs,
+                                         input=[(s, ov.Type.f32) for s in shapes])
+            if path is not None:
+                model = _save(model, path)
+        compiled = core.compile_model(model, "CPU", config)
+        request = compiled.create_infer_request()
+        converted = _Converted(request, tuple(tuple(x.shape[1:]) for x in inputs))
+        for batch in self.batches:  # the first call at a batch size prepares its kernels
+            request.infer([_batched(x, batch).numpy() for x in inputs])
+        label = f"{part}_{size[0]}x{size[1]}"
+        self.seconds[label] = round(time.perf_counter() - start, 2)
+        self.cached[label] = hit
+        return converted
+
+    # -- routing ------------------------------------------------------------------------
+
+    def _route(self, engine, unet, vae) -> None:
+        unet_forward = unet.forward
+
+        @functools.wraps(unet_forward)
+        def forward(sample, timestep, encoder_hidden_states, *args, **kwargs):
+            converted = None if args else self._unet_for(engine, sample, timestep,
+                                                          encoder_hidden_states, kwargs)
+            if converted is None:
+                self.calls["unet_torch"] += 1
+                return unet_forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
+            self.calls["unet"] += 1
+            feed = [sample, timestep.reshape(()), encoder_hidden_states]
+            if engine.family.sdxl_like:
+                added = kwargs["added_cond_kwargs"]
+                feed += [added["text_embeds"], added["time_ids"]]
+            out = _infer(converted, feed).to(sample.dtype)
+            if kwargs.get("return_dict", True):
+                from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+                return UNet2DConditionOutput(sample=out)
+            return (out,)
+
+        vae_decode = vae.decode
+
+        @functools.wraps(vae_decode)
+        def decode(z, return_dict=True, generator=None):
+            converted = self._vae_for(z)
+            if converted is None:
+                self.calls["vae_torch"] += 1
+                return vae_decode(z, return_dict=return_dict, generator=generator)
+            self.calls["vae"] += 1
+            out = _infer(converted, [z]).to(z.dtype)
+            if return_dict:
+                from diffusers.models.autoencoders.vae import DecoderOutput
+
+                return DecoderOutput(sample=out)
+            return (out,)
+
+        unet.forward = forward
+        if self.vae_models:
+            vae.decode = decode
+
+    def _unet_for(self, engine, sample, timestep, embeds, kwargs) -> _Converted | None:
+        if engine.current_loras:  # torch's weights hold another stack than the converted ones
+            return None
+        if any(kwargs.get(name) is not None for name in _UNET_EXTRAS):
+            return None
+        if kwargs.get("cross_attention_kwargs"):
+            return None
+        converted = self.unet_models.get(tuple(sample.shape[-2:]))
+        if converted is None or sample.dim() != 4 or sample.device.type != "cpu":
+            return None
+        if not torch.is_tensor(timestep) or timestep.numel() != 1:
+            return None
+        shapes = [tuple(sample.shape[1:]), tuple(embeds.shape[1:])]
+        expected = [converted.shapes[0], converted.shapes[2]]
+        if engine.family.sdxl_like:
+            added = kwargs.get("added_cond_kwargs") or {}
+            if set(added) != {"text_embeds", "time_ids"}:
+                return None
+            shapes += [tuple(added["text_embeds"].shape[1:]), tuple(added["time_ids"].shape[1:])]
+            expected += [converted.shapes[3], converted.shapes[4]]
+        elif kwargs.get("added_cond_kwargs"):
+            return None
+        return converted if shapes == expected else None
+
+    def _vae_for(self, z) -> _Converted | None:
+        converted = self.vae_models.get(tuple(z.shape[-2:]))
+        if converted is None or z.dim() != 4 or z.device.type != "cpu":
+            return None
+        return converted if tuple(z.shape[1:]) == converted.shapes[0] else None
+
+
+def _unet_inputs(unet, latent: tuple[int, int], sdxl: bool) -> tuple[torch.Tensor, ...]:
+    config = unet.config
+    inputs = [torch.zeros(1, config.in_channels, *latent), torch.tensor(999.0),
+              torch.zeros(1, 77, config.cross_attention_dim)]
+    if sdxl:
+        time_ids = 6  # original size, crop top-left, target size
+        pooled = config.projection_class_embeddings_input_dim - \
+            time_ids * config.addition_time_embed_dim
+        inputs += [torch.zeros(1, pooled), torch.zeros(1, time_ids)]
+    return tuple(inputs)
+
+
+def _batched(x: torch.Tensor, batch: int) -> torch.Tensor:
+    return x if x.dim() == 0 else x.expand(batch, *x.shape[1:]).contiguous()
+
+
+def _infer(converted: _Converted, tensors) -> torch.Tensor:
+    arrays = [t.detach().to(torch.float32).contiguous().numpy() for t in tensors]
+    out = converted.request.infer(arrays)[0]
+    return torch.from_numpy(out.copy())  # the request reuses its output buffer
+
+
+def _save(model, path: Path) -> Path:
+    """Write the IR so that a reader never sees half a model: both files under temporary
+    names first, the .xml (what a reader looks for) renamed last."""
+    import openvino as ov
+
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.xml")
+    ov.save_model(model, str(tmp), compress_to_fp16=False)
+    os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
+    os.replace(tmp, path)
+    return path
+
+
+def enough_memory(modules, copies: int) -> tuple[bool, str]:
+    """Whether `copies` float32 copies of `modules`' weights (plus half again for converting)
+    fit in the memory now available (Linux; elsewhere assumed)."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return True, ""
+    need = sum(p.numel() * 4 for m in modules for p in m.parameters()) * (copies + 0.5)
+    if free >= need:
+        return True, ""
+    return False, f"needs {need / 2**30:.1f} GiB free, {free / 2**30:.1f} GiB are"

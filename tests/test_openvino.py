@@ -1,0 +1,160 @@
+"""OpenVINO for the UNet and VAE decoder on a CPU, on the tiny models: the base model's calls go
+through the converted models and give the plain engine's pictures; calls the converted models
+cannot take (a LoRA stack, ControlNet residuals, another size) run on torch and give the plain
+engine's pictures too; converted models are kept on disk and reused by the next engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fewstep.engine import Engine
+from fewstep.errors import InvalidRequest
+from fewstep.selftest import sample_image
+from fewstep.tasks import ControlNetRequest, LoraRequest, Txt2ImgRequest
+
+pytest.importorskip("openvino")  # the `openvino` extra; the README's test set-up installs it
+
+TOL = 1e-4  # float32 OpenVINO against torch (measured: 1e-6 on the tiny models)
+SIZE = 64
+
+
+def _engine(model, lcm, **options):
+    return Engine(str(model), lcm_lora=str(lcm), device="cpu", dtype="fp32", **options)
+
+
+@pytest.fixture(scope="module")
+def sd15(tiny, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("ov-cache")
+    plain = _engine(tiny.sd15, tiny.lcm_sd15, speed="off", openvino="off")
+    converted = _engine(tiny.sd15, tiny.lcm_sd15, speed="auto", openvino="on",
+                        compile_shapes=((SIZE, SIZE, 1), (SIZE, SIZE, 2)),
+                        compile_cache=str(cache))
+    return plain, converted, cache
+
+
+def _txt2img(engine, seed=3, count=1, size=SIZE):
+    return engine.generate(Txt2ImgRequest(prompt="a lighthouse", seed=seed, steps=4, width=size,
+                                          height=size, num_images=count)).images
+
+
+def _calls(engine):
+    return dict(engine.fast_path.openvino.calls)
+
+
+def _moved(before, after):
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_base_model_calls_run_converted_and_keep_the_pictures(sd15, count):
+    plain, converted, _ = sd15
+    assert converted.fast_report.applied["openvino"].startswith("on (f32")
+    before = _calls(converted)
+    images = _txt2img(converted, count=count)
+    assert _moved(before, _calls(converted)) == {"unet": 4, "vae": 1}
+    assert np.abs(images - _txt2img(plain, count=count)).max() <= TOL
+
+
+def test_sdxl_runs_converted_with_its_pooled_embeddings(tiny, tmp_path):
+    plain = _engine(tiny.sdxl, tiny.lcm_sdxl, speed="off", openvino="off")
+    converted = _engine(tiny.sdxl, tiny.lcm_sdxl, speed="auto", openvino="on",
+                        compile_shapes=((SIZE, SIZE, 1),), compile_cache=str(tmp_path))
+    images = _txt2img(converted, seed=5)
+    assert _calls(converted)["unet"] == 4 and _calls(converted)["unet_torch"] == 0
+    assert np.abs(images - _txt2img(plain, seed=5)).max() <= TOL
+
+
+def test_a_lora_stack_runs_on_torch_and_the_base_returns_after(sd15, tiny):
+    plain, converted, _ = sd15
+
+    def styled(engine):
+        return engine.generate(Txt2ImgRequest(
+            prompt="a lighthouse", seed=4, steps=4, width=SIZE, height=SIZE,
+            loras=[LoraRequest(ref=str(tiny.style_sd15), weight=0.8)])).images
+
+    before = _calls(converted)
+    images = styled(converted)
+    moved = _moved(before, _calls(converted))
+    assert moved.get("unet_torch") == 4 and "unet" not in moved
+    expected = styled(plain)
+    assert np.abs(images - expected).max() <= TOL
+    assert np.abs(images - _txt2img(plain, seed=4)).max() > 1e-3  # the LoRA did change it
+    # the next request without LoRAs is the base model again: converted, and right
+    before = _calls(converted)
+    base = _txt2img(converted, seed=4)
+    assert _moved(before, _calls(converted)).get("unet") == 4
+    assert np.abs(base - _txt2img(plain, seed=4)).max() <= TOL
+
+
+def test_controlnet_residuals_and_other_sizes_run_on_torch(sd15, tiny):
+    plain, converted, _ = sd15
+
+    def control(engine):
+        return engine.generate(ControlNetRequest(
+            prompt="a lighthouse", seed=6, steps=4, control_image=sample_image(1),
+            controlnet=str(tiny.controlnet))).images
+
+    before = _calls(converted)
+    images = control(converted)
+    assert _moved(before, _calls(converted)).get("unet_torch") == 4
+    assert np.abs(images - control(plain)).max() <= TOL
+
+    before = _calls(converted)
+    images = _txt2img(converted, size=SIZE + 16)  # no converted model at 80x80
+    assert _moved(before, _calls(converted)) == {"unet_torch": 4, "vae_torch": 1}
+    assert np.abs(images - _txt2img(plain, size=SIZE + 16)).max() <= TOL
+
+
+def test_converted_models_are_reused_from_disk_and_keyed_by_weights(sd15, tiny):
+    _, first, cache = sd15
+    assert not any(first.fast_path.openvino.cached.values())  # converted on the first start
+    files = sorted(p.name for p in (cache / "openvino").glob("*.xml"))
+    assert len(files) == 2 and not list((cache / "openvino").glob(".*"))  # no temporary left
+    again = _engine(tiny.sd15, tiny.lcm_sd15, speed="auto", openvino="on",
+                    compile_shapes=((SIZE, SIZE, 1),), compile_cache=str(cache))
+    assert all(again.fast_path.openvino.cached.values())
+    assert np.abs(_txt2img(again) - _txt2img(first)).max() == 0
+    # LoRAs loaded ahead (as the service does with its catalogue) wrap layers, not weights
+    preloaded = _engine(tiny.sd15, tiny.lcm_sd15, speed="auto", openvino="on",
+                        compile_shapes=((SIZE, SIZE, 1),), compile_cache=str(cache),
+                        preload_loras=(str(tiny.style_sd15),))
+    assert all(preloaded.fast_path.openvino.cached.values())
+    assert np.abs(_txt2img(preloaded) - _txt2img(first)).max() == 0
+    # other weights (the LCM-LoRA fused at another strength): another UNet, converted anew
+    other = _engine(tiny.sd15, tiny.lcm_sd15, lcm_weight=0.5, speed="auto", openvino="on",
+                    compile_shapes=((SIZE, SIZE, 1),), compile_cache=str(cache))
+    assert other.fast_path.openvino.cached == {f"unet_{SIZE}x{SIZE}": False,
+                                               f"vae_{SIZE}x{SIZE}": True}
+
+
+def test_the_choice_and_its_errors(monkeypatch):
+    from fewstep.accel import openvino
+
+    assert openvino.choose("auto", "auto", "cpu", None) == ("f32", "on")
+    assert openvino.choose("auto", "fastest", "cpu", "bf16") == ("bf16", "on")
+    assert openvino.choose("auto", "default", "cpu", None)[0] is None
+    assert openvino.choose("auto", "auto", "cuda", "fp16")[0] is None
+    assert openvino.choose("on", "default", "cpu", None)[0] == "f32"
+    assert openvino.choose("on", "off", "cpu", None)[0] is None
+    with pytest.raises(InvalidRequest) as err:
+        openvino.choose("on", "auto", "cuda:0", "fp16")
+    assert err.value.field == "openvino" and "cuda:0" in str(err.value)
+    with pytest.raises(InvalidRequest) as err:
+        openvino.choose("sometimes", "auto", "cpu", None)
+    assert err.value.field == "openvino" and "'sometimes'" in str(err.value)
+    monkeypatch.setattr(openvino, "available", lambda: False)
+    assert openvino.choose("auto", "auto", "cpu", None) == (None, "off (package not installed)")
+    with pytest.raises(InvalidRequest) as err:
+        openvino.choose("on", "auto", "cpu", None)
+    assert err.value.field == "openvino" and "fewstep[openvino]" in str(err.value)
+
+
+def test_not_enough_memory_skips_it(tiny, monkeypatch):
+    from fewstep.accel import openvino
+
+    monkeypatch.setattr(openvino, "enough_memory", lambda modules, copies: (False, "needs 9 GiB"))
+    engine = _engine(tiny.sd15, tiny.lcm_sd15, speed="auto", openvino="on",
+                     compile_shapes=((SIZE, SIZE, 1),))
+    assert engine.fast_report.applied["openvino"] == "skipped: needs 9 GiB"
+    assert engine.fast_path.openvino is None
