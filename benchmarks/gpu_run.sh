@@ -7,7 +7,7 @@
 #     bash benchmarks/fetch_gpu_wheels.sh              # here, once: the wheels -> .whl/
 #     # then, on the GPU machine, from the repository root, carrying .whl:
 #     bash benchmarks/gpu_run.sh                       # main runs, then the extras if time is left
-#     bash benchmarks/gpu_run.sh sd15|sdxl|extra       # one part (a second call, same machine)
+#     bash benchmarks/gpu_run.sh sd15|sdxl|extra|graph # one part (a second call, same machine)
 #
 # Results land in $OUT (at most 8 files come back): results.tar.gz (every JSON, markdown and
 # chart), the markdown summaries and gpu_run.log. Each bench run saves after every mode, so a run
@@ -71,7 +71,13 @@ python3 -c "import torch; assert torch.cuda.is_available()" || { say "no CUDA de
 BENCH=(python3 -m fewstep.bench --workdir "$WORK" --out "$RESULTS" --cold-start ""
        --note "Run by benchmarks/gpu_run.sh in one call of at most 10 minutes.")
 
-case "$WHAT" in all|sd15|sdxl|extra) ;; *) say "unknown step set $WHAT"; exit 2 ;; esac
+case "$WHAT" in all|sd15|sdxl|extra|graph) ;; *) say "unknown step set $WHAT"; exit 2 ;; esac
+if [ "$WHAT" = all ] || [ "$WHAT" = graph ]; then
+  # the opt-in whole-loop CUDA graph (never run on a GPU before): graphed against plain pixels
+  # and latency, tiny models first (seconds), then SD1.5 512x512 (one JSON line each, in the log)
+  step graph-loop-tiny 30 60 python3 scripts/graph_loop_check.py --tiny
+  step graph-loop-sd15 90 150 python3 scripts/graph_loop_check.py --family sd15 --size 512
+fi
 if [ "$WHAT" = all ] || [ "$WHAT" = sd15 ]; then
   # SD1.5: ~40 s to compile a shape with an empty cache; fastest compiles the same fp16 UNet
   # graphs as auto and finds them in the shared cache
