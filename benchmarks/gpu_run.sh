@@ -72,12 +72,6 @@ BENCH=(python3 -m fewstep.bench --workdir "$WORK" --out "$RESULTS" --cold-start 
        --note "Run by benchmarks/gpu_run.sh in one call of at most 10 minutes.")
 
 case "$WHAT" in all|sd15|sdxl|extra|graph) ;; *) say "unknown step set $WHAT"; exit 2 ;; esac
-if [ "$WHAT" = all ] || [ "$WHAT" = graph ]; then
-  # the opt-in whole-loop CUDA graph (never run on a GPU before): graphed against plain pixels
-  # and latency, tiny models first (seconds), then SD1.5 512x512 (one JSON line each, in the log)
-  step graph-loop-tiny 30 60 python3 scripts/graph_loop_check.py --tiny
-  step graph-loop-sd15 90 150 python3 scripts/graph_loop_check.py --family sd15 --size 512
-fi
 if [ "$WHAT" = all ] || [ "$WHAT" = sd15 ]; then
   # SD1.5: ~40 s to compile a shape with an empty cache; fastest compiles the same fp16 UNet
   # graphs as auto and finds them in the shared cache
@@ -88,6 +82,12 @@ if [ "$WHAT" = all ] || [ "$WHAT" = sdxl ]; then
   # SDXL: ~75 s a shape with an empty cache
   step sdxl-1024 200 360 "${BENCH[@]}" --family sdxl --resolution 1024 --batch 1,4 \
     --repeats 8 --throughput-repeats 2
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = graph ] || [ "$WHAT" = extra ]; then
+  # the opt-in whole-loop CUDA graph (never run on a GPU before): graphed against plain pixels
+  # and latency, tiny models first (seconds), then SD1.5 512x512 (one JSON line each, in the log)
+  step graph-loop-tiny 30 60 python3 scripts/graph_loop_check.py --tiny
+  step graph-loop-sd15 90 150 python3 scripts/graph_loop_check.py --family sd15 --size 512
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = extra ]; then
   # a fresh process from start to first image (recipe; auto with an empty, then a warm compile
