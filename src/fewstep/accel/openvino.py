@@ -191,7 +191,10 @@ class OpenVINOParts:
                                          input=[(s, ov.Type.f32) for s in shapes])
             if path is not None:
                 model = _save(model, path)
-        compiled = core.compile_model(model, "CPU", config)
+        # from the file's path: only then does OpenVINO reuse its compiled blob (seconds, not
+        # the half minute a UNet takes to compile)
+        compiled = core.compile_model(str(model) if isinstance(model, Path) else model, "CPU",
+                                      config)
         request = compiled.create_infer_request()
         converted = _Converted(request, tuple(tuple(x.shape[1:]) for x in inputs))
         for batch in self.batches:  # the first call at a batch size prepares its kernels
