@@ -124,6 +124,9 @@ def run_ray_serve(args: argparse.Namespace) -> int:
     from .cli import require_extra
 
     settings = load_ray_settings(args)
+    # no Ray call may start Ray again once it is shut down: a Serve handle's background thread
+    # that did so at exit made the process end with status 1 (read when ray is first imported)
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     require_extra("ray", ("ray.serve",), "fewstep serve --ray")
     check_settings(settings, local=not settings.ray_address)
     import ray
