@@ -158,3 +158,20 @@ def test_not_enough_memory_skips_it(tiny, monkeypatch):
                      compile_shapes=((SIZE, SIZE, 1),))
     assert engine.fast_report.applied["openvino"] == "skipped: needs 9 GiB"
     assert engine.fast_path.openvino is None
+
+
+def test_a_cli_command_converts_its_own_size_only(tiny, tmp_path, monkeypatch):
+    """One command, one shape: not the family's service default (512x512), which the command
+    would never use."""
+    from fewstep.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "cat.png"
+    code = main(["txt2img", "a cat", "--model", str(tiny.sd15), "--lcm-lora",
+                 str(tiny.lcm_sd15), "--device", "cpu", "--steps", "2", "--width", "64",
+                 "--height", "48", "--openvino", "on", "--out", str(out)])
+    assert code == 0 and out.exists()
+    converted = sorted(p.name.split("-")[0] + "-" + p.name.split("-")[1]
+                       for p in (tmp_path / "cache" / "fewstep" / "compile" / "openvino")
+                       .glob("*.xml"))
+    assert converted == ["unet-64x48", "vae-64x48"]

@@ -232,12 +232,17 @@ def run_task(args) -> int:
     from .records import complete_record
 
     quiet_libraries()
+    # one command, one shape: what is built ahead (compiled on CUDA, converted on a CPU; kept on
+    # disk for the next run) is that shape only, not the family's service defaults
+    shape = ((request.width, request.height, request.num_images),) \
+        if request.width and request.height and task != "animate" else None
     with console.status("loading model"):
         engine = Engine(options.model, lcm_lora=lcm_ref, lcm_weight=lcm_weight,
                         animate_lcm_weight=lcm_weight, config=options.model_config_dir,
                         family=options.family, settings=settings, device=options.device,
                         dtype=options.dtype, speed=options.speed, openvino=options.openvino,
-                        tiny_vae=options.tiny_vae, fp16_vae=options.fp16_vae)
+                        tiny_vae=options.tiny_vae, fp16_vae=options.fp16_vae,
+                        compile_shapes=shape)
     result = _generate(engine, request, quiet=args.quiet)
     result.params = complete_record(result.params, request, engine, options.tiny_vae)
     paths = _save(result, out)
