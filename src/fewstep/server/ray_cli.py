@@ -143,6 +143,7 @@ def run_ray_serve(args: argparse.Namespace) -> int:
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    status: int | None = None  # set once the service ran and stopped as it should
     address = settings.ray_address
     started_ray = started_serve = False
     try:
@@ -188,11 +189,17 @@ def run_ray_serve(args: argparse.Namespace) -> int:
                     return 1
         if not deploy.is_alive():  # deployed: drain it (else it is still starting: stop it)
             _drain(serve, settings.grace, signals, log)
-        return 0
+        status = 0
+        return status
     finally:
         _shut_down(ray, serve, started_ray, started_serve, log)
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if not started_ray and status is not None:
+            # a joined cluster: leave without ray.shutdown() (also Ray's own at exit). Serve's
+            # handle threads may still touch the driver, and Ray ends a process that touches a
+            # shut-down driver with status 1, whatever the drain did
+            _exit_now(status)
 
 
 def _deploy(serve, app) -> None:
@@ -266,8 +273,18 @@ def _shut_down(ray, serve, started_ray: bool, started_serve: bool, log) -> None:
             serve.delete(APP_NAME)
     except Exception as exc:  # noqa: BLE001
         log.warning("removing the application failed: %s", type(exc).__name__)
-    ray.shutdown()
+    if started_ray:  # the local instance's processes stop with it
+        ray.shutdown()
     log.info("stopped")
+
+
+def _exit_now(status: int) -> None:
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _failure_reason(serve) -> str | None:
