@@ -256,6 +256,10 @@ def _serve(settings, sock) -> int:
     log = configure_logging(settings.log_level)
     log.info("loading %s", settings.model or "the default model")
     engine = Engine(settings.model, **engine_kwargs(settings))
+    for technique in ("compile_unet", "openvino", "cuda_graph_loop"):  # what was built ahead
+        done = engine.fast_report.applied.get(technique, "off")
+        if done != "off":
+            log.info("speed %s: %s %s", engine.speed, technique, done)
     catalog = Catalog.from_settings(settings, engine)
     check_catalogue(engine, catalog)
     app = create_app(engine, catalog, server_options(settings))
