@@ -47,6 +47,24 @@ def _flag(flag: str | None = None, metavar: str | None = None, **extra) -> dict:
     return {"flag": flag, "metavar": metavar, **extra}
 
 
+OpenVINOMode = Literal["auto", "on", "off"]
+
+
+# the engine defaults both Settings (the library's, from the environment) and EngineOptions (the
+# commands') carry
+def _device_field():
+    return Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+
+
+def _dtype_field():
+    return Field("auto", description="auto (fp16 on GPUs, fp32 on CPU), fp16, bf16, fp32")
+
+
+def _openvino_field():
+    return Field("auto", description="CPU: run the UNet and VAE decoder in OpenVINO (auto: "
+                 "with speed auto or fastest when the openvino package is installed)")
+
+
 class _Options(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="forbid", frozen=True,
@@ -65,13 +83,9 @@ class Settings(_Options):
     max_loras: int = Field(8, ge=0, description="LoRAs per request (LCM-LoRA not counted)")
     # decoded input images (decompression-bomb guard)
     max_input_pixels: int = Field(4096 * 4096, ge=64, description="pixels of an input image")
-    device: Device = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, "
-                           "cuda:N, mps")
-    dtype: Dtype = Field("auto", description="auto (fp16 on GPUs, fp32 on CPU), fp16, bf16, "
-                         "fp32")
-    openvino: Literal["auto", "on", "off"] = Field(
-        "auto", description="CPU: run the UNet and VAE decoder in OpenVINO (auto: with speed "
-        "auto or fastest when the openvino package is installed)")
+    device: Device = _device_field()
+    dtype: Dtype = _dtype_field()
+    openvino: OpenVINOMode = _openvino_field()
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -93,17 +107,13 @@ class EngineOptions(_Options):
     lcm_lora: str = Field("auto", min_length=1, description="LCM-LoRA: auto (the family's "
                           "published one), none (an LCM-distilled model) or REF[:WEIGHT]",
                           json_schema_extra=_flag(metavar="REF[:W]"))
-    device: Device = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, "
-                           "cuda:N, mps")
-    dtype: Dtype = Field("auto", description="auto (fp16 on GPUs, fp32 on CPU), fp16, bf16, "
-                         "fp32")
-    openvino: Literal["auto", "on", "off"] = Field(
-        "auto", description="CPU: run the UNet and VAE decoder in OpenVINO (auto: with speed "
-        "auto or fastest when the openvino package is installed)")
+    device: Device = _device_field()
+    dtype: Dtype = _dtype_field()
+    openvino: OpenVINOMode = _openvino_field()
     speed: Literal["off", "auto", "default", "fastest"] = Field(
         "auto", description="fast-path preset: auto and default keep the recipe's pictures "
-        "(auto also compiles the UNet ahead on CUDA); fastest adds half precision where it "
-        "pays and a tiny VAE (approximate)")
+        "(auto also builds the UNet ahead: compiled on CUDA, OpenVINO on a CPU); fastest adds "
+        "half precision where it pays and a tiny VAE (approximate)")
     tiny_vae: str | None = Field(None, description="tiny autoencoder for speed fastest "
                                  "(default: the family's taesd)",
                                  json_schema_extra=_flag(metavar="REF"))

@@ -27,11 +27,13 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
-MODES = ("auto", "on", "off")
+from ..config import OpenVINOMode
+
+MODES = get_args(OpenVINOMode)
 # the UNet keyword arguments a converted model cannot take (it has no inputs for them)
 _UNET_EXTRAS = ("class_labels", "timestep_cond", "attention_mask", "down_block_additional_residuals",
                 "mid_block_additional_residual", "down_intrablock_additional_residuals",
