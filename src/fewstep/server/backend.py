@@ -9,14 +9,42 @@ encoded files and the reproduction record, never the inputs or the raw result.""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol, runtime_checkable
+from typing import Any, AsyncIterator, Mapping, Protocol, runtime_checkable
 
 from ..config import Settings
 from ..errors import FewstepError
+from .errors import JobNotFound
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED, EXPIRED = (
     "queued", "running", "done", "failed", "cancelled", "expired")
 FINAL = frozenset({DONE, FAILED, CANCELLED, EXPIRED})
+MAX_JOB_ID_CHARS = 64  # a longer id is never looked up, nor repeated whole in the error
+
+
+def find_job(jobs: Mapping[str, Any], job_id):
+    """The job `job_id` names in a backend's table, or `JobNotFound`."""
+    job = jobs.get(job_id) if isinstance(job_id, str) and len(job_id) <= MAX_JOB_ID_CHARS \
+        else None
+    if job is None:
+        shown = repr(job_id[:MAX_JOB_ID_CHARS]) if isinstance(job_id, str) else "such"
+        raise JobNotFound(f"no job {shown} (unknown, or finished long ago)", field="job_id")
+    return job
+
+
+def forget_finished(jobs: dict, count: int, budget: int, kept_bytes: int) -> int:
+    """Forget finished jobs of a backend's table (oldest first: the table keeps submission
+    order) beyond `count` jobs and `budget` bytes of outputs; the most recently finished one
+    is always kept. Returns the output bytes still kept."""
+    newest = max((j for j in jobs.values() if j.state in FINAL),
+                 key=lambda j: j.finished or 0.0, default=None)
+    for job in list(jobs.values()):
+        if len(jobs) <= count and kept_bytes <= budget:
+            break
+        if job.state in FINAL and job is not newest:
+            del jobs[job.id]
+            if job.output is not None:
+                kept_bytes -= job.output.nbytes
+    return kept_bytes
 
 
 @dataclass(frozen=True)

@@ -45,12 +45,13 @@ from .backend import (
     JobOutput,
     JobView,
     QueueInfo,
+    find_job,
+    forget_finished,
 )
-from .errors import DeadlineExceeded, InternalError, JobNotFound, QueueFull, ShuttingDown
+from .errors import DeadlineExceeded, InternalError, QueueFull, ShuttingDown
 
 log = logging.getLogger("fewstep.server")
 
-MAX_JOB_ID_CHARS = 64
 
 
 @dataclass(eq=False)
@@ -367,27 +368,13 @@ class LocalBackend:
         self._update_gauges()
 
     def _job(self, job_id: str) -> Job:
-        job = None
-        if isinstance(job_id, str) and len(job_id) <= MAX_JOB_ID_CHARS:
-            with self._cond:
-                job = self._jobs.get(job_id)
-        if job is None:
-            shown = repr(job_id[:MAX_JOB_ID_CHARS]) if isinstance(job_id, str) else "such"
-            raise JobNotFound(f"no job {shown} (unknown, or finished long ago)", field="job_id")
-        return job
+        with self._cond:
+            return find_job(self._jobs, job_id)
 
     def _forget_old(self) -> None:
-        """Forget finished jobs, oldest first, beyond the count and the byte budget; the most
-        recently finished one is always kept. Called with the lock held."""
-        newest = max((j for j in self._jobs.values() if j.state in FINAL),
-                     key=lambda j: j.finished or 0.0, default=None)
-        for job in list(self._jobs.values()):
-            if len(self._jobs) <= self.retention and self._kept_bytes <= self.retention_bytes:
-                return
-            if job.state in FINAL and job is not newest:
-                del self._jobs[job.id]
-                if job.output is not None:
-                    self._kept_bytes -= job.output.nbytes
+        """Called with the lock held."""
+        self._kept_bytes = forget_finished(self._jobs, self.retention, self.retention_bytes,
+                                           self._kept_bytes)
 
     def _expire(self, job: Job) -> None:
         """The job's start deadline has passed: it expires unless it has started."""

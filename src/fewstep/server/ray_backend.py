@@ -41,12 +41,13 @@ from .backend import (
     JobOutput,
     JobView,
     QueueInfo,
+    find_job,
+    forget_finished,
 )
 from .errors import STATUS, DeadlineExceeded, InternalError, JobNotFound, QueueFull, ShuttingDown
 
 log = logging.getLogger("fewstep.server")
 
-MAX_JOB_ID_CHARS = 64
 RESENDS = 2  # times a job that never started is sent again after its replica died
 
 
@@ -485,23 +486,8 @@ class RayBackend:
     # -- lookup and retention -------------------------------------------------------------------
 
     def _job(self, job_id: str) -> RemoteJob:
-        job = None
-        if isinstance(job_id, str) and len(job_id) <= MAX_JOB_ID_CHARS:
-            job = self._jobs.get(job_id)
-        if job is None:
-            shown = repr(job_id[:MAX_JOB_ID_CHARS]) if isinstance(job_id, str) else "such"
-            raise JobNotFound(f"no job {shown} (unknown, or finished long ago)", field="job_id")
-        return job
+        return find_job(self._jobs, job_id)
 
     def _forget_old(self) -> None:
-        """Finished jobs are forgotten oldest first beyond the count and the byte budget; the
-        most recently finished one is always kept."""
-        newest = max((j for j in self._jobs.values() if j.state in FINAL),
-                     key=lambda j: j.finished or 0.0, default=None)
-        for job in list(self._jobs.values()):
-            if len(self._jobs) <= self.retention and self._kept_bytes <= self.retention_bytes:
-                return
-            if job.state in FINAL and job is not newest:
-                del self._jobs[job.id]
-                if job.output is not None:
-                    self._kept_bytes -= job.output.nbytes
+        self._kept_bytes = forget_finished(self._jobs, self.retention, self.retention_bytes,
+                                           self._kept_bytes)
