@@ -28,6 +28,17 @@ def sd15_engine(tiny):
     return Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", dtype="fp32")
 
 
+@pytest.fixture
+def no_loading(monkeypatch):
+    """User errors are found before the model loads: making an Engine fails the test."""
+    from fewstep.engine import Engine
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr(Engine, "__init__", refuse)
+
+
 def unet_fingerprint(unet):
     """A cheap exact fingerprint of a UNet's weights (base weights only)."""
     import torch

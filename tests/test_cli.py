@@ -88,17 +88,6 @@ def test_animate_writes_gif_and_mp4(tiny, tmp_path, suffix):
     assert frames.shape[0] == 4 and frames.shape[1:3] == (64, 64)
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    """User errors are found before the model loads: making an Engine fails the test."""
-    from fewstep.engine import Engine
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the error was found")
-
-    monkeypatch.setattr(Engine, "__init__", refuse)
-
-
 def _one_error_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err

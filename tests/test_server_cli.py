@@ -119,16 +119,6 @@ def test_config_file_and_flags(tmp_path):
         load_settings(parser.parse_args(["serve", "--lora", "../up=/x"]))
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    from fewstep.engine import Engine
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the error was found")
-
-    monkeypatch.setattr(Engine, "__init__", refuse)
-
-
 def _one_error_line(err: str) -> str:
     """The one line of an error (the service's own INFO lines, such as `loading`, aside)."""
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("INFO:")]
