@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fewstep.accel import FastOptions, FastPath, ensure_sdpa
+from fewstep.accel.syncs import unet_batches
 from fewstep.prompts import PromptCache
 from fewstep.engine import Engine
 from fewstep.tasks import Img2ImgRequest, LoraRequest, Txt2ImgRequest
@@ -125,16 +126,8 @@ def test_sdxl_family_fast_path_equals_plain(tiny, family):
 def cfg_batch(pipe, guidance: float, **call) -> int:
     """The batch the UNet sees for one image at `guidance`: 1 when classifier-free guidance is
     off (diffusers' `guidance_scale > 1` rule), 2 when it doubles the batch."""
-    seen: list[int] = []
-    handle = pipe.unet.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(int((args[0] if args else
-                                                       kwargs["sample"]).shape[0])),
-        with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            pipe(guidance_scale=guidance, num_inference_steps=1, output_type="latent", **call)
-    finally:
-        handle.remove()
+    with unet_batches(pipe) as seen, torch.inference_mode():
+        pipe(guidance_scale=guidance, num_inference_steps=1, output_type="latent", **call)
     return seen[0]
 
 

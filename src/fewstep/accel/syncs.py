@@ -8,6 +8,7 @@ so a count taken on tiny CPU models proves a loop free of them."""
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 
 import torch
@@ -76,3 +77,18 @@ def count_loop_syncs(pipe, run) -> tuple[int, SyncCounter]:
         for handle in handles:
             handle.remove()
     return counter.count, counter
+
+
+@contextlib.contextmanager
+def unet_batches(pipe):
+    """A list that gets the batch of every call of `pipe`'s UNet made inside the block (1 per
+    image at guidance <= 1: no classifier-free doubling)."""
+    seen: list[int] = []
+    handle = pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(int((args[0] if args else
+                                                       kwargs["sample"]).shape[0])),
+        with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()

@@ -303,18 +303,11 @@ def count_syncs(run: Run, pipe, *, device: str, steps: int) -> dict[str, Any]:
     * `unet_batch_per_image`: the UNet's batch at guidance 1 (1: no classifier-free doubling).
     * `profiler` (CUDA only): what the torch profiler saw in one call with nothing wrapped:
       `cudaStreamSynchronize` and scalar-read counts and the busiest host operations."""
-    from ..accel.syncs import SyncCounter, count_loop_syncs
+    from ..accel.syncs import SyncCounter, count_loop_syncs, unet_batches
 
     out: dict[str, Any] = {"host_syncs_per_call": None}
-    seen: list[int] = []
-    handle = pipe.unet.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(int((args[0] if args else
-                                                       kwargs["sample"]).shape[0])),
-        with_kwargs=True)
-    try:
+    with unet_batches(pipe) as seen:
         reads, _ = count_loop_syncs(pipe, lambda: run(1, steps=steps, prompt_index=300))
-    finally:
-        handle.remove()
     out["scalar_reads_in_loop"] = reads
     out["unet_batch_per_image"] = seen[0] if seen else None
     if device.startswith("cuda"):
