@@ -150,6 +150,17 @@ def test_the_choice_and_its_errors(monkeypatch):
     assert err.value.field == "openvino" and "fewstep[openvino]" in str(err.value)
 
 
+def test_the_report_says_why_it_is_off(tiny, monkeypatch):
+    from fewstep.accel import openvino
+
+    engine = _engine(tiny.sd15, tiny.lcm_sd15, speed="default", openvino="auto")
+    assert engine.fast_report.applied["openvino"] == "off (speed default)"
+    monkeypatch.setattr(openvino, "available", lambda: False)
+    engine = _engine(tiny.sd15, tiny.lcm_sd15, speed="auto", openvino="auto")
+    assert engine.fast_report.applied["openvino"] == "off (package not installed)"
+    assert engine.fast_path.openvino is None
+
+
 def test_not_enough_memory_skips_it(tiny, monkeypatch):
     from fewstep.accel import openvino
 

@@ -121,8 +121,8 @@ class Engine:
         if speed not in PRESETS:  # checked before anything is loaded
             raise InvalidRequest(f"speed must be one of {', '.join(PRESETS)}; got {speed!r}",
                                  field="speed")
-        openvino_precision, _ = choose_openvino(openvino or self.settings.openvino, speed,
-                                                self.device, half_dtype_for(self.device))
+        openvino_precision, openvino_why = choose_openvino(
+            openvino or self.settings.openvino, speed, self.device, half_dtype_for(self.device))
 
         config_ref = parse_ref(config, "config") if config else None
         chosen = family_by_name(family) if family else None
@@ -138,11 +138,13 @@ class Engine:
                 chosen = detect_family(unet_config)
             else:
                 chosen = family_by_name(single_file_family(ref.path))
-        elif unet_config and detect_family(unet_config).sdxl_like != chosen.sdxl_like:
+        elif unet_config:
+            detected = detect_family(unet_config)
             # SDXL and SSD-1B share a layout (choosing one for the other picks its LCM-LoRA);
             # SD1.5 against either would fail deep inside the pipeline
-            raise ModelError(f"family {chosen.name!r} does not fit {model_text!r}: its UNet is "
-                             f"{detect_family(unet_config).name}", field="family")
+            if detected.sdxl_like != chosen.sdxl_like:
+                raise ModelError(f"family {chosen.name!r} does not fit {model_text!r}: its UNet "
+                                 f"is {detected.name}", field="family")
         self.family: Family = chosen
         self.model_ref = model_text
 
@@ -204,6 +206,8 @@ class Engine:
             extra["openvino"] = openvino_precision
         self.fast_path = FastPath.preset(speed, self.device, chosen.name, **extra)
         self.fast_report = self.fast_path.apply(self)
+        if not openvino_precision:  # why not, in the report ("off (package not installed)", ...)
+            self.fast_report.applied["openvino"] = openvino_why
 
     # -- the seam for speed techniques (fewstep.accel uses these and nothing private) ----------
 
