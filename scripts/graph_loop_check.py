@@ -1,4 +1,4 @@
-"""Device check of the whole-loop CUDA graph (`Engine(cuda_graph_loop=True)`): on one engine,
+"""Device check of the whole-loop CUDA graph (`build_engine(cuda_graph_loop="on")`): on one engine,
 the same requests through the captured graph and through the plain pipeline (the runner taken
 off), their largest pixel difference, and the latency of each. Prints one JSON object.
 
@@ -40,7 +40,7 @@ def main() -> int:
     from fewstep.accel import FastOptions, FastPath
     from fewstep.accel.graphs import GraphedTxt2ImgRunner
     from fewstep.bench.models import build_real, build_tiny
-    from fewstep.engine import Engine
+    from fewstep.build import build_engine
     from fewstep.tasks import Txt2ImgRequest
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="graph-loop-"))
@@ -53,11 +53,11 @@ def main() -> int:
     shape = (size, size, args.batch)
     device, dtype = ("cpu", "fp32") if args.cpu_eager else ("cuda", "fp16")
     began = time.perf_counter()
-    engine = Engine(str(model), lcm_lora=str(lora), device=device, dtype=dtype, speed="off")
     # speed "default" plus the graph loop for this shape and step count
     path = FastPath(FastOptions(compile_shapes=(shape,), graph_steps=(args.steps,),
                                 cuda_graph_loop=not args.cpu_eager))
-    path.apply(engine)
+    engine = build_engine(model=str(model), lcm_lora=str(lora), device=device, dtype=dtype,
+                          fast_path=path)
     runner = path.graph_runner
     if args.cpu_eager:
         runner = GraphedTxt2ImgRunner((shape,), (args.steps,), eager=True)

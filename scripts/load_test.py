@@ -15,7 +15,7 @@ the verdict; exits 1 on any lost or corrupted result.
 
     python scripts/load_test.py --compare-batching --requests 32 --concurrency 16
 
-`--ray` serves tiny models on a local Ray instance (Ray Serve, `fewstep.server.ray`) with 1 and
+`--ray` serves tiny models on a local Ray instance (Ray Serve, `fewstep.server.deployments`) with 1 and
 then 2 engine replicas of one CPU each, and reports the throughput of each (needs the ray
 extra; the ratio is what matters):
 
@@ -165,7 +165,7 @@ def compare_batching(args) -> int:
 
     import uvicorn
 
-    from fewstep.engine import Engine
+    from fewstep.build import build_engine
     from fewstep.server.app import create_app
     from fewstep.server.catalog import Catalog
     from fewstep.server.service import ServerOptions
@@ -191,7 +191,8 @@ def compare_batching(args) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         models = build_tiny_models(Path(tmp))
-        engine = Engine(str(models.sd15), lcm_lora=str(models.lcm_sd15), device="cpu")
+        engine = build_engine(model=str(models.sd15), lcm_lora=str(models.lcm_sd15),
+                              device="cpu")
         rows = []
         for max_batch in (1, args.max_batch):
             print(f"-- max_batch {max_batch}")
@@ -216,7 +217,7 @@ def compare_replicas(args, replica_counts=(1, 2)) -> int:
     from ray import serve
 
     from fewstep.config import load
-    from fewstep.server.ray import build_app
+    from fewstep.server.deployments import build_app
     from fewstep.server.ray_cli import RayServeSettings, make_spec
     from fewstep.testing import build_tiny_models
 

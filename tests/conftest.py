@@ -23,20 +23,21 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sd15_engine(tiny):
-    from fewstep.engine import Engine
+    from fewstep.build import build_engine
 
-    return Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", dtype="fp32")
+    return build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu",
+                        dtype="fp32")
 
 
 @pytest.fixture
 def no_loading(monkeypatch):
-    """User errors are found before the model loads: making an Engine fails the test."""
-    from fewstep.engine import Engine
+    """User errors are found before the model loads: loading one fails the test."""
+    import fewstep.build
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the error was found")
 
-    monkeypatch.setattr(Engine, "__init__", refuse)
+    monkeypatch.setattr(fewstep.build, "_load", refuse)
 
 
 def unet_fingerprint(unet):

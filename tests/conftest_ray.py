@@ -16,15 +16,15 @@ RAY_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAY_USAGE_STATS_ENAB
            "TOKENIZERS_PARALLELISM": "false"}
 
 
-def gated_engine(settings, gate_dir: str):
+def gated_engine(settings, needs: dict, gate_dir: str):
     """Runs in a replica: the engine `fewstep serve` makes, with a hook that holds each UNet
     call while `gate_dir/hold` exists, after writing `gate_dir/held-<replica>` (its pid), and
     runs out of memory once when `gate_dir/oom` exists."""
     from ray import serve
 
-    from fewstep.engine import Engine
+    from fewstep.build import build_engine
 
-    engine = Engine(settings.model, lcm_lora=settings.lcm_lora, device="cpu")
+    engine = build_engine(settings.engine_options(), settings=settings.limits(), **needs)
     replica = serve.get_replica_context().replica_id.unique_id
     gate = Path(gate_dir)
 

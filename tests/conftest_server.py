@@ -25,13 +25,13 @@ WAIT = 60.0  # upper bound of every wait in these tests
 @functools.cache
 def tiny_env():
     """(models, engine), built once per process."""
-    from fewstep.engine import Engine
+    from fewstep.build import build_engine
     from fewstep.testing import build_tiny_models
 
     root = Path(tempfile.mkdtemp(prefix="fewstep-server-"))
     atexit.register(shutil.rmtree, root, True)
     models = build_tiny_models(root / "models")
-    engine = Engine(str(models.sd15), lcm_lora=str(models.lcm_sd15), device="cpu")
+    engine = build_engine(model=str(models.sd15), lcm_lora=str(models.lcm_sd15), device="cpu")
     return models, engine
 
 

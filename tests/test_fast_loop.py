@@ -14,7 +14,8 @@ from diffusers import LCMScheduler
 
 from fewstep.accel.scheduler import StaticLCMScheduler
 from fewstep.accel.syncs import count_loop_syncs
-from fewstep.engine import Engine, Job
+from fewstep.build import build_engine
+from fewstep.engine import Job
 from fewstep.selftest import sample_image
 from fewstep.tasks import ControlNetRequest, Img2ImgRequest, LoraRequest, Txt2ImgRequest
 
@@ -65,8 +66,8 @@ def test_static_scheduler_draws_per_sample_generators_like_stock():
 @pytest.fixture(scope="module")
 def engines(tiny):
     common = dict(lcm_lora=str(tiny.lcm_sd15), device="cpu", dtype="fp32")
-    return (Engine(str(tiny.sd15), speed="off", **common),
-            Engine(str(tiny.sd15), speed="default", **common))
+    return (build_engine(model=str(tiny.sd15), speed="off", **common),
+            build_engine(model=str(tiny.sd15), speed="default", **common))
 
 
 @pytest.mark.parametrize("make", [
@@ -143,11 +144,11 @@ def compiled(tiny, tmp_path_factory):
     """An engine whose UNet is compiled ahead for 64x64 batch 1, with two LoRAs preloaded."""
     from fewstep.accel import FastOptions, FastPath
 
-    engine = Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", dtype="fp32",
-                    speed="off", preload_loras=(str(tiny.style_sd15), str(tiny.style_sd15_peft)))
     path = FastPath(FastOptions(compile_unet=True, compile_shapes=((64, 64, 1),),
                                 compile_cache_dir=str(tmp_path_factory.mktemp("inductor"))))
-    path.apply(engine)
+    engine = build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu",
+                          dtype="fp32", fast_path=path,
+                          loras={"lora.a": str(tiny.style_sd15), "lora.b": str(tiny.style_sd15_peft)})
     return engine, path
 
 
@@ -204,7 +205,7 @@ def test_lora_changes_keep_the_compiled_graph_valid(compiled, engines, tiny):
 def test_several_images_per_request_match_the_recipe(tiny):
     from fewstep.reference import recipe_arguments, recipe_call, recipe_pipeline
 
-    engine = Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", dtype="fp32")
+    engine = build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", dtype="fp32")
     request = Txt2ImgRequest(prompt="two of them", seed=8, width=64, height=64, num_images=2)
     ours = engine.generate(request).images
     pipe = recipe_pipeline("txt2img", str(tiny.sd15), str(tiny.lcm_sd15))

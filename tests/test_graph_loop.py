@@ -13,7 +13,8 @@ import torch
 
 from fewstep.accel.graphs import GraphedTxt2ImgRunner
 from fewstep.accel.syncs import SyncCounter
-from fewstep.engine import Engine, Job
+from fewstep.build import build_engine
+from fewstep.engine import Job
 from fewstep.errors import Cancelled
 from fewstep.selftest import sample_image
 from fewstep.tasks import ControlNetRequest, LoraRequest, Txt2ImgRequest
@@ -26,8 +27,8 @@ def _engines(tiny, family: str):
     model, lcm = {"sd15": (tiny.sd15, tiny.lcm_sd15), "sdxl": (tiny.sdxl, tiny.lcm_sdxl)}[family]
     common = dict(lcm_lora=str(lcm), device="cpu", dtype="fp32")
     # the same engine twice: the plain one runs every call on the pipeline
-    plain = Engine(str(model), speed="default", **common)
-    looped = Engine(str(model), speed="default", **common)
+    plain = build_engine(model=str(model), speed="default", **common)
+    looped = build_engine(model=str(model), speed="default", **common)
     runner = GraphedTxt2ImgRunner(((SIZE, SIZE, 1), (SIZE, SIZE, 2)), steps=(STEPS, 1),
                                   eager=True)
     status = runner.install(looped)
@@ -94,8 +95,8 @@ def test_loop_reads_nothing_back(sd15, sdxl):
 
 
 def test_runner_declines_on_cpu_and_the_fast_path_says_why(tiny):
-    engine = Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", dtype="fp32",
-                    speed="default", cuda_graph_loop=True)
+    engine = build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", dtype="fp32",
+                    speed="default", cuda_graph_loop="on")
     assert engine.fast_report.applied["cuda_graph_loop"] == "skipped: needs CUDA"
     runner = GraphedTxt2ImgRunner(((SIZE, SIZE, 1),))
     assert runner.install(engine) == "skipped: needs CUDA"
@@ -212,7 +213,7 @@ def test_half_precision_sdxl_decodes_in_float32_like_the_pipeline(tiny):
     """SDXL in fp16 with `force_upcast`: the pipeline converts its VAE to float32 for the decode
     and back; the loop decodes with one float32 copy (weights that stay put), same pixels."""
     common = dict(lcm_lora=str(tiny.lcm_sdxl), device="cpu", dtype="fp16", speed="default")
-    plain, looped = Engine(str(tiny.sdxl), **common), Engine(str(tiny.sdxl), **common)
+    plain, looped = build_engine(model=str(tiny.sdxl), **common), build_engine(model=str(tiny.sdxl), **common)
     runner = GraphedTxt2ImgRunner(((SIZE, SIZE, 2), (SIZE, SIZE, 1)), steps=(STEPS,),
                                   eager=True)
     runner.install(looped)

@@ -29,9 +29,9 @@ def _refused(engine, path, error=LoraError):
 
 @pytest.fixture(scope="module")
 def unfused_engine(tiny):
-    from fewstep.engine import Engine
+    from fewstep.build import build_engine
 
-    return Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", fuse_loras=False)
+    return build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", fuse_loras=False)
 
 
 @pytest.fixture(params=["fused", "unfused"])

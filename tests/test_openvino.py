@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fewstep.engine import Engine
+from fewstep.build import build_engine
 from fewstep.errors import InvalidRequest
 from fewstep.selftest import sample_image
 from fewstep.tasks import ControlNetRequest, LoraRequest, Txt2ImgRequest
@@ -20,7 +20,7 @@ SIZE = 64
 
 
 def _engine(model, lcm, **options):
-    return Engine(str(model), lcm_lora=str(lcm), device="cpu", dtype="fp32", **options)
+    return build_engine(model=str(model), lcm_lora=str(lcm), device="cpu", dtype="fp32", **options)
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +118,11 @@ def test_converted_models_are_reused_from_disk_and_keyed_by_weights(sd15, tiny):
     # LoRAs loaded ahead (as the service does with its catalogue) wrap layers, not weights
     preloaded = _engine(tiny.sd15, tiny.lcm_sd15, speed="auto", openvino="on",
                         compile_shapes=((SIZE, SIZE, 1),), compile_cache=str(cache),
-                        preload_loras=(str(tiny.style_sd15),))
+                        loras={"lora.style": str(tiny.style_sd15)})
     assert all(preloaded.fast_path.openvino.cached.values())
     assert np.abs(_txt2img(preloaded) - _txt2img(first)).max() == 0
     # other weights (the LCM-LoRA fused at another strength): another UNet, converted anew
-    other = _engine(tiny.sd15, tiny.lcm_sd15, lcm_weight=0.5, speed="auto", openvino="on",
+    other = _engine(tiny.sd15, f"{tiny.lcm_sd15}:0.5", speed="auto", openvino="on",
                     compile_shapes=((SIZE, SIZE, 1),), compile_cache=str(cache))
     assert other.fast_path.openvino.cached == {f"unet_{SIZE}x{SIZE}": False,
                                                f"vae_{SIZE}x{SIZE}": True}

@@ -36,8 +36,8 @@ def test_library_users_can_ask_for_quiet(tiny, tmp_path):
     done = _run(f"""
 import fewstep
 fewstep.quiet_libraries()
-from fewstep import Engine, LoraRequest, Txt2ImgRequest
-engine = Engine({str(tiny.sd15)!r}, lcm_lora={str(tiny.lcm_sd15)!r}, device="cpu")
+from fewstep import build_engine, LoraRequest, Txt2ImgRequest
+engine = build_engine(model={str(tiny.sd15)!r}, lcm_lora={str(tiny.lcm_sd15)!r}, device="cpu")
 engine.generate(Txt2ImgRequest(prompt="x", seed=1, steps=2, loras=[
     LoraRequest(ref={str(tiny.style_sd15)!r}), LoraRequest(ref={str(tiny.style_sd15_peft)!r})]))
 """, tmp_path)

@@ -13,15 +13,9 @@ import pytest
 from fewstep.config import Settings
 from fewstep.errors import InvalidRequest
 from fewstep.server.backend import Backend, JobOutput
-from fewstep.server.errors import DeadlineExceeded, JobNotFound, QueueFull, ShuttingDown, \
-    status_for
-from fewstep.server.ray_backend import (
-    Overloaded,
-    RayBackend,
-    ReplicaLost,
-    ReplicaState,
-    ReplicaUnavailable,
-)
+from fewstep.server.errors import (DeadlineExceeded, JobNotFound, QueueFull, ReplicaUnavailable,
+                                   ShuttingDown, status_for)
+from fewstep.server.ray_backend import Overloaded, RayBackend, ReplicaLost, ReplicaState
 
 WAIT = 10.0
 

@@ -116,7 +116,7 @@ def test_serve_ray_refuses_user_errors_before_starting_ray(flags, field):
 def test_ingress_refuses_a_public_proxy_without_an_api_key(monkeypatch):
     import ray.serve.context
 
-    from fewstep.server import ray as ray_server
+    from fewstep.server import deployments as ray_server
 
     class Client:
         def __init__(self, host):

@@ -52,7 +52,7 @@ def ray_service(tmp_path_factory):
     import ray
     from ray import serve
 
-    from fewstep.server.ray import build_app
+    from fewstep.server.deployments import build_app
     from fewstep.server.ray_cli import make_spec
 
     models, _ = tiny_env()
@@ -103,11 +103,11 @@ def single_process(ray_service):
     the same tiny model)."""
     from fewstep.server.app import create_app
     from fewstep.server.catalog import Catalog
-    from fewstep.server.cli import server_options
+    from fewstep.server.service import ServerOptions
 
     settings = ray_service[2]
     _, engine = tiny_env()
-    app = create_app(engine, Catalog.from_settings(settings, engine), server_options(settings))
+    app = create_app(engine, Catalog.from_settings(settings, engine), ServerOptions.from_settings(settings))
     with TestClient(app) as local:
         yield local
 

@@ -211,9 +211,9 @@ def test_catalogue_entries_that_do_not_fit_fail_the_start(tiny, tmp_path, capsys
 
 def test_service_options_come_from_the_settings():
     from fewstep.config import ServeSettings, load
-    from fewstep.server.cli import server_options
+    from fewstep.server.service import ServerOptions
 
-    options = server_options(load(ServeSettings, {
+    options = ServerOptions.from_settings(load(ServeSettings, {
         "api_key": "k", "queue_size": "3", "max_body_mb": "2", "timeout": "9", "grace": "4",
         "public_url": "https://fewstep.example", "body_timeout_s": "5",
         "job_retention_bytes": "1000", "max_batch": "2", "batch_wait_ms": "7"}))

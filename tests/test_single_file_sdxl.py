@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from fewstep.cli import main
-from fewstep.engine import Engine
+from fewstep.build import build_engine
 from fewstep.loading import single_file_family
 from fewstep.selftest import PARITY_TOLERANCE, Case, run_case
 from fewstep.tasks import Txt2ImgRequest
@@ -39,7 +39,7 @@ def engines():
 def _engine(engines, model, lcm, config=None) -> Engine:
     key = (str(model), 1.0)
     if key not in engines:
-        engines[key] = Engine(str(model), lcm_lora=str(lcm), config=config and str(config),
+        engines[key] = build_engine(model=str(model), lcm_lora=str(lcm), model_config_dir=config and str(config),
                               device="cpu", dtype="fp32")
     return engines[key]
 

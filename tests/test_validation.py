@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fewstep.config import Settings
-from fewstep.engine import Engine
+from fewstep.build import build_engine
 from fewstep.errors import (Cancelled, InvalidRequest, ModelError, NotFound, OfflineError,
                             UnsafeFormat)
 from fewstep.selftest import sample_image, sample_mask
@@ -119,22 +119,22 @@ def test_progress_and_cancellation(sd15_engine):
 
 def test_unknown_and_unsafe_models(tmp_path, monkeypatch):
     with pytest.raises(NotFound) as info:
-        Engine(str(tmp_path / "nope"))
+        build_engine(model=str(tmp_path / "nope"))
     assert info.value.field == "model"
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"x")
     with pytest.raises(UnsafeFormat):
-        Engine(str(ckpt))
+        build_engine(model=str(ckpt))
     with pytest.raises(UnsafeFormat):
-        Engine(str(tmp_path / "weights.bin"))
+        build_engine(model=str(tmp_path / "weights.bin"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OfflineError) as info:
-        Engine("some-org/not-cached-model")
+        build_engine(model="some-org/not-cached-model")
     assert "local diffusers folder" in info.value.message
 
 
 def test_inpaint_model_runs_inpaint_only(tiny):
-    engine = Engine(str(tiny.sd15_inpaint), lcm_lora=str(tiny.lcm_sd15), device="cpu")
+    engine = build_engine(model=str(tiny.sd15_inpaint), lcm_lora=str(tiny.lcm_sd15), device="cpu")
     with pytest.raises(ModelError) as info:
         engine.generate(Txt2ImgRequest(prompt="x", seed=1))
     assert "inpaint" in info.value.message
@@ -144,7 +144,7 @@ def test_lcm_lora_of_another_family_is_refused(tiny):
     from fewstep.errors import LoraError
 
     with pytest.raises(LoraError):
-        Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sdxl), device="cpu")
+        build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sdxl), device="cpu")
 
 
 def test_family_detection(tiny):
@@ -158,19 +158,19 @@ def test_family_detection(tiny):
 
 def test_a_family_that_does_not_fit_the_model_is_refused_before_loading(tiny):
     with pytest.raises(ModelError) as info:
-        Engine(str(tiny.sdxl), family="sd15", lcm_lora=str(tiny.lcm_sd15), device="cpu")
+        build_engine(model=str(tiny.sdxl), family="sd15", lcm_lora=str(tiny.lcm_sd15), device="cpu")
     assert info.value.field == "family" and "sdxl" in info.value.message
     with pytest.raises(ModelError) as info:
-        Engine(str(tiny.sd15), family="sdxl", lcm_lora=str(tiny.lcm_sdxl), device="cpu")
+        build_engine(model=str(tiny.sd15), family="sdxl", lcm_lora=str(tiny.lcm_sdxl), device="cpu")
     assert info.value.field == "family"
     # SSD-1B shares SDXL's layout: naming the other one only changes the defaults
-    engine = Engine(str(tiny.ssd1b), family="sdxl", lcm_lora="none", device="cpu",
+    engine = build_engine(model=str(tiny.ssd1b), family="sdxl", lcm_lora="none", device="cpu",
                     speed="off")
     assert engine.family.name == "sdxl"
 
 
 def test_settings_limits_apply(tiny):
-    engine = Engine(str(tiny.sd15), lcm_lora="none", device="cpu",
+    engine = build_engine(model=str(tiny.sd15), lcm_lora="none", device="cpu",
                     settings=Settings(max_pixels=64 * 32, max_steps=2))
     with pytest.raises(InvalidRequest) as info:
         engine.generate(Txt2ImgRequest(prompt="x", steps=3))
@@ -204,7 +204,7 @@ def test_step_previews(sd15_engine):
 def test_fp16_load_falls_back_when_no_variant(tiny):
     import torch
 
-    engine = Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", dtype="fp16")
+    engine = build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", dtype="fp16")
     assert engine.base.unet.dtype == torch.float16
 
 
@@ -214,12 +214,12 @@ def test_animation_has_its_own_lcm_weight(tiny):
 
     request = AnimateRequest(prompt="x", seed=4, steps=2, num_frames=2,
                              motion_adapter=str(tiny.motion_adapter))
-    both = Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), lcm_weight=1.0,
-                  animate_lcm_weight=0.55, device="cpu", speed="off")
-    only = Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), lcm_weight=0.55,
-                  animate_lcm_weight=0.55, device="cpu", speed="off")
-    full = Engine(str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), lcm_weight=1.0,
-                  animate_lcm_weight=1.0, device="cpu", speed="off")
+    both = build_engine(model=str(tiny.sd15), lcm_lora=f"{tiny.lcm_sd15}:1.0",
+                        animate_lcm_weight=0.55, device="cpu", speed="off")
+    only = build_engine(model=str(tiny.sd15), lcm_lora=f"{tiny.lcm_sd15}:0.55",
+                        animate_lcm_weight=0.55, device="cpu", speed="off")
+    full = build_engine(model=str(tiny.sd15), lcm_lora=f"{tiny.lcm_sd15}:1.0",
+                        animate_lcm_weight=1.0, device="cpu", speed="off")
     animated = both.generate(request)
     np.testing.assert_allclose(animated.images, only.generate(request).images, atol=1e-5)
     assert np.abs(animated.images - full.generate(request).images).max() > 1e-3
@@ -240,7 +240,7 @@ def test_components_that_do_not_fit_are_refused_naming_the_field(sd15_engine, ti
 
 
 def test_motion_adapter_on_an_sdxl_model_is_refused(tiny):
-    engine = Engine(str(tiny.sdxl), lcm_lora=str(tiny.lcm_sdxl), device="cpu", speed="off")
+    engine = build_engine(model=str(tiny.sdxl), lcm_lora=str(tiny.lcm_sdxl), device="cpu", speed="off")
     with pytest.raises(ModelError) as info:
         engine.check_component("motion_adapter", str(tiny.motion_adapter), "motion_adapter")
     assert info.value.field == "motion_adapter"

@@ -1,9 +1,10 @@
 """fewstep: few-step image and animation generation with LCM-LoRA."""
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _PUBLIC = {
-    "Engine": "engine", "Result": "engine", "Settings": "config",
+    "Engine": "engine", "Result": "engine", "Job": "engine", "Settings": "config",
+    "EngineOptions": "config", "build_engine": "build", "inspect": "build",
     "Request": "tasks", "LoraRequest": "tasks", "Txt2ImgRequest": "tasks",
     "Img2ImgRequest": "tasks", "InpaintRequest": "tasks", "ControlNetRequest": "tasks",
     "T2IAdapterRequest": "tasks", "AnimateRequest": "tasks", "save_result": "outputs",
@@ -18,6 +19,10 @@ def __getattr__(name):
     import importlib
 
     return getattr(importlib.import_module(f"fewstep.{_PUBLIC[name]}"), name)
+
+
+def __dir__():
+    return sorted([*globals(), *_PUBLIC])
 
 
 __all__ = sorted(_PUBLIC)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .config import Settings
+from .errors import ModelError
 from .families import Family
 
 
@@ -18,14 +19,29 @@ from .families import Family
 class ModelView:
     """What a task may read about the loaded model: no modules, no pipelines.
 
-    `adapter_geometry(ref)` gives a T2I-Adapter's (total downscale factor, input channels); it
-    loads the adapter on first use (the service loads its catalogue at start-up)."""
+    `adapter_geometry(ref)` gives a T2I-Adapter's (total downscale factor, input channels),
+    from its config (before loading) or the loaded adapter."""
 
     family: Family
     native_size: int
     inpaint_only: bool
     settings: Settings
     adapter_geometry: Callable[[str], tuple[int, int]]
+    model_ref: str = "the model"  # for messages
+
+
+def plan_call(request, model: ModelView) -> PipelineCall:
+    """Check `request` against the limits and the model and describe its pipeline call, with a
+    concrete seed (drawn when none was given). Raises a FewstepError naming the field; runs
+    nothing. The engine plans with its loaded model's view, the builder with a blueprint's."""
+    request.check_limits(model.settings)
+    request = request.with_seed()
+    if model.inpaint_only and request.task != "inpaint":
+        raise ModelError(
+            f"{model.model_ref!r} is an inpainting model (9-channel UNet): it runs the inpaint "
+            f"task only, not {request.task!r}", field="model")
+    model.family.pipeline_class(request.task)  # a task the family has
+    return request.describe(model)
 
 
 @dataclass(frozen=True)

@@ -11,39 +11,25 @@ import argparse
 import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.markup import escape
 
 from .errors import FewstepError
-
-console = Console(stderr=True, soft_wrap=True)  # messages stay on one line
+from .terminal import Parser, console, progress, report_error, require_extra, warn
 
 TASK_OUT = {"animate": "fewstep.gif"}
 DEFAULT_OUT = "fewstep.png"
 # generating commands spell the model-config option --config, as they always have
 ENGINE_FLAGS = {"model_config_dir": ["--config", "--model-config"]}
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (usage goes to --help)."""
-
-    def error(self, message: str):
-        console.print(f"[red]error:[/] {escape(self.prog)}: {escape(message)} "
-                      f"(see {escape(self.prog)} --help)", highlight=False)
-        sys.exit(2)
-
-
-def report_error(exc: FewstepError) -> int:
-    """One line on stderr; returns the exit code."""
-    where = f" ({exc.field})" if exc.field else ""
-    console.print(f"[red]error{escape(where)}:[/] {escape(exc.message)}", highlight=False)
-    return exc.exit_code
+# options of a service, not of one command: what a command builds ahead is its own call, and
+# --lcm-lora REF:W gives an animation's LCM-LoRA weight
+SERVICE_ONLY = ("compile_shapes", "cuda_graph_loop", "animate_lcm_weight", "fuse_loras")
 
 
 def _engine_options(parser: argparse.ArgumentParser, only=None, flags=ENGINE_FLAGS) -> None:
     from .config import EngineOptions, add_arguments
 
-    add_arguments(parser.add_argument_group("model"), EngineOptions, flags=flags, only=only)
+    add_arguments(parser.add_argument_group("model"), EngineOptions, flags=flags, only=only,
+                  skip=SERVICE_ONLY)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +58,7 @@ def _control(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     parser = Parser(
         prog="fewstep", description="Few-step image and animation generation with LCM-LoRA.")
@@ -173,83 +159,63 @@ def _request_values(args, task: str) -> dict:
     return values
 
 
-def _lcm(text: str, task: str) -> tuple[str, float]:
-    from .lora import check_weight, split_weight
+def _options_for(options, task: str):
+    """A command's engine options: local references made absolute (so the record reproduces
+    from any folder), and the weight given with --lcm-lora used for an animation."""
+    from .lora import split_weight
 
-    ref, weight = split_weight(text)
-    if weight is None:
-        weight = 0.55 if task == "animate" else 1.0  # the recipe's weights
-    return ref, check_weight(weight, "lcm_lora")
-
-
-def _check_references(options, lcm_ref: str, request) -> None:
-    """Missing local files and pickle formats, before anything loads."""
-    from .loading import parse_ref
-
-    refs = {"model": options.model, "config": options.model_config_dir,
-            "tiny_vae": options.tiny_vae,
-            "lcm_lora": None if lcm_ref in ("auto", "none") else lcm_ref}
-    for name in ("controlnet", "adapter", "motion_adapter"):
-        refs[name] = getattr(request, name, None)
-    for i, lora in enumerate(request.loras):
-        refs[f"lora.{i}"] = lora.ref
-    for field, ref in refs.items():
-        if ref:
-            parse_ref(ref, field)
+    update = {k: _absolute(getattr(options, k)) for k in ("model", "model_config_dir",
+                                                           "tiny_vae", "fp16_vae")}
+    ref, weight = split_weight(options.lcm_lora)
+    if ref not in ("auto", "none"):
+        ref = _absolute(ref)
+        update["lcm_lora"] = ref if weight is None else f"{ref}:{weight}"
+    if task == "animate" and weight is not None:
+        update["animate_lcm_weight"] = weight
+    return options.model_copy(update=update)
 
 
-def _check_size(request, settings) -> None:
-    """An explicit size against the pixel limit, before the model loads (the engine checks
-    sizes that depend on the model)."""
-    if request.width and request.height:
-        request.check_size(request.width, request.height, 8, settings)
+def _engine_needs(request) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """The LoRAs and the component a request names, by the option that gave them."""
+    loras = {f"lora.{i}": lora.ref for i, lora in enumerate(request.loras)}
+    components = {name: {name: getattr(request, name)}
+                  for name in ("controlnet", "adapter", "motion_adapter")
+                  if getattr(request, name, None)}
+    return loras, components
 
 
 def run_task(args) -> int:
-    from .config import EngineOptions, Settings, given, load, pick_device
+    from .build import build_engine, inspect
+    from .config import EngineOptions, Settings, given, load
+    from .logs import quiet_libraries
     from .outputs import check_output_path
     from .tasks import REQUESTS
 
     task = args.command
-    options = load(EngineOptions, given(args, EngineOptions),
-                   {"model_config_dir": "--config"})
-    options = options.model_copy(update={k: _absolute(getattr(options, k)) for k in (
-        "model", "model_config_dir", "tiny_vae")})
-    pick_device(options.device)
+    options = load(EngineOptions, given(args, EngineOptions), {"model_config_dir": "--config"})
+    options = _options_for(options, task)
     settings = Settings.from_env()
-    lcm_ref, lcm_weight = _lcm(options.lcm_lora, task)
-    lcm_ref = lcm_ref if lcm_ref in ("auto", "none") else _absolute(lcm_ref)
     request = REQUESTS[task].build(settings=settings, **_request_values(args, task))
     out = check_output_path(args.out or TASK_OUT.get(task, DEFAULT_OUT), task == "animate",
                             request.num_images)
-    _check_references(options, lcm_ref, request)
-    _check_size(request, settings)
     for warning in request.warnings():
-        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
-
-    from .engine import Engine
-    from .logs import quiet_libraries
-    from .records import complete_record
-
+        warn(warning)
     quiet_libraries()
-    # one command, one shape: what is built ahead (compiled on CUDA, converted on a CPU; kept on
-    # disk for the next run) is that shape only, not the family's service defaults
-    shape = ((request.width, request.height, request.num_images),) \
-        if request.width and request.height and task != "animate" else None
+    # every check that configs and file headers allow, then the call planned against them:
+    # sizes, images and components are refused here, before anything loads
+    blueprint = inspect(options, settings)
+    call = blueprint.plan(request)
+    loras, components = _engine_needs(request)
     with console.status("loading model"):
-        engine = Engine(options.model, lcm_lora=lcm_ref, lcm_weight=lcm_weight,
-                        animate_lcm_weight=lcm_weight, config=options.model_config_dir,
-                        family=options.family, settings=settings, device=options.device,
-                        dtype=options.dtype, speed=options.speed, openvino=options.openvino,
-                        tiny_vae=options.tiny_vae, fp16_vae=options.fp16_vae,
-                        compile_shapes=shape)
-    result = _generate(engine, request, quiet=args.quiet)
-    result.params = complete_record(result.params, request, engine, options.tiny_vae)
+        # one command, one call: what is built ahead (compiled on CUDA, converted on a CPU;
+        # kept on disk for the next run) is what this call runs, nothing else
+        engine = build_engine(blueprint, loras=loras, components=components, calls=[call])
+    result = _run(engine, call, quiet=args.quiet)
     paths = _save(result, out)
-    seed = result.params["request"]["seed"]
     for path in paths:
         print(path)
-    console.print(f"[green]done[/] {len(paths)} file(s), seed {seed}, {result.seconds:.2f} s")
+    console.print(f"[green]done[/] {len(paths)} file(s), seed {call.seed}, "
+                  f"{result.seconds:.2f} s")
     return 0
 
 
@@ -263,29 +229,11 @@ def _save(result, out) -> list[Path]:
                            "nothing was written", field="out") from None
 
 
-def _progress(quiet: bool, label: str):
-    """A context manager yielding a progress callback (None when quiet)."""
-    import contextlib
+def _run(engine, call, quiet: bool):
+    from .engine import Job
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    if quiet or not console.is_terminal:  # a bar is for people watching a terminal
-        return contextlib.nullcontext(None)
-
-    @contextlib.contextmanager
-    def bar():
-        with Progress("[progress.description]{task.description}", BarColumn(),
-                      MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                      transient=True) as progress:
-            task_id = progress.add_task(label, total=None)
-            yield lambda step, total: progress.update(task_id, completed=step, total=total)
-
-    return bar()
-
-
-def _generate(engine, request, quiet: bool):
-    with _progress(quiet, request.task) as progress:
-        return engine.generate(request, progress=progress)
+    with progress(quiet, call.task) as on_step:
+        return engine.run([Job(call, progress=on_step)])[0]
 
 
 # -- reproducing -------------------------------------------------------------------------------
@@ -316,8 +264,7 @@ def run_reproduce(args) -> int:
     build_request(record, images)  # inputs checked before anything loads
     for name in images:
         if name not in (record.get("inputs") or {}):
-            console.print(f"[yellow]warning:[/] the record holds no digest of its {name}: "
-                          "the one given cannot be checked", highlight=False)
+            warn(f"the record holds no digest of its {name}: the one given cannot be checked")
     out = args.out or Path.cwd() / f"{source.stem}-reproduced{source.suffix}"
     check_output_path(out, record["request"]["task"] == "animate")
 
@@ -325,18 +272,17 @@ def run_reproduce(args) -> int:
     from .records import reproduce
 
     quiet_libraries()
-    with _progress(args.quiet, f"reproduce {record['request']['task']}") as progress:
+    with progress(args.quiet, f"reproduce {record['request']['task']}") as on_step:
         reproduce(source, images=images, catalog=catalog, out=out, model=model,
                   model_config=model_config, device=flags.get("device"),
-                  dtype=flags.get("dtype"), progress=progress)
+                  dtype=flags.get("dtype"), progress=on_step)
     print(out)
     same, diff = same_pixels(source, out)
     if same:
         console.print(f"[green]done[/] same pixels as {escape(str(source))}", highlight=False)
     else:
-        console.print(f"[yellow]warning:[/] differs from {escape(str(source))} by up to "
-                      f"{diff}/255 (another device, dtype or library version?)",
-                      highlight=False)
+        warn(f"differs from {source} by up to {diff}/255 (another device, dtype or library "
+             "version?)")
     return 0
 
 
@@ -354,8 +300,6 @@ def _folder(text: str, option: str) -> Path:
 
 
 def _bench(argv: list[str]) -> int:
-    from .server.cli import require_extra
-
     if not {"-h", "--help"} & set(argv):
         require_extra("bench", ("psutil",), "fewstep bench")
     from .bench import main as bench_main

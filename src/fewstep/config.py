@@ -6,7 +6,8 @@ naming the option (as the user spelled it) and the value.
 
 * `Settings`: the limits every request is checked against, plus device and dtype. The engine
   and the tasks read it; `Settings.from_env(**overrides)`.
-* `EngineOptions`: how the model is loaded (the generating commands' model flags).
+* `EngineOptions`: what engine to build (`fewstep.build.build_engine`): the model, its
+  LCM-LoRA, device, dtype and speed; the generating commands' model flags.
 * `ServeSettings`: everything `fewstep serve` takes: engine options, limits, the catalogue and
   the service's own options.
 
@@ -40,6 +41,45 @@ def _device_name(value):
 
 Device = Annotated[str, BeforeValidator(_device_name)]
 Dtype = Literal["auto", "fp16", "float16", "bf16", "bfloat16", "fp32", "float32"]
+Shape = tuple[int, int, int]  # (width, height, batch)
+
+
+def parse_shapes(text: str, field: str = "compile_shapes") -> tuple[Shape, ...]:
+    """`512x512x1,512x512x4` -> ((512, 512, 1), (512, 512, 4)); the batch defaults to 1."""
+    shapes = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        pieces = part.lower().split("x")
+        try:
+            values = [int(p) for p in pieces]
+        except ValueError:
+            values = []
+        if len(values) == 2:
+            values.append(1)
+        if len(values) != 3 or min(values) < 1 or values[0] % 8 or values[1] % 8:
+            raise InvalidRequest(
+                f"{field}: {part!r} is not WIDTHxHEIGHT[xBATCH] with sizes multiples of 8",
+                field=field)
+        shapes.append(tuple(values))
+    return tuple(shapes)
+
+
+def _shapes(value):
+    """Shapes as text (`WxHxB,...`, from a flag, a variable or a file) or as tuples."""
+    if value is None:
+        return None
+    if not isinstance(value, str):  # ["512x512x1", ...] or [[512, 512, 1], ...]
+        try:
+            value = ",".join(item if isinstance(item, str) else "x".join(map(str, item))
+                             for item in value)
+        except TypeError:
+            raise ValueError("must be WIDTHxHEIGHT[xBATCH],...") from None
+    try:
+        return parse_shapes(value)
+    except InvalidRequest as exc:
+        raise ValueError(exc.message.removeprefix("compile_shapes: ")) from None
+
+
+Shapes = Annotated[tuple[Shape, ...] | None, BeforeValidator(_shapes)]
 
 
 def _flag(flag: str | None = None, metavar: str | None = None, **extra) -> dict:
@@ -94,7 +134,8 @@ class Settings(_Options):
 
 
 class EngineOptions(_Options):
-    """How the model is loaded: the options every generating command shares."""
+    """What engine to build (`fewstep.build.build_engine`): the model, its LCM-LoRA, device,
+    dtype and speed. The generating commands' model flags; `ServeSettings` extends it."""
 
     model: str | None = Field(None, description="base model: hub id, local diffusers folder or "
                               ".safetensors file (default: the SD1.5 base)",
@@ -120,6 +161,22 @@ class EngineOptions(_Options):
     fp16_vae: str | None = Field(None, description="an fp16-safe SDXL VAE (local copy of "
                                  "sdxl-vae-fp16-fix): used in fp16 instead of upcasting",
                                  json_schema_extra=_flag(metavar="REF"))
+    animate_lcm_weight: float = Field(0.55, ge=-4.0, le=4.0, allow_inf_nan=False,
+                                      description="LCM-LoRA weight for animations (the "
+                                      "recipe's 0.55)", json_schema_extra=_flag(metavar="W"))
+    compile_shapes: Shapes = Field(
+        None, description="shapes built ahead at start-up (compiled on CUDA, converted to "
+        "OpenVINO on a CPU): WIDTHxHEIGHTxBATCH,... (default: the family's)",
+        json_schema_extra=_flag(metavar="WxHxB,..."))
+    compile_cache: str | None = Field(None, description="folder keeping compiled graphs and "
+                                      "converted models for the next start (default "
+                                      "~/.cache/fewstep/compile)",
+                                      json_schema_extra=_flag(metavar="DIR"))
+    cuda_graph_loop: Literal["off", "on"] = Field(
+        "off", description="CUDA only: capture the whole text-to-image call (all steps and the "
+        "decode) as one CUDA graph per compile shape at start-up (4 steps; not yet measured)")
+    fuse_loras: bool = Field(True, description="write each request's LoRA stack into the "
+                             "weights (else peft adapters run beside each layer)")
 
 
 def _catalogue_field(what: str):
@@ -136,9 +193,6 @@ class ServeSettings(EngineOptions, Settings):
     model_name: str | None = Field(None, description="the name clients see for the model "
                                    "(default: from the model reference)",
                                    json_schema_extra=_flag(metavar="NAME"))
-    animate_lcm_weight: float = Field(0.55, ge=-4.0, le=4.0, allow_inf_nan=False,
-                                      description="LCM-LoRA weight for animations (the "
-                                      "recipe's 0.55)", json_schema_extra=_flag(metavar="W"))
     lora: Annotated[dict[str, str], NoDecode] = _catalogue_field("a LoRA")
     controlnet: Annotated[dict[str, str], NoDecode] = _catalogue_field("a ControlNet")
     adapter: Annotated[dict[str, str], NoDecode] = _catalogue_field("a T2I-Adapter")
@@ -165,16 +219,6 @@ class ServeSettings(EngineOptions, Settings):
     job_retention_bytes: int = Field(256 * 1024 * 1024, ge=0, description="bytes of finished "
                                      "jobs' outputs kept for clients to fetch",
                                      json_schema_extra=_flag(metavar="BYTES"))
-    compile_shapes: str | None = Field(
-        None, description="shapes to compile ahead at start-up when compiling is on (speed auto "
-        "or fastest on CUDA): WIDTHxHEIGHTxBATCH,... (default: the family's)",
-        json_schema_extra=_flag(metavar="WxHxB,..."))
-    compile_cache: str | None = Field(None, description="folder keeping compiled graphs for "
-                                      "the next start (default ~/.cache/fewstep/compile)",
-                                      json_schema_extra=_flag(metavar="DIR"))
-    cuda_graph_loop: Literal["off", "on"] = Field(
-        "off", description="CUDA only: capture the whole text-to-image call (all steps and the "
-        "decode) as one CUDA graph per compile shape at start-up (4 steps; not yet measured)")
     max_batch: int | None = Field(None, ge=1, description="queued jobs run as one pipeline "
                                   "call at most (default: 8 on CUDA, 4 elsewhere)",
                                   json_schema_extra=_flag(metavar="N"))
@@ -183,19 +227,6 @@ class ServeSettings(EngineOptions, Settings):
                                  json_schema_extra=_flag(metavar="MS"))
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="log level of the service")
-
-    @field_validator("compile_shapes", mode="before")
-    @classmethod
-    def _shapes(cls, value):
-        if value is not None:
-            from .accel.compile import parse_shapes
-            from .errors import InvalidRequest
-
-            try:
-                parse_shapes(str(value))
-            except InvalidRequest as exc:
-                raise ValueError(exc.message.removeprefix("compile_shapes: ")) from None
-        return value
 
     @field_validator("public_url", mode="before")
     @classmethod
@@ -217,11 +248,14 @@ class ServeSettings(EngineOptions, Settings):
     def limits(self) -> Settings:
         return Settings(**{name: getattr(self, name) for name in Settings.model_fields})
 
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(**{name: getattr(self, name) for name in EngineOptions.model_fields})
+
 
 def catalogue_entries(value: Any, option: str) -> dict[str, str]:
     """A catalogue table from a dict, a list of `NAME=REF`, or text (a JSON object or
     comma-separated `NAME=REF`, as an environment variable gives it)."""
-    from .server.catalog import check_name
+    from .names import check_name
 
     if isinstance(value, str):
         text = value.strip()

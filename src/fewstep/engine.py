@@ -1,9 +1,10 @@
 """The Engine owns the loaded model, its task pipelines and LoRA adapters, and runs requests.
 
-Loading happens once: the base pipeline is read at construction, the family's LCM-LoRA is baked
-into its weights, and each task's pipeline is derived from it with `from_pipe` on first use, so
-all tasks share one set of weights. Requests run one at a time (a lock), each with its own LoRA
-stack, seed, progress callback and cancellation flag."""
+It runs parts that are already loaded: `fewstep.build.build_engine` reads the base pipeline,
+bakes the family's LCM-LoRA into its weights and applies the speed techniques through the seam
+below. Each task's pipeline is derived from the base with `from_pipe` on first use, so all tasks
+share one set of weights. Requests run one at a time (a lock), each with its own LoRA stack,
+seed, progress callback and cancellation flag."""
 
 from __future__ import annotations
 
@@ -17,29 +18,25 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import __version__
-from .calls import ModelView, PipelineCall
-from .config import Settings, pick_device, pick_dtype
+from .calls import ModelView, PipelineCall, plan_call
+from .components import adapter_geometry, check_kind, kind_of, mismatch, read_config
+from .config import Settings
 from .errors import Cancelled, FewstepError, InvalidRequest, ModelError, OutOfMemory
-from .families import Family, detect_family, family_by_name
-from .loading import (
-    load_component,
-    load_pipeline,
-    parse_ref,
-    read_unet_config,
-    single_file_family,
-)
+from .families import Family
+from .loading import load_component, parse_ref
 from .lora import (
+    MOTION_LAYERS,
     AdapterSlots,
-    LoraFile,
     FusedStack,
+    LoraFile,
     apply_stack,
     bake_lora,
     check_fits,
-    check_weight,
+    lora_models,
     read_lora,
 )
 from .prompts import PromptCache, encode_prompts
+from .version import __version__
 
 ProgressFn = Callable[[int, int], None]
 PreviewFn = Callable[[int, Any], None]
@@ -79,93 +76,40 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
+@dataclass
+class LoadedModel:
+    """What the builder hands an Engine: the base pipeline, loaded on its device with the LCM
+    scheduler and its LCM-LoRA baked in, and what it was made from."""
+
+    pipeline: Any
+    family: Family
+    model_ref: str
+    lcm_ref: str | None  # None: no LCM-LoRA (an LCM-distilled model)
+    lcm_weight: float  # baked into the base weights (images)
+    animate_lcm_weight: float  # the motion UNet's copy gets this weight (the recipe's 0.55)
+    device: str
+
+
 class Engine:
     """One model (any SD1.5, SDXL or SSD-1B checkpoint) with its LCM-LoRA, ready to run requests.
+    Made by `fewstep.build.build_engine`, which loads the parts this class runs.
 
-    >>> engine = Engine("Lykon/dreamshaper-7")
+    >>> engine = build_engine(model="Lykon/dreamshaper-7")
     >>> result = engine.generate(Txt2ImgRequest(prompt="a lighthouse at dusk", seed=42))
     """
 
-    def __init__(
-        self,
-        model: str | None = None,
-        *,
-        lcm_lora: str | None = "auto",
-        lcm_weight: float = 1.0,
-        animate_lcm_weight: float = 0.55,
-        config: str | None = None,
-        family: str | None = None,
-        settings: Settings | None = None,
-        device: str | None = None,
-        dtype: str | None = None,
-        fuse_loras: bool = True,
-        speed: str = "auto",
-        tiny_vae: str | None = None,
-        fp16_vae: str | None = None,
-        compile_shapes: tuple[tuple[int, int, int], ...] | None = None,
-        compile_cache: str | None = None,
-        cuda_graph_loop: bool = False,
-        preload_loras: tuple[str, ...] | dict[str, str] = (),
-        openvino: str | None = None,
-    ):
-        from diffusers import LCMScheduler
-
-        self.settings = settings or Settings.from_env()
-        self.device = pick_device(device or self.settings.device)
-        self.dtype = pick_dtype(dtype or self.settings.dtype, self.device)
-        lcm_weight = check_weight(lcm_weight, "lcm_lora")
-        animate_lcm_weight = check_weight(animate_lcm_weight, "animate_lcm_weight")
-        from .accel import PRESETS, half_dtype_for
-        from .accel.openvino import choose as choose_openvino
-
-        if speed not in PRESETS:  # checked before anything is loaded
-            raise InvalidRequest(f"speed must be one of {', '.join(PRESETS)}; got {speed!r}",
-                                 field="speed")
-        openvino_precision, openvino_why = choose_openvino(
-            openvino or self.settings.openvino, speed, self.device, half_dtype_for(self.device))
-
-        config_ref = parse_ref(config, "config") if config else None
-        chosen = family_by_name(family) if family else None
-        model_text = model or (chosen.default_model if chosen else None)
-        if model_text is None:
-            from .families import DEFAULT_FAMILY
-
-            model_text = DEFAULT_FAMILY.default_model
-        ref = parse_ref(model_text, "model")
-        unet_config = read_unet_config(ref, config_ref)
-        if chosen is None:
-            if unet_config:
-                chosen = detect_family(unet_config)
-            else:
-                chosen = family_by_name(single_file_family(ref.path))
-        elif unet_config:
-            detected = detect_family(unet_config)
-            # SDXL and SSD-1B share a layout (choosing one for the other picks its LCM-LoRA);
-            # SD1.5 against either would fail deep inside the pipeline
-            if detected.sdxl_like != chosen.sdxl_like:
-                raise ModelError(f"family {chosen.name!r} does not fit {model_text!r}: its UNet "
-                                 f"is {detected.name}", field="family")
-        self.family: Family = chosen
-        self.model_ref = model_text
-
-        inpaint_only = unet_config.get("in_channels") == 9
-        cls = chosen.pipeline_class("inpaint" if inpaint_only else "txt2img")
-        base = load_pipeline(cls, ref, config_ref=config_ref, family=chosen,
-                             torch_dtype=self.dtype)
+    def __init__(self, model: LoadedModel, settings: Settings, *, fuse_loras: bool = True,
+                 speed: str = "off", tiny_vae: str | None = None):
+        base = model.pipeline
+        self.settings = settings
+        self.device = model.device
+        self.dtype = base.unet.dtype
+        self.family: Family = model.family
+        self.model_ref = model.model_ref
         self.inpaint_only = base.unet.config.in_channels == 9
-        base.scheduler = LCMScheduler.from_config(base.scheduler.config)
-        base.set_progress_bar_config(disable=True)
-        base.to(self.device)
-
-        self.lcm_ref: str | None = None
-        self.lcm_weight = lcm_weight
-        self.animate_lcm_weight = animate_lcm_weight  # the recipe's weight for AnimateDiff
-        if lcm_lora and lcm_lora != "none":
-            self.lcm_ref = chosen.lcm_lora if lcm_lora == "auto" else lcm_lora
-            lcm = read_lora(self.lcm_ref, "lcm_lora")
-            check_fits(lcm, base, base.unet)
-            bake_lora(base, lcm, lcm_weight)
-
+        self.lcm_ref = model.lcm_ref
+        self.lcm_weight = model.lcm_weight
+        self.animate_lcm_weight = model.animate_lcm_weight
         self.base = base
         self._pipes: dict[tuple, Any] = {("inpaint" if self.inpaint_only else "txt2img", None): base}
         self._components: dict[tuple, Any] = {}
@@ -185,29 +129,11 @@ class Engine:
         # model, the weights a converted (OpenVINO) model holds
         self.current_loras: tuple = ()
         self._lock = threading.RLock()
-        # LoRAs loaded now (checked, inactive) so a compiled UNet never sees its layers change
-        named = preload_loras if isinstance(preload_loras, dict) else {
-            f"preload_loras.{i}": ref for i, ref in enumerate(preload_loras)}
-        for field_name, ref_text in named.items():  # {field named in errors: reference}
-            self.preload_lora(ref_text, field_name)
+        # the speed preset and what the builder applied of it (recorded with every result)
         self.speed = speed
-        from .accel import FastPath
-
-        extra = {"tiny_vae": tiny_vae} if tiny_vae else {}
-        if fp16_vae and self.dtype == torch.float16:
-            extra["fp16_vae"] = fp16_vae  # an SDXL VAE that needs no float32 upcast
-        if compile_shapes is not None:
-            extra["compile_shapes"] = tuple(compile_shapes)
-        if compile_cache is not None:
-            extra["compile_cache_dir"] = compile_cache
-        if cuda_graph_loop:  # opt-in: the whole text-to-image loop as CUDA graphs
-            extra["cuda_graph_loop"] = True
-        if openvino_precision:
-            extra["openvino"] = openvino_precision
-        self.fast_path = FastPath.preset(speed, self.device, chosen.name, **extra)
-        self.fast_report = self.fast_path.apply(self)
-        if not openvino_precision:  # why not, in the report ("off (package not installed)", ...)
-            self.fast_report.applied["openvino"] = openvino_why
+        self.tiny_vae = tiny_vae if speed != "off" else None
+        self.fast_path = None
+        self.fast_report = None
 
     # -- the seam for speed techniques (fewstep.accel uses these and nothing private) ----------
 
@@ -273,13 +199,17 @@ class Engine:
     def native_size(self) -> int:
         return self.base.unet.config.sample_size * self.base.vae_scale_factor
 
-    def component(self, cls, ref_text: str, field: str):
-        """A ControlNet, T2I-Adapter or motion adapter, loaded once (thread-safe)."""
+    def component(self, kind_name: str, ref_text: str, field: str):
+        """A ControlNet, T2I-Adapter, motion adapter or VAE, loaded once (thread-safe)."""
+        kind = kind_of(kind_name, field) if isinstance(kind_name, str) else None
+        cls = kind.cls if kind is not None else kind_name
         key = (cls.__name__, ref_text)
         with self._components_lock:
             if key not in self._components:
-                module = load_component(cls, parse_ref(ref_text, field), torch_dtype=self.dtype,
-                                        field=field)
+                ref = parse_ref(ref_text, field)
+                if kind is not None:  # of the kind asked for, before any weight is read
+                    check_kind(kind, ref, read_config(ref, field), field)
+                module = load_component(cls, ref, torch_dtype=self.dtype, field=field)
                 self._components[key] = module.to(self.device)
             return self._components[key]
 
@@ -294,13 +224,9 @@ class Engine:
                 f"task only, not {task!r}", field="model")
         cls = self.family.pipeline_class(task)
         extra = {}
-        from diffusers import ControlNetModel, MotionAdapter, T2IAdapter
-
-        kinds = {"controlnet": ControlNetModel, "adapter": T2IAdapter,
-                 "motion_adapter": MotionAdapter}
         for name, ref_text in components.items():
             self.check_component(name, ref_text, name)
-            extra[name] = self.component(kinds[name], ref_text, name)
+            extra[name] = self.component(name, ref_text, name)
         if task == "animate":
             # the motion UNet is a copy of the base UNet's weights, which must be free of
             # adapter layers when it is made
@@ -358,10 +284,14 @@ class Engine:
 
     def preload_lora(self, ref_text: str, field: str = "lora") -> None:
         """Read, check and load a LoRA into the base model's adapters, inactive: the weights stay
-        the originals until a request asks for it."""
+        the originals until a request asks for it. A motion LoRA (its layers are the motion
+        UNet's) is read and checked as far as the base model goes, and loaded when an
+        animation asks for it."""
         with self._lock:
             lora = self.lora(ref_text, field)
-            check_fits(lora, self.base, self.base.unet)
+            models = lora_models(self.base, self.base.unet)
+            if not check_fits(lora, type(self.base), models, unknown_ok=MOTION_LAYERS):
+                return
             slots = self._slots_for(self.base)
             apply_stack(self.base, slots, [(lora, 1.0)])
             apply_stack(self.base, slots, [])
@@ -371,6 +301,11 @@ class Engine:
             self._loras[ref_text] = read_lora(ref_text, field)
         return self._loras[ref_text]
 
+    def adopt_loras(self, loras: dict[str, LoraFile]) -> None:
+        """LoRA files read (and checked) before the model loaded: not read again."""
+        for ref_text, lora in loras.items():
+            self._loras.setdefault(ref_text, lora)
+
     # -- planning ---------------------------------------------------------------------------
 
     @property
@@ -378,49 +313,31 @@ class Engine:
         """What tasks may know about this model when they describe their pipeline call."""
         return ModelView(family=self.family, native_size=self.native_size,
                          inpaint_only=self.inpaint_only, settings=self.settings,
-                         adapter_geometry=self._adapter_geometry)
+                         adapter_geometry=self._adapter_geometry, model_ref=self.model_ref)
 
     def _adapter_geometry(self, ref_text: str) -> tuple[int, int]:
-        from diffusers import T2IAdapter
-
-        adapter = self.component(T2IAdapter, ref_text, "adapter")
-        return int(adapter.total_downscale_factor), int(adapter.config.in_channels)
+        return adapter_geometry(self.component("adapter", ref_text, "adapter"))
 
     def plan(self, request) -> PipelineCall:
         """Check `request` against the limits and this model, and describe its pipeline call.
-        Raises a FewstepError subclass naming the field; runs no model."""
-        request.check_limits(self.settings)
-        request = request.with_seed()
-        if self.inpaint_only and request.task != "inpaint":
-            raise ModelError(
-                f"{self.model_ref!r} is an inpainting model (9-channel UNet): it runs the inpaint "
-                f"task only, not {request.task!r}", field="model")
-        self.family.pipeline_class(request.task)  # a task the family has
-        return request.describe(self.view)
+        Raises a FewstepError subclass naming the field; runs no model. Thread-safe and does
+        not wait for a running request (the service plans before queueing)."""
+        return plan_call(request, self.view)
 
     def validate(self, request) -> None:
-        """Everything `generate` would refuse before running, without running: limits, sizes,
-        strength, images, components that fit. Thread-safe and does not wait for a running
-        request (the service calls it before queueing); components are loaded on first use."""
+        """Everything `generate` would refuse before running, without running."""
         self.plan(request)
 
     def check_component(self, kind: str, ref_text: str, field: str | None = None) -> None:
         """Load a ControlNet ("controlnet"), T2I-Adapter ("adapter") or motion adapter
         ("motion_adapter") and check that it fits this model; raises ModelError naming `field`."""
-        from diffusers import ControlNetModel, MotionAdapter, T2IAdapter
-
         field = field or kind
-        classes = {"controlnet": ControlNetModel, "adapter": T2IAdapter,
-                   "motion_adapter": MotionAdapter}
-        if kind not in classes:
-            raise InvalidRequest(f"unknown component kind {kind!r}", field=field)
-        task = {"controlnet": "controlnet", "adapter": "t2i-adapter",
-                "motion_adapter": "animate"}[kind]
-        if task not in self.family.pipelines:
+        component = kind_of(kind, field)
+        if component.task not in self.family.pipelines:
             raise ModelError(f"{field} {ref_text!r}: {self.family.title} models have no "
-                             f"{task} task", field=field)
-        module = self.component(classes[kind], ref_text, field)
-        problem = component_mismatch(kind, module.config, self.base.unet.config, self.family)
+                             f"{component.task} task", field=field)
+        module = self.component(kind, ref_text, field)
+        problem = mismatch(component, module.config, self.base.unet.config, self.family)
         if problem:
             raise ModelError(f"{field} {ref_text!r} does not fit {self.model_ref!r}: {problem}",
                              field=field)
@@ -475,7 +392,8 @@ class Engine:
         stack = []
         for i, (ref, weight) in enumerate(first.loras):
             lora = self.lora(ref, f"loras.{i}")
-            check_fits(lora, loader, pipe.unet)  # every LoRA checked before any is applied
+            # every LoRA checked before any is applied
+            check_fits(lora, type(loader), lora_models(loader, pipe.unet))
             stack.append((lora, weight))
         apply_stack(loader, self._slots_for(pipe), stack)
         self.current_loras = tuple(first.loras)
@@ -567,6 +485,7 @@ class Engine:
             "scheduler": "LCMScheduler",
             "dtype": str(self.dtype).removeprefix("torch."),
             "fewstep": __version__,
+            **({"tiny_vae": self.tiny_vae} if self.tiny_vae else {}),
         }
 
     def release_memory(self) -> None:
@@ -586,29 +505,3 @@ class Job:
     cancel: threading.Event | None = None
     preview: PreviewFn | None = None
     cancelled: bool = False  # set when cancelled while its batch ran on
-
-
-def component_mismatch(kind: str, config, unet_config, family: Family) -> str | None:
-    """Why a component does not fit a UNet, from their configs alone; None when it fits."""
-    unet_blocks = tuple(unet_config.block_out_channels)
-    if kind == "controlnet":
-        cross = unet_config.cross_attention_dim
-        if config.cross_attention_dim != cross:
-            return (f"its text conditioning is {config.cross_attention_dim} wide, the model's "
-                    f"{cross}; is it a ControlNet for another model family?")
-        if tuple(config.block_out_channels) != unet_blocks:
-            return (f"its blocks are {tuple(config.block_out_channels)}, the model's "
-                    f"{unet_blocks}")
-        if config.get("addition_embed_type") != unet_config.get("addition_embed_type"):
-            return "it is a ControlNet for another model family"
-    elif kind == "adapter":
-        xl = config.adapter_type == "full_adapter_xl"
-        if xl != family.sdxl_like:
-            return f"it is a T2I-Adapter for {'SDXL' if xl else 'SD1.5'} models"
-        if not set(config.channels) <= set(unet_blocks):
-            return f"its channels {tuple(config.channels)} do not match the model's {unet_blocks}"
-    elif kind == "motion_adapter":
-        if tuple(config.block_out_channels) != unet_blocks:
-            return (f"its blocks are {tuple(config.block_out_channels)}, the model's "
-                    f"{unet_blocks}")
-    return None

@@ -4,6 +4,7 @@ naming the field."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from pathlib import Path
@@ -46,3 +47,18 @@ def load_image(source: str | Path | bytes, field: str, max_pixels: int = 4096 * 
         raise InvalidRequest(f"{field} is not a readable PNG, JPEG, WebP or GIF image (or is "
                              "truncated)", field=field) from exc
     return image
+
+
+def image_digest(image) -> str:
+    """`sha256:<hex>` of an input image as the model saw it: RGB pixels and size (the same
+    picture re-encoded, e.g. PNG -> PNG with other compression, has the same digest)."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
+    digest.update(rgb.tobytes())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def input_digests(request) -> dict[str, str]:
+    """Digests of a request's input images, by field."""
+    return {name: image_digest(getattr(request, name)) for name in request.image_fields()
+            if getattr(request, name, None) is not None}

@@ -128,43 +128,91 @@ def hub_file(ref: Ref, filename: str, field: str) -> Path:
         raise error from exc
 
 
-def read_unet_config(ref: Ref, config_ref: Ref | None, field: str = "model") -> dict[str, Any]:
-    """The UNet config of a model, read without loading any weights (for family detection)."""
+def read_model_config(ref: Ref, config_ref: Ref | None, subfolder: str,
+                      field: str = "model") -> dict[str, Any]:
+    """The config of one component of a model (`unet`, `vae`, `text_encoder`, ...), read
+    without loading any weights; {} when the model has no such component, or is a single file
+    given without a config folder (its layout then comes from its keys)."""
     if ref.path is not None and ref.path.is_dir():
-        for candidate in (ref.path / "unet" / "config.json", ref.path / "config.json"):
+        candidates = [ref.path / subfolder / "config.json"]
+        if subfolder == "unet":  # a bare UNet folder
+            candidates.append(ref.path / "config.json")
+        for candidate in candidates:
             if candidate.is_file():
-                return json.loads(candidate.read_text())
-        raise ModelError(
-            f"{field} {ref.text!r} is a folder but not a diffusers model "
-            "(no unet/config.json)",
-            field=field,
-        )
+                return _json_config(candidate, field)
+        if subfolder == "unet":
+            raise ModelError(
+                f"{field} {ref.text!r} is a folder but not a diffusers model "
+                "(no unet/config.json)",
+                field=field,
+            )
+        return {}
     if ref.is_file:
         if config_ref is None:
-            return {}  # single file: the family comes from its keys
-        return read_unet_config(config_ref, None, "config")
-    return json.loads(hub_file(ref, "unet/config.json", field).read_text())
+            return {}
+        return read_model_config(config_ref, None, subfolder, "config")
+    try:
+        path = hub_file(ref, f"{subfolder}/config.json", field)
+    except NotFound:
+        if subfolder == "unet":
+            raise
+        return {}
+    return _json_config(path, field)
 
 
-def single_file_family(path: Path) -> str:
-    """Family of an original-layout checkpoint, from its keys alone (no tensors are read)."""
+def read_unet_config(ref: Ref, config_ref: Ref | None, field: str = "model") -> dict[str, Any]:
+    """The UNet config of a model, read without loading any weights (for family detection)."""
+    return read_model_config(ref, config_ref, "unet", field)
+
+
+def _json_config(path: Path, field: str) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text("utf-8"))
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise ModelError(f"{field}: {str(path)!r} is not readable JSON ({type(exc).__name__})",
+                         field=field) from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{field}: {str(path)!r} does not hold a JSON object", field=field)
+    return config
+
+
+@dataclass(frozen=True)
+class SingleFileFacts:
+    """What an original-layout checkpoint's header says: its family and UNet input channels
+    (9 for an inpainting model)."""
+
+    family: str
+    in_channels: int | None
+
+
+def single_file_facts(path: Path) -> SingleFileFacts:
+    """The family and UNet input channels of an original-layout checkpoint, from its header
+    alone (no tensor is read)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
+            conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+            shape = f.get_slice(conv_in).get_shape() if conv_in in keys else None
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"model file {str(path)!r} is not a readable .safetensors file: {exc}",
                          field="model") from exc
+    in_channels = int(shape[1]) if shape is not None and len(shape) == 4 else None
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return "ssd-1b" if _pruned_up_path(keys) else "sdxl"
+        return SingleFileFacts("ssd-1b" if _pruned_up_path(keys) else "sdxl", in_channels)
     if any(k.startswith("model.diffusion_model.") for k in keys):
-        return "sd15"
+        return SingleFileFacts("sd15", in_channels)
     raise ModelError(
         f"model file {str(path)!r} is not a Stable Diffusion checkpoint in the original layout "
         "(no model.diffusion_model.* keys)",
         field="model",
     )
+
+
+def single_file_family(path: Path) -> str:
+    """Family of an original-layout checkpoint, from its keys alone (no tensors are read)."""
+    return single_file_facts(path).family
 
 
 # original-layout UNet keys: `input_blocks.N.0.op` is a downsampler, `{input,output}_blocks.N.1`

@@ -117,7 +117,9 @@ class LoraFile:
     raw: dict[str, torch.Tensor]
     digest: str  # names the adapter; changes when the file changes
     field: str = "lora"
-    checked: set = dc_field(default_factory=set)  # ids of the module sets it was checked against
+    # (id of the UNet, pipeline class, unknown_ok) -> (that UNet, complete): the models it was
+    # checked against, kept alive so that an id is never reused while the LoRA is known
+    checked: dict = dc_field(default_factory=dict)
 
     @property
     def adapter_name(self) -> str:
@@ -184,17 +186,36 @@ def _weight_shape(module) -> tuple[int, int] | None:
     return None
 
 
-def check_fits(lora: LoraFile, pipe, unet) -> None:
-    """Refuse a LoRA whose keys or shapes do not fit `unet` and the pipe's text encoders:
-    a LoRA for another family, a mis-shaped or foreign file. Reads the model, changes nothing."""
-    token = (id(unet), type(pipe).__name__)
+def lora_models(pipe, unet) -> dict[str, torch.nn.Module]:
+    """The models a LoRA may adapt: `unet` and the pipeline's text encoders."""
+    models = {"unet": unet}
+    for name in _TE_PREFIXES:
+        model = getattr(pipe, name, None)
+        if model is not None:
+            models[name] = model
+    return models
+
+
+MOTION_LAYERS = ".motion_modules."  # where motion LoRAs adapt the motion UNet
+
+
+def check_fits(lora: LoraFile, pipeline_cls, models: dict[str, torch.nn.Module],
+               unknown_ok: str | None = None) -> bool:
+    """Refuse a LoRA whose keys or shapes do not fit `models` ({"unet": ..., "text_encoder":
+    ...}, as `lora_models` gives them; meta-device copies work as well): a LoRA for another
+    family, a mis-shaped or foreign file. Reads the models, changes nothing. Layers whose name
+    contains `unknown_ok` may be missing (motion layers, checked on the motion UNet). Returns
+    whether every layer it adapts was found."""
+    unet = models["unet"]
+    token = (id(unet), pipeline_cls.__name__, unknown_ok)
     if token in lora.checked:
-        return
-    parts = canonical_parts(lora, type(pipe), unet.config)
+        return lora.checked[token][1]
+    complete = True
+    parts = canonical_parts(lora, pipeline_cls, unet.config)
     if not parts:
         raise LoraError(f"{lora.field} {lora.ref!r} holds no LoRA weights", field=lora.field)
     for prefix, tensors in parts.items():
-        model = unet if prefix == "unet" else getattr(pipe, prefix, None)
+        model = models.get(prefix)
         if model is None:
             raise LoraError(
                 f"{lora.field} {lora.ref!r} has {prefix} weights but this model has no {prefix}; "
@@ -212,6 +233,9 @@ def check_fits(lora: LoraFile, pipe, unet) -> None:
                 raise LoraError(f"{lora.field} {lora.ref!r}: unknown key {prefix}.{key!r}",
                                 field=lora.field)
             module = modules.get(match["module"])
+            if module is None and unknown_ok and unknown_ok in f".{match['module']}.":
+                complete = False
+                continue
             shape = _weight_shape(module) if module is not None else None
             if shape is None:
                 raise LoraError(
@@ -228,7 +252,8 @@ def check_fits(lora: LoraFile, pipe, unet) -> None:
                     "for another model family?",
                     field=lora.field,
                 )
-    lora.checked.add(token)
+    lora.checked[token] = (unet, complete)
+    return complete
 
 
 def bake_lora(pipe, lora: LoraFile, weight: float) -> None:

@@ -7,7 +7,7 @@
 `lora: {name: ref}`, `queue_size`, `api_key`, ...; FEWSTEP_* variables of the node fill the
 rest, as for `fewstep serve`) plus `replicas` (N or "MIN:MAX"), `gpus_per_replica` and
 `cpus_per_replica`. The HTTP address is the Serve config's `http_options` (any address but
-loopback needs `api_key`, or FEWSTEP_API_KEY). See `fewstep.server.ray` for what the
+loopback needs `api_key`, or FEWSTEP_API_KEY). See `fewstep.server.deployments` for what the
 deployments do, and `deploy/` for examples."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def app(args: dict[str, Any] | None = None):
     import ray
 
     from .server.catalog import Catalog
-    from .server.ray import build_app
+    from .server.deployments import build_app
     from .server.ray_cli import make_spec
 
     settings = settings_from_args(args)

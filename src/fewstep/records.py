@@ -11,7 +11,6 @@ and checks them. Outputs of the service name the model, LoRAs and components by 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
@@ -19,21 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidRequest
-
-
-def image_digest(image) -> str:
-    """`sha256:<hex>` of an input image as the model saw it: RGB pixels and size (the same
-    picture re-encoded, e.g. PNG -> PNG with other compression, has the same digest)."""
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
-    digest.update(rgb.tobytes())
-    return f"sha256:{digest.hexdigest()}"
-
-
-def input_digests(request) -> dict[str, str]:
-    """Digests of a request's input images, by field."""
-    return {name: image_digest(getattr(request, name)) for name in request.image_fields()
-            if getattr(request, name, None) is not None}
+from .images import image_digest
 
 
 def complete_record(params: dict, request, engine, tiny_vae: str | None = None) -> dict:
@@ -148,7 +133,6 @@ def reproduce(path: str | Path, *, images: dict[str, Any] | None = None, catalog
     else:
         check_engine(engine, record, model)
     result = engine.generate(request, progress=progress)
-    result.params = complete_record(result.params, request, engine, record.get("tiny_vae"))
     result.images = result.images[index:index + 1]
     if out is not None:
         # written at its batch position, so its record says what the original's says
@@ -219,17 +203,17 @@ def build_request(record: dict, images: dict[str, Any]):
 
 def engine_for(record: dict, *, model=None, model_config=None, device=None, dtype=None):
     """An Engine set up as the record says."""
-    from .engine import Engine
+    from .build import build_engine
 
-    animate = record["request"]["task"] == "animate"
-    weight = float(record.get("lcm_weight") or 1.0)
     lcm = record.get("lcm_lora")
-    return Engine(model or record.get("model"), lcm_lora=lcm if lcm else "none",
-                  lcm_weight=1.0 if animate else weight,
-                  animate_lcm_weight=weight if animate else 0.55,
-                  config=model_config, family=record.get("family"), device=device,
-                  dtype=dtype or record.get("dtype"), speed=record.get("speed", "auto"),
-                  tiny_vae=record.get("tiny_vae"))
+    weight = float(record.get("lcm_weight") or 1.0)
+    weights = {"animate_lcm_weight": weight} if record["request"]["task"] == "animate" else {}
+    return build_engine(model=model or record.get("model"),
+                        lcm_lora=f"{lcm}:{weight}" if lcm else "none",
+                        model_config_dir=model_config, family=record.get("family"),
+                        device=device, dtype=dtype or record.get("dtype"),
+                        speed=record.get("speed", "auto"), tiny_vae=record.get("tiny_vae"),
+                        **weights)
 
 
 def check_engine(engine, record: dict, model: str | None = None) -> None:

@@ -22,7 +22,6 @@ class Case:
     lcm: Callable  # TinyModels -> LCM-LoRA path
     request: Callable  # TinyModels -> request
     component: Callable | None = None  # TinyModels -> component path for the recipe
-    lcm_weight: float = 1.0
     config: Callable | None = None  # single-file checkpoints: TinyModels -> config folder
 
 
@@ -77,7 +76,7 @@ def cases() -> list[Case]:
         Case("animate + motion LoRA", request=lambda m: AnimateRequest(
             prompt=prompt, seed=5, motion_adapter=str(m.motion_adapter), num_frames=4,
             loras=[LoraRequest(ref=str(m.motion_lora), weight=1.2)]),
-             component=lambda m: m.motion_adapter, lcm_weight=0.55, **sd15),
+             component=lambda m: m.motion_adapter, **sd15),
         Case("txt2img", request=lambda m: Txt2ImgRequest(prompt=prompt, seed=42), **sdxl),
         Case("txt2img + LDM-named LoRA", request=lambda m: Txt2ImgRequest(
             prompt=prompt, seed=42, loras=[LoraRequest(ref=str(m.style_sdxl_ldm), weight=0.8)]),
@@ -99,17 +98,17 @@ def cases() -> list[Case]:
 
 def run_case(case: Case, models, engines: dict) -> dict:
     """Run one case through fewstep and through the recipe; returns a table row."""
-    from .engine import Engine
+    from .build import build_engine
     from .reference import recipe_arguments, recipe_call, recipe_pipeline
 
     start = time.perf_counter()
     model = str(case.model(models))
-    key = (model, case.lcm_weight)
-    if key not in engines:
-        engines[key] = Engine(model, lcm_lora=str(case.lcm(models)), lcm_weight=case.lcm_weight,
-                              config=str(case.config(models)) if case.config else None,
-                              device="cpu", dtype="fp32")
-    engine = engines[key]
+    if model not in engines:  # the LCM-LoRA at the recipe's weights: 1.0, 0.55 for animations
+        engines[model] = build_engine(
+            model=model, lcm_lora=str(case.lcm(models)),
+            model_config_dir=str(case.config(models)) if case.config else None,
+            device="cpu", dtype="fp32")
+    engine = engines[model]
     if engine.family.name != case.family:
         raise AssertionError(f"family detected as {engine.family.name}, not {case.family}")
     request = case.request(models)
@@ -119,7 +118,8 @@ def run_case(case: Case, models, engines: dict) -> dict:
     sdxl = engine.family.sdxl_like
     component = str(case.component(models)) if case.component else None
     pipe = recipe_pipeline(request.task, recipe_model, str(case.lcm(models)),
-                           lcm_weight=case.lcm_weight,
+                           lcm_weight=engine.animate_lcm_weight if request.task == "animate"
+                           else engine.lcm_weight,
                            loras=[(lo.ref, lo.weight) for lo in request.loras],
                            component=component, sdxl=sdxl)
     channels = getattr(getattr(pipe, "adapter", None), "config", {}).get("in_channels", 3) \

@@ -2,8 +2,12 @@
 They reach the engine only through its public seam (`add_pipeline_hook`, `add_call_context`,
 `add_call_runner`, `convert_dtype`, `replace_vae`, `set_scheduler`, `prompt_cache`).
 
-    >>> engine = Engine(model, speed="off")
+    >>> engine = build_engine(model=model, speed="off")
     >>> FastPath.preset("fastest", engine.device).apply(engine)
+
+The builder (`fewstep.build`) applies the engine's `speed` preset this way; this package knows
+no engine class and no task: what a technique must run to build a shape ahead (a warm-up call)
+is handed to `FastPath.apply` by the builder.
 
 What each technique does, and whether the picture stays the same:
 
@@ -36,7 +40,7 @@ openvino           CPU: the base UNet and VAE decoder converted to OpenVINO for 
 Presets: `off` (nothing), `default` (the exact techniques), `auto` (the exact techniques, plus on
 CUDA the compiled UNet with CUDA graphs for the declared shapes, on a CPU OpenVINO in float32
 when it is installed), `fastest` (also half precision where it pays and the tiny VAE:
-approximate). The Engine decides on OpenVINO (`openvino.choose`) and passes it as `openvino=`.
+approximate). The builder decides on OpenVINO (`openvino.choose`) and passes it as `openvino=`.
 
 Classifier-free guidance at guidance <= 1 does not double the batch: diffusers' own
 `do_classifier_free_guidance` is `guidance_scale > 1` (a test checks it), so nothing is done here
@@ -49,13 +53,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..config import pick_dtype
 from ..prompts import PromptCache
-from .compile import DEFAULT_SHAPES, AheadOfTimeCompiler, default_cache_dir, use_cache_dir
+from .compile import DEFAULT_SHAPES, AheadOfTimeCompiler, configure_compiling, \
+    default_cache_dir
 
 # the published tiny autoencoders, per family (taesd for SD1.x, taesdxl for SDXL and SSD-1B)
 TINY_VAE = {"sd15": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl",
@@ -79,7 +84,8 @@ class FastOptions:
     compile_unet: bool = False
     compile_mode: str | None = None  # torch.compile mode; None: inductor's default
     compile_cache_dir: str | None = None  # inductor / FX graph cache kept on disk
-    compile_shapes: tuple[tuple[int, int, int], ...] = ()  # (width, height, batch) compiled ahead
+    # (width, height, batch) built ahead (compiled, converted); None: the family's default
+    compile_shapes: tuple[tuple[int, int, int], ...] | None = None
     # whole text-to-image loop as CUDA graphs, for compile_shapes (or the family's) x graph_steps;
     # no preset turns it on yet: it has not run on a GPU in this repository
     cuda_graph_loop: bool = False
@@ -140,27 +146,34 @@ class FastPath:
         precision where it pays, the family's tiny VAE (a download unless `tiny_vae=` names a
         local one) and, on CUDA, the compiled UNet."""
         cuda = device.startswith("cuda")
-        shapes = DEFAULT_SHAPES.get(family or "sd15", ())
         if name == "off":
             options = FastOptions(prompt_cache=False, static_scheduler=False,
                                   channels_last=False, sdpa=False)
         elif name == "default":
             options = FastOptions()
         elif name == "auto":
-            options = FastOptions(compile_unet=cuda, compile_mode="reduce-overhead",
-                                  compile_shapes=shapes if cuda else ())
+            options = FastOptions(compile_unet=cuda, compile_mode="reduce-overhead")
         elif name == "fastest":
             options = FastOptions(dtype=half_dtype_for(device),
                                   tiny_vae=TINY_VAE.get(family or "sd15"), compile_unet=cuda,
-                                  compile_mode="reduce-overhead" if cuda else None,
-                                  compile_shapes=shapes if cuda else ())
+                                  compile_mode="reduce-overhead" if cuda else None)
         else:
             raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
         return cls(options, **overrides)
 
     # -- applying -----------------------------------------------------------------------
 
-    def apply(self, engine) -> FastReport:
+    def shapes(self, engine) -> tuple[tuple[int, int, int], ...]:
+        """The (width, height, batch) shapes built ahead: the declared ones, else the family's
+        (on a CPU its first: one converted model per size, the batch free)."""
+        if self.options.compile_shapes is not None:
+            return tuple(self.options.compile_shapes)
+        shapes = DEFAULT_SHAPES.get(engine.family.name, ())
+        return shapes if engine.device.startswith("cuda") else shapes[:1]
+
+    def apply(self, engine, warm_up: Callable[[int, int, int], Any] | None = None) -> FastReport:
+        """Apply the options to `engine`. `warm_up(width, height, batch)` runs one short call of
+        a shape, which compiles it now rather than inside a request (needed to compile ahead)."""
         opts = self.options
         rep = self.report
         start = time.perf_counter()
@@ -205,26 +218,27 @@ class FastPath:
         rep.applied["sdpa"] = "on" if opts.sdpa else "off"
 
         engine.add_pipeline_hook(self.prepare)
+        shapes = self.shapes(engine)
         if opts.compile_unet:
-            cache = use_cache_dir(opts.compile_cache_dir or default_cache_dir())
+            cache = opts.compile_cache_dir or default_cache_dir()
+            configure_compiling(cache, len(shapes))
             mode = opts.compile_mode
             if opts.cuda_graph_loop and mode == "reduce-overhead" and \
                     engine.device.startswith("cuda"):
                 mode = None  # the whole loop becomes one graph: no graphs of its own inside
-            self.compiler = AheadOfTimeCompiler(opts.compile_shapes, mode)
+            self.compiler = AheadOfTimeCompiler(shapes, mode)
             self.compiler.install(engine)
             rep.applied["compile_unet"] = (f"on (mode={mode or 'default'}, "
-                                           f"shapes={len(opts.compile_shapes)}, cache={cache})")
+                                           f"shapes={len(shapes)}, cache={cache})")
         else:
             rep.applied["compile_unet"] = "off"
         rep.seconds["apply"] = time.perf_counter() - start
-        if self.compiler is not None and opts.compile_shapes:
-            rep.seconds["warmup"] = self.compiler.warm_up(engine)
+        if self.compiler is not None and shapes and warm_up is not None:
+            rep.seconds["warmup"] = self.compiler.warm_up(warm_up)
         if opts.cuda_graph_loop:  # last: it captures the models as everything above left them
             from .graphs import GraphedTxt2ImgRunner
 
             began = time.perf_counter()
-            shapes = opts.compile_shapes or DEFAULT_SHAPES.get(engine.family.name, ())
             self.graph_runner = GraphedTxt2ImgRunner(shapes, opts.graph_steps)
             rep.applied["cuda_graph_loop"] = self.graph_runner.install(engine)
             rep.seconds["graph_capture"] = time.perf_counter() - began
@@ -236,7 +250,9 @@ class FastPath:
         from .openvino import OpenVINOParts, enough_memory
 
         opts = self.options
-        shapes = opts.compile_shapes or DEFAULT_SHAPES.get(engine.family.name, ())[:1]
+        shapes = self.shapes(engine)
+        if not shapes:
+            return "skipped: no shape to build ahead"
         sizes = tuple(dict.fromkeys((w, h) for w, h, _ in shapes))
         batches = tuple(sorted({b for _, _, b in shapes})) or (1,)
         # a replaced VAE (tiny, fp16-safe) decodes instead of the original: not converted
@@ -260,7 +276,7 @@ class FastPath:
             module = ref
         else:
             module = engine.component(AutoencoderTiny if tiny else AutoencoderKL, str(ref),
-                                      field_name)
+                                      field_name)  # a class: no kind check applies
         return module.to(engine.device, engine.dtype).eval()
 
     def prepare(self, pipe) -> None:

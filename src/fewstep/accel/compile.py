@@ -27,14 +27,23 @@ def default_cache_dir() -> Path:
     return Path(base) / "fewstep" / "compile"
 
 
-def use_cache_dir(folder: str | os.PathLike) -> Path:
-    """Keep inductor's compiled kernels and graphs in `folder` (reused by the next process)."""
-    path = Path(folder).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+def configure_compiling(cache_dir: str | os.PathLike, shapes: int) -> Path:
+    """The process-wide settings compiling ahead needs, set once for the process before the
+    first compile (the builder calls it; a second engine in the process asks for the same):
+
+    * inductor's kernels and FX graphs are kept in `cache_dir` and reused by the next process
+      (inductor reads the folder from the environment when it first compiles, so it is
+      process-wide by nature);
+    * dynamo keeps a graph per declared shape: its per-function recompile limit (8 by default)
+      is raised to hold `shapes` of them, else the later shapes would run uncompiled."""
+    import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
+    path = Path(cache_dir).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     inductor_config.fx_graph_cache = True
+    dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, shapes + 8)
     return path
 
 
@@ -50,11 +59,7 @@ class AheadOfTimeCompiler:
         self.warm_seconds: dict[str, float] = {}
 
     def install(self, engine) -> None:
-        import torch._dynamo.config as dynamo_config
-
-        # every declared shape keeps its graph (dynamo's default keeps 8 per function)
-        dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit,
-                                             len(self.shapes) + 8)
+        """Compile each UNet the engine has or makes (`configure_compiling` first)."""
         engine.add_pipeline_hook(self._compile)
         engine.add_call_context(self._stance)
 
@@ -70,42 +75,18 @@ class AheadOfTimeCompiler:
             return contextlib.nullcontext()
         return torch.compiler.set_stance("eager_on_recompile")
 
-    def warm_up(self, engine) -> float:
-        """Run every declared shape (text-to-image, twice two steps: CUDA graph trees record on
-        a later call than the one that compiles): compiles now, not inside a request."""
-        from ..tasks import Txt2ImgRequest
-
+    def warm_up(self, run) -> float:
+        """Run every declared shape with `run(width, height, batch)` (a short text-to-image
+        call), twice: CUDA graph trees record on a later call than the one that compiles. So
+        the compiling happens now, not inside a request."""
         start = time.perf_counter()
         self._warming = True
         try:
             for width, height, batch in self.shapes:
                 began = time.perf_counter()
                 for _ in range(2):
-                    engine.generate(Txt2ImgRequest(prompt="warm-up", steps=2, seed=0,
-                                                   width=width, height=height,
-                                                   num_images=batch))
+                    run(width, height, batch)
                 self.warm_seconds[f"{width}x{height}x{batch}"] = time.perf_counter() - began
         finally:
             self._warming = False
         return time.perf_counter() - start
-
-
-def parse_shapes(text: str, field: str = "compile_shapes") -> tuple[tuple[int, int, int], ...]:
-    """`512x512x1,512x512x4` -> ((512, 512, 1), (512, 512, 4)); the batch defaults to 1."""
-    from ..errors import InvalidRequest
-
-    shapes = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        pieces = part.lower().split("x")
-        try:
-            values = [int(p) for p in pieces]
-        except ValueError:
-            values = []
-        if len(values) == 2:
-            values.append(1)
-        if len(values) != 3 or min(values) < 1 or values[0] % 8 or values[1] % 8:
-            raise InvalidRequest(
-                f"{field}: {part!r} is not WIDTHxHEIGHT[xBATCH] with sizes multiples of 8",
-                field=field)
-        shapes.append(tuple(values))
-    return tuple(shapes)

@@ -151,7 +151,9 @@ class OpenVINOParts:
         cache = Path(self.cache_dir).expanduser() if self.cache_dir else None
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
-            core.set_property({"CACHE_DIR": str(cache / "blobs")})
+            # one blob folder per precision: OpenVINO's blob cache served a float32 blob to a
+            # bf16 compile of the same IR (NaN images on an AMX CPU)
+            core.set_property({"CACHE_DIR": str(cache / "blobs" / self.precision)})
         config = {"INFERENCE_PRECISION_HINT": self.precision,
                   # the same threads as torch: the user's setting holds for both
                   "INFERENCE_NUM_THREADS": torch.get_num_threads()}

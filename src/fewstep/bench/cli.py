@@ -151,13 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     if args.compile_cache_dir is None:
         args.compile_cache_dir = str(workdir / "compile-cache")
-    from . import report
+    from .report import device_slug, markdown, write
 
-    name = args.name or f"{report.device_slug(args.device)}-{args.family}-{args.resolution}" \
+    name = args.name or f"{device_slug(args.device)}-{args.family}-{args.resolution}" \
         + ("-tiny" if args.tiny else "") + ("-cold-start" if args.cold_start_only else "")
 
     def save(data: dict) -> None:  # after each mode too: a run cut short keeps what it measured
-        report.write(data, args.out, name, args.json)
+        write(data, args.out, name, args.json)
 
     try:
         if args.lora_switch:
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tmp is not None:
             tmp.cleanup()
-    print(report.markdown(data))
+    print(markdown(data))
     return 0
 
 
@@ -187,7 +187,7 @@ def run(args, workdir: Path, save) -> dict[str, Any]:
     import diffusers
     import torch
 
-    from . import report
+    from .report import device_name, device_slug, ratios
     from .coldstart import cold_starts
     from .models import build_real, build_tiny
     from .modes import engine_mode, recipe_mode, timed_shapes
@@ -206,8 +206,8 @@ def run(args, workdir: Path, save) -> dict[str, Any]:
     results: dict[str, Any] = {}
     first: dict[str, np.ndarray] = {}
     data: dict[str, Any] = {
-        "device": report.device_name(args.device),
-        "device_slug": report.device_slug(args.device),
+        "device": device_name(args.device),
+        "device_slug": device_slug(args.device),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "python": platform.python_version()},
         "config": {"family": args.family, "resolution": args.resolution, "steps": args.steps,
@@ -233,7 +233,7 @@ def run(args, workdir: Path, save) -> dict[str, Any]:
     def update(final: bool = False) -> None:
         load_now = os.getloadavg()
         if "recipe" in results:
-            data["ratios"] = report.ratios(results)
+            data["ratios"] = ratios(results)
             data["agreement"] = {
                 m: round(float(np.abs(first[m] - first["recipe"]).max()), 6)
                 for m in results if m != "recipe" and first[m].shape == first["recipe"].shape}

@@ -1,5 +1,5 @@
 """LoRA changes on a compiled UNet: an engine compiles its UNet ahead (two style LoRAs preloaded, as
-`Engine(preload_loras=...)` does for a service), then requests change the LoRA stack and weights.
+`build_engine(loras=...)` does for a service), then requests change the LoRA stack and weights.
 Each call is timed and the graphs dynamo compiled for it are counted: a stack fused into the same
 weight tensors must compile nothing (0 new graphs), and the switch costs only the weight writes.
 
@@ -45,7 +45,7 @@ def lora_switch(args, workdir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     engine, path, report, built = make_engine(args, "auto", model, lcm, taesd,
                                               ((size, size, 1),), args.compile_cache_dir,
-                                              preload_loras=tuple(styles))
+                                              loras=tuple(styles))
     load_s = time.perf_counter() - start
     first, second = styles
     plan = [("no LoRA (after warm-up)", []),

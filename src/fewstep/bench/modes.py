@@ -2,12 +2,12 @@
 
 * `recipe`: `reference.recipe_pipeline` exactly as the LCM-LoRA guide writes it (stock pipeline,
   LCM-LoRA loaded with `load_lora_weights` and left unfused),
-* `default`, `auto`, `fastest`: `Engine(speed=<mode>)`, what users of that preset get. A mode that
+* `default`, `auto`, `fastest`: `build_engine(speed=<mode>)`, what users of that preset get. A mode that
   compiles (`auto` and `fastest` on CUDA) compiles ahead, at start-up, exactly the shapes that are
   timed; that time is part of its load time, never of a timed call.
 
-`--compile/--no-compile` and `--half` override a preset's choices: the engine is then made with
-`speed="off"` and the preset applied with the overrides through `FastPath` (reported as such)."""
+`--compile/--no-compile` and `--half` override a preset's choices: the engine is then built with
+the preset's `FastPath` given those overrides (reported as such)."""
 
 from __future__ import annotations
 
@@ -38,35 +38,39 @@ def overrides(args, mode: str) -> dict[str, Any]:
     return out
 
 
-def make_engine(args, mode: str, model, lora, taesd, shapes, cache_dir: str, **engine_options):
+def make_engine(args, mode: str, model, lora, taesd, shapes, cache_dir: str,
+                loras: tuple[str, ...] = ()):
     """The engine of `mode`, its FastPath, the FastPath's report and how it was built. Compiles
-    (and warms) `shapes` if the mode compiles."""
-    from ..engine import Engine
+    (and warms) `shapes` if the mode compiles; `loras` are preloaded (as a service's)."""
+    from ..build import build_engine, inspect
 
-    common = dict(lcm_lora=str(lora), device=args.device, dtype=args.dtype, **engine_options)
     openvino = getattr(args, "openvino", "auto")
-    tiny = {"tiny_vae": str(taesd)} if mode == "fastest" else {}
+    options = dict(model=str(model), lcm_lora=str(lora), device=args.device, dtype=args.dtype,
+                   speed=mode, openvino=openvino)
+    if mode == "fastest":
+        options["tiny_vae"] = str(taesd)
+    if mode in ("auto", "fastest"):  # the modes that may build ahead
+        options.update(compile_shapes=shapes, compile_cache=cache_dir)
+    preload = {f"lora.{i}": ref for i, ref in enumerate(loras)}
     changes = overrides(args, mode)
-    ahead = {"compile_shapes": shapes, "compile_cache": cache_dir} \
-        if mode in ("auto", "fastest") else {}  # the modes that may compile
     if not changes:
-        engine = Engine(str(model), speed=mode, openvino=openvino, **ahead, **tiny, **common)
-        return engine, engine.fast_path, engine.fast_report, f"Engine(speed={mode!r})"
-    from ..accel import FastPath
-
-    engine = Engine(str(model), speed="off", openvino="off", **common)
-    if ahead:
-        ahead = {"compile_shapes": shapes, "compile_cache_dir": cache_dir}
-    from ..accel import half_dtype_for
+        engine = build_engine(loras=preload, **options)
+        return engine, engine.fast_path, engine.fast_report, f"build_engine(speed={mode!r})"
+    from ..accel import FastPath, half_dtype_for
     from ..accel.openvino import choose
 
-    half = changes.get("dtype", half_dtype_for(engine.device))
-    precision, _ = choose(openvino, mode, engine.device, half)
+    blueprint = inspect(**options)
+    ahead = {"compile_shapes": tuple(shapes), "compile_cache_dir": cache_dir} \
+        if mode in ("auto", "fastest") else {}
+    tiny = {"tiny_vae": str(taesd)} if mode == "fastest" else {}
+    half = changes.get("dtype", half_dtype_for(blueprint.device))
+    precision, _ = choose(openvino, mode, blueprint.device, half)
     if precision:
         changes["openvino"] = precision
-    path = FastPath.preset(mode, args.device, args.family, **ahead, **tiny, **changes)
-    return engine, path, path.apply(engine), \
-        f"Engine(speed='off') + FastPath.preset({mode!r}, {changes})"
+    path = FastPath.preset(mode, blueprint.device, args.family, **ahead, **tiny, **changes)
+    engine = build_engine(blueprint, loras=preload, fast_path=path)
+    return engine, path, engine.fast_report, \
+        f"build_engine(fast_path=FastPath.preset({mode!r}, {changes}))"
 
 
 def _free() -> None:
@@ -140,7 +144,7 @@ def _engine(args, mode: str, model: Path, lora: Path, taesd: Path) -> dict[str, 
     result = {"load_s": round(load_s, 2),
               "compile_warmup_s": round(report.seconds["warmup"], 2)
               if "warmup" in report.seconds else None,
-              "compiled_shapes": [f"{w}x{h}x{b}" for w, h, b in path.options.compile_shapes]
+              "compiled_shapes": [f"{w}x{h}x{b}" for w, h, b in path.shapes(engine)]
               if compiles else []}
     result.update(_measure(args, run, engine.base))
     result["fast_path"] = {"built_with": built, "options": path.options.describe(),

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
+from ..version import __version__
 from ..errors import FewstepError
 from .auth import AuthMiddleware
 from .backend import Backend
@@ -92,7 +92,7 @@ def create_app(engine=None, catalog: Catalog | None = None,
 
     _install_error_handlers(app, service)
 
-    from . import studio
+    from .studio import router as studio_router
     from .routes import a1111, catalogue, health, jobs, native, openai
 
     app.include_router(native.router(service))
@@ -101,7 +101,7 @@ def create_app(engine=None, catalog: Catalog | None = None,
     app.include_router(a1111.router(service))
     app.include_router(catalogue.router(service))
     app.include_router(health.router(service))
-    app.include_router(studio.router(service))
+    app.include_router(studio_router(service))
     return app
 
 

@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidRequest, NotFound
-
-NAME_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9_.+-]{0,62}[A-Za-z0-9_+-])?$"
-_NAME = re.compile(NAME_PATTERN)
+from ..names import check_name
 
 KINDS = {
     "lora": "LoRA",
@@ -23,17 +21,6 @@ KINDS = {
     "adapter": "T2I-Adapter",
     "motion_adapter": "motion adapter",
 }
-
-
-def check_name(name: object, field: str) -> str:
-    """A catalogue name: letters, digits and `_ . + -`, no `..`, no slash, no scheme."""
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
-        shown = repr(name) if isinstance(name, str) and len(name) <= 60 else type(name).__name__
-        raise InvalidRequest(
-            f"{field} must be a catalogue name (letters, digits, '_', '.', '+', '-'; no paths "
-            f"or URLs), got {shown}", field=field)
-    return name
-
 
 def parse_entry(text: str, option: str) -> tuple[str, str]:
     """`NAME=REF` from the command line or a config file."""
@@ -76,8 +63,8 @@ class Catalog:
 
     @classmethod
     def from_settings(cls, settings, engine=None) -> "Catalog":
-        """The catalogue of a `ServeSettings`. With the engine, the model and LCM-LoRA it
-        actually loaded (defaults included) are hidden behind their names too."""
+        """The catalogue of a `ServeSettings` (names checked). With the engine, the model and
+        LCM-LoRA it actually loaded (defaults included) are hidden behind their names too."""
         from ..lora import split_weight
 
         model_ref = str(settings.model or (engine.model_ref if engine is not None else ""))
@@ -96,6 +83,25 @@ class Catalog:
                    controlnets=dict(settings.controlnet), adapters=dict(settings.adapter),
                    motion_adapters=dict(settings.motion_adapter), hidden=hidden,
                    record_extra=extra)
+
+    def check_references(self) -> None:
+        """Every entry's reference parsed: a missing local file or a pickle format is refused
+        here, before anything loads (on the machine that will load them)."""
+        from ..loading import parse_ref
+
+        for kind in KINDS:
+            for name, ref in self.table(kind).items():
+                parse_ref(ref, f"{kind}.{name}")
+
+    def engine_needs(self) -> dict:
+        """What an engine serving this catalogue is built with (`build_engine`'s `loras` and
+        `components`): its LoRAs, checked and preloaded before any compiling (a stack then
+        changes weight values only, never a compiled graph), and its components, checked and
+        loaded; each named in errors by its entry (`lora.NAME`, `controlnet.NAME`, ...)."""
+        return {"loras": {f"lora.{name}": ref for name, ref in self.loras.items()},
+                "components": {kind: {f"{kind}.{name}": ref
+                                      for name, ref in self.table(kind).items()}
+                               for kind in ("controlnet", "adapter", "motion_adapter")}}
 
     def table(self, kind: str) -> dict[str, str]:
         return {"lora": self.loras, "controlnet": self.controlnets, "adapter": self.adapters,

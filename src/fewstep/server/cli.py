@@ -55,114 +55,6 @@ def load_settings(args: argparse.Namespace):
     return load(ServeSettings, given(args, ServeSettings))
 
 
-def require_extra(extra: str, modules: tuple[str, ...], command: str) -> None:
-    """One line saying what to install when a command's optional dependencies are absent."""
-    import importlib
-
-    from ..errors import FewstepError
-
-    missing = []
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise FewstepError(f"{command} needs the {extra} extra (missing: "
-                           f"{', '.join(missing)}): pip install \"fewstep[{extra}]\"")
-
-
-def check_references(settings) -> None:
-    """Every reference is parsed (missing local files, pickle formats) before any loading."""
-    from ..loading import parse_ref
-    from ..lora import check_weight, split_weight
-
-    if settings.model:
-        parse_ref(settings.model, "model")
-    if settings.model_config_dir:
-        parse_ref(settings.model_config_dir, "model_config")
-    if settings.tiny_vae:
-        parse_ref(settings.tiny_vae, "tiny_vae")
-    if settings.lcm_lora not in ("auto", "none"):
-        ref, weight = split_weight(settings.lcm_lora)
-        parse_ref(ref, "lcm_lora")
-        if weight is not None:
-            check_weight(weight, "lcm_lora")
-    for kind in ("lora", "controlnet", "adapter", "motion_adapter"):
-        for name, ref in getattr(settings, kind).items():
-            parse_ref(ref, f"{kind}.{name}")
-
-
-def bind_socket(host: str, port: int):
-    """The listening address, taken before the model loads: an address in use or not of this
-    machine is a start-up error, not a surprise after loading."""
-    import errno
-    import socket
-
-    from ..errors import InvalidRequest
-
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (socket.gaierror, UnicodeError):
-        raise InvalidRequest(f"host {host!r} is not an address or a name that resolves",
-                             field="host") from None
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        reason = {errno.EADDRINUSE: "is in use", errno.EACCES: "needs privileges",
-                  errno.EADDRNOTAVAIL: "is not an address of this machine"}
-        what = reason.get(exc.errno, f"cannot be bound ({exc.strerror})")
-        field = "host" if exc.errno == errno.EADDRNOTAVAIL else "port"
-        raise InvalidRequest(f"{host}:{port} {what}", field=field) from None
-    return sock
-
-
-def engine_kwargs(settings) -> dict:
-    from ..accel.compile import parse_shapes
-    from ..lora import split_weight
-
-    lcm_ref, lcm_weight = split_weight(settings.lcm_lora)
-    return dict(lcm_lora=lcm_ref, lcm_weight=1.0 if lcm_weight is None else lcm_weight,
-                animate_lcm_weight=settings.animate_lcm_weight,
-                config=settings.model_config_dir, family=settings.family,
-                settings=settings.limits(), device=settings.device, dtype=settings.dtype,
-                speed=settings.speed, openvino=settings.openvino, tiny_vae=settings.tiny_vae,
-                fp16_vae=settings.fp16_vae,
-                compile_shapes=parse_shapes(settings.compile_shapes)
-                if settings.compile_shapes else None,
-                compile_cache=settings.compile_cache,
-                cuda_graph_loop=settings.cuda_graph_loop == "on",
-                # catalogue LoRAs are loaded before any compiling: their stacks then change
-                # weight values only, never a compiled graph
-                preload_loras={f"lora.{name}": ref for name, ref in settings.lora.items()})
-
-
-def check_catalogue(engine, catalog) -> None:
-    """Every catalogue entry is read and checked against the model: one that does not fit
-    fails the start with an error naming it."""
-    for name, ref in catalog.loras.items():
-        engine.lora(ref, f"lora.{name}")
-    for kind in ("controlnet", "adapter", "motion_adapter"):
-        for name, ref in catalog.table(kind).items():
-            engine.check_component(kind, ref, f"{kind}.{name}")
-
-
-def server_options(settings):
-    from .service import ServerOptions
-
-    return ServerOptions(
-        api_key=settings.api_key, queue_size=settings.queue_size,
-        max_body_bytes=int(settings.max_body_mb * 1024 * 1024),
-        default_timeout_s=settings.timeout, grace_s=settings.grace,
-        public_url=settings.public_url, body_timeout_s=settings.body_timeout_s,
-        job_retention_bytes=settings.job_retention_bytes, max_batch=settings.max_batch,
-        batch_wait_ms=settings.batch_wait_ms)
-
-
 class GracefulServer:
     """uvicorn.Server whose first SIGTERM/SIGINT drains instead of stopping at once, and
     which logs the service's own start-up and shutdown."""
@@ -211,8 +103,8 @@ class GracefulServer:
 def run_serve(args: argparse.Namespace) -> int:
     """Check everything, build the engine and the app, serve until SIGTERM. Returns the exit
     status: 0, or a user error's code after reporting it in one line."""
-    from ..cli import report_error
     from ..errors import FewstepError
+    from ..terminal import report_error
 
     try:
         return _checked_serve(args)
@@ -221,48 +113,53 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _checked_serve(args: argparse.Namespace) -> int:
+    from ..terminal import require_extra
+
     require_extra("serve", SERVE_EXTRA, "fewstep serve")
     if getattr(args, "ray", False):
         from .ray_cli import run_ray_serve
 
         return run_ray_serve(args)
-    from ..config import pick_device
+    from ..build import inspect
     from .auth import check_bind
     from .catalog import Catalog
+    from .listen import bind_socket
 
     settings = load_settings(args)
     check_bind(settings.host, settings.api_key)
-    pick_device(settings.device)
-    check_references(settings)
-    Catalog.from_settings(settings)  # names checked before the model loads
+    # the device, the model's references and family, the catalogue's names and references:
+    # all checked before the socket is taken and anything loads
+    blueprint = inspect(settings.engine_options(), settings.limits())
+    catalog = Catalog.from_settings(settings)
+    catalog.check_references()
     sock = bind_socket(settings.host, settings.port)
     try:
-        return _serve(settings, sock)
+        return _serve(settings, blueprint, catalog, sock)
     finally:
         sock.close()
 
 
-def _serve(settings, sock) -> int:
+def _serve(settings, blueprint, catalog, sock) -> int:
     import logging
 
     import uvicorn
 
-    from ..engine import Engine
+    from ..build import build_engine
     from ..logs import configure_logging, quiet_libraries
     from .app import create_app
     from .catalog import Catalog
+    from .service import ServerOptions
 
     quiet_libraries()
     log = configure_logging(settings.log_level)
     log.info("loading %s", settings.model or "the default model")
-    engine = Engine(settings.model, **engine_kwargs(settings))
+    engine = build_engine(blueprint, **catalog.engine_needs())
     for technique in ("compile_unet", "openvino", "cuda_graph_loop"):  # what was built ahead
         done = engine.fast_report.applied.get(technique, "off")
         if done != "off":
             log.info("speed %s: %s %s", engine.speed, technique, done)
     catalog = Catalog.from_settings(settings, engine)
-    check_catalogue(engine, catalog)
-    app = create_app(engine, catalog, server_options(settings))
+    app = create_app(engine, catalog, ServerOptions.from_settings(settings))
     config = uvicorn.Config(app, log_level=settings.log_level, timeout_graceful_shutdown=5)
     if settings.log_level not in ("debug", "trace"):
         # uvicorn's own life-cycle lines say what ours say; its errors still show
@@ -277,7 +174,7 @@ def _serve(settings, sock) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m fewstep.server`."""
-    from ..cli import Parser
+    from ..terminal import Parser
 
     parser = Parser(prog="python -m fewstep.server", description=__doc__.split("\n\n")[0])
     add_serve_arguments(parser)

@@ -67,6 +67,16 @@ class JobNotFound(NotFound):
     pass
 
 
+class ReplicaUnavailable(FewstepError):
+    """No replica could run the job (Ray Serve): the one running it died, or none is ready."""
+
+    kind = "replica_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 5):
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
 class InternalError(FewstepError):
     """Anything unexpected: the client sees only this generic text; the log has the rest."""
 
@@ -94,6 +104,7 @@ STATUS: dict[type, int] = {
     QueueFull: 429,
     InternalError: 500,
     ShuttingDown: 503,
+    ReplicaUnavailable: 503,
     DeadlineExceeded: 504,
 }
 

@@ -44,24 +44,12 @@ from .backend import (
     find_job,
     forget_finished,
 )
-from .errors import STATUS, DeadlineExceeded, InternalError, JobNotFound, QueueFull, ShuttingDown
+from .errors import (DeadlineExceeded, InternalError, JobNotFound, QueueFull,
+                     ReplicaUnavailable, ShuttingDown)
 
 log = logging.getLogger("fewstep.server")
 
 RESENDS = 2  # times a job that never started is sent again after its replica died
-
-
-class ReplicaUnavailable(FewstepError):
-    """No replica could run the job: the one running it died, or none is ready."""
-
-    kind = "replica_unavailable"
-
-    def __init__(self, message: str, *, retry_after: int = 5):
-        super().__init__(message)
-        self.headers = {"Retry-After": str(retry_after)}
-
-
-STATUS[ReplicaUnavailable] = 503  # the service's one status table, extended by its class
 
 
 class ReplicaLost(Exception):

@@ -1,5 +1,5 @@
 """`fewstep serve --ray`: the same service on Ray Serve. Starts a local Ray instance (or joins
-one with `--ray-address`), deploys the application of `fewstep.server.ray` with its HTTP entry on
+one with `--ray-address`), deploys the application of `fewstep.server.deployments` with its HTTP entry on
 `--host/--port`, and on SIGTERM drains: readiness goes false, new work gets 503, running and
 queued work may finish within `--grace` seconds; then the application is removed, and Serve and
 the Ray instance are shut down if fewstep started them (a joined cluster is left running).
@@ -83,7 +83,7 @@ def load_ray_settings(args: argparse.Namespace) -> RayServeSettings:
 def make_spec(settings: RayServeSettings, cluster_gpus: float | None = None):
     """The deployments' spec. `cluster_gpus`: the GPUs the Ray cluster has (the default of
     --gpus-per-replica is 1 when it has any, unless the device asked for is the CPU)."""
-    from .ray import ServiceSpec
+    from .deployments import ServiceSpec
 
     from ..errors import InvalidRequest
 
@@ -104,15 +104,15 @@ def check_settings(settings: RayServeSettings, *, local: bool) -> None:
     device, the files and the address are this machine's, so they are checked too."""
     from .auth import check_bind
     from .catalog import Catalog
-    from .cli import bind_socket, check_references
+    from .listen import bind_socket
 
     check_bind(settings.host, settings.api_key)
-    Catalog.from_settings(settings)  # names checked
+    catalog = Catalog.from_settings(settings)  # names checked
     if local:
-        from ..config import pick_device
+        from ..build import inspect
 
-        pick_device(settings.device)
-        check_references(settings)
+        inspect(settings.engine_options(), settings.limits())  # device, model, family
+        catalog.check_references()
         bind_socket(settings.host, settings.port).close()  # in use, or not of this machine
 
 
@@ -121,7 +121,7 @@ def run_ray_serve(args: argparse.Namespace) -> int:
     FewstepError before Ray starts."""
     from ..errors import FewstepError
     from ..logs import configure_logging
-    from .cli import require_extra
+    from ..terminal import require_extra
 
     settings = load_ray_settings(args)
     # no Ray call may start Ray again once it is shut down: a Serve handle's background thread
@@ -132,7 +132,7 @@ def run_ray_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from .ray import build_app
+    from .deployments import build_app
 
     log = configure_logging(settings.log_level)
     stop = threading.Event()

@@ -15,21 +15,41 @@ from .catalog import Catalog
 from .metrics import Metrics
 
 
+def _serve_default(name: str):
+    """The default of a `fewstep serve` option: defined once, in `ServeSettings`."""
+    from ..config import ServeSettings
+
+    return ServeSettings.model_fields[name].default
+
+
 @dataclass
 class ServerOptions:
+    """What the app needs of the service's options (`ServeSettings`); `from_settings` makes it
+    from them. The defaults are the options' own."""
+
     api_key: str | None = None
-    queue_size: int = 16
-    max_body_bytes: int = 64 * 1024 * 1024
-    default_timeout_s: float | None = None  # start deadline when a request gives none
-    grace_s: float = 30.0  # SIGTERM: how long running and queued work may go on
+    queue_size: int = _serve_default("queue_size")
+    max_body_bytes: int = int(_serve_default("max_body_mb") * 1024 * 1024)
+    default_timeout_s: float | None = _serve_default("timeout")  # start deadline by default
+    grace_s: float = _serve_default("grace")  # SIGTERM: how long work may go on
     job_retention: int = 256  # finished jobs kept for GET /v1/jobs/{id} ...
-    job_retention_bytes: int = 256 * 1024 * 1024  # ... and the bytes of their outputs
+    job_retention_bytes: int = _serve_default("job_retention_bytes")  # ... and their outputs
     file_retention: int = 512  # images kept for OpenAI `url` responses (within the same bytes)
     file_ttl_s: float = 3600.0
     public_url: str | None = None  # base of OpenAI `url` results; relative URLs without it
-    body_timeout_s: float = 30.0  # a request body must have arrived within this
+    body_timeout_s: float = _serve_default("body_timeout_s")  # a body must arrive within this
     max_batch: int | None = None  # jobs run as one pipeline call; None: 8 on CUDA, 4 elsewhere
-    batch_wait_ms: float = 0.0  # how long the worker waits for companions of a lone job
+    batch_wait_ms: float = _serve_default("batch_wait_ms")  # waiting for a lone job's companions
+
+    @classmethod
+    def from_settings(cls, settings) -> "ServerOptions":
+        return cls(
+            api_key=settings.api_key, queue_size=settings.queue_size,
+            max_body_bytes=int(settings.max_body_mb * 1024 * 1024),
+            default_timeout_s=settings.timeout, grace_s=settings.grace,
+            public_url=settings.public_url, body_timeout_s=settings.body_timeout_s,
+            job_retention_bytes=settings.job_retention_bytes, max_batch=settings.max_batch,
+            batch_wait_ms=settings.batch_wait_ms)
 
 
 def default_max_batch(device: str) -> int:

@@ -13,7 +13,7 @@ from ..calls import ModelView, PipelineCall
 from ..config import Settings
 from ..errors import InvalidRequest
 from ..lora import MAX_LORA_WEIGHT
-from ..records import input_digests
+from ..images import input_digests
 
 MAX_SEED = 2**63 - 1
 MIN_IMAGE_SIDE = 8  # the VAE downscales by 8: smaller inputs have no latent pixel

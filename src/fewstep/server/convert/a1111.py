@@ -10,7 +10,7 @@ import re
 from ...errors import InvalidRequest
 from ...lora import MAX_LORA_WEIGHT
 from ..backend import JobView
-from ..catalog import check_name
+from ...names import check_name
 from ..protocol.a1111 import Img2ImgPayload, A1111Payload
 from .common import b64, check_prompt_length, decode_image
 

@@ -7,7 +7,7 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...lora import MAX_LORA_WEIGHT
-from ..catalog import NAME_PATTERN
+from ...names import NAME_PATTERN
 
 MAX_TIMEOUT_S = 3600.0
 

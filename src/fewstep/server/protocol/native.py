@@ -10,7 +10,8 @@ from typing import Any, Optional
 from pydantic import BaseModel, Field, create_model
 
 from ...tasks import REQUESTS
-from ..catalog import KINDS, NAME_PATTERN
+from ...names import NAME_PATTERN
+from ..catalog import KINDS
 from .common import MAX_TIMEOUT_S, ApiModel, ErrorDetail, LoraName
 
 WORKFLOWS = tuple(REQUESTS)  # txt2img, img2img, inpaint, controlnet, t2i-adapter, animate

@@ -62,25 +62,29 @@ class ServiceSpec:
     max_replicas: int = 1
     gpus_per_replica: float = 0.0
     cpus_per_replica: float = 1.0
-    # makes the engine from the settings (default: as `fewstep serve` does); tests use it
-    engine_factory: Callable[[Any], Any] | None = None
+    # makes the engine from the settings and `Catalog.engine_needs()` (default: as
+    # `fewstep serve` does, with `build_engine`); tests use it
+    engine_factory: Callable[[Any, dict], Any] | None = None
 
     @property
     def queue_size(self) -> int:
         return int(self.settings.queue_size)
 
     def server_options(self) -> ServerOptions:
-        from .cli import server_options
-
-        return server_options(self.settings)
+        return ServerOptions.from_settings(self.settings)
 
     def make_engine(self):
-        if self.engine_factory is not None:
-            return self.engine_factory(self.settings)
-        from ..engine import Engine
-        from .cli import engine_kwargs
+        """The engine of a replica, built as `fewstep serve` builds it: its catalogue's LoRAs
+        and components checked before loading (one that does not fit fails the replica)."""
+        from .catalog import Catalog
 
-        return Engine(self.settings.model, **engine_kwargs(self.settings))
+        needs = Catalog.from_settings(self.settings).engine_needs()
+        if self.engine_factory is not None:
+            return self.engine_factory(self.settings, needs)
+        from ..build import build_engine
+
+        return build_engine(self.settings.engine_options(), settings=self.settings.limits(),
+                            **needs)
 
     def catalog(self, engine):
         """The catalogue, with the model, LCM-LoRA (and tiny VAE) references that `engine`
@@ -100,7 +104,6 @@ class EngineReplica:
 
     def __init__(self, spec: ServiceSpec):
         from ..logs import quiet_libraries
-        from .cli import check_catalogue
         from .convert.common import encode_result
         from .local import LocalBackend
         from .service import default_max_batch
@@ -110,7 +113,6 @@ class EngineReplica:
         self.name = context.replica_id.unique_id
         engine = spec.make_engine()
         self.catalog = spec.catalog(engine)
-        check_catalogue(engine, self.catalog)  # entries that do not fit fail the replica
         self.engine = engine
         capacity = spec.queue_size + 1
         options = spec.server_options()
