@@ -15,7 +15,8 @@ the verdict; exits 1 on any lost or corrupted result.
 
     python scripts/load_test.py --compare-batching --requests 32 --concurrency 16
 
-`--ray` serves tiny models on a local Ray instance (Ray Serve, `fewstep.server.deployments`) with 1 and
+`--ray` serves tiny models on a local Ray instance (Ray Serve,
+`fewstep.server.deployments`) with 1 and
 then 2 engine replicas of one CPU each, and reports the throughput of each (needs the ray
 extra; the ratio is what matters):
 

@@ -22,7 +22,8 @@ EXACT_TOL = 1e-4
 def _engine(tiny, family="sd15"):
     model, lcm = {"sd15": (tiny.sd15, tiny.lcm_sd15), "sdxl": (tiny.sdxl, tiny.lcm_sdxl),
                   "ssd-1b": (tiny.ssd1b, tiny.lcm_ssd1b)}[family]
-    return build_engine(model=str(model), lcm_lora=str(lcm), device="cpu", dtype="fp32", speed="off")
+    return build_engine(model=str(model), lcm_lora=str(lcm), device="cpu", dtype="fp32",
+                        speed="off")
 
 
 @pytest.fixture(scope="module")

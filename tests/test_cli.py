@@ -225,7 +225,8 @@ def test_default_speed_keeps_the_plain_picture(tiny, sd15_engine):
     from fewstep.build import build_engine
     from fewstep.tasks import Txt2ImgRequest
 
-    plain = build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", speed="off")
+    plain = build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu",
+                         speed="off")
     request = Txt2ImgRequest(prompt="x", seed=9)
     assert sd15_engine.speed == "auto"  # the default preset keeps the picture on CPU
     np.testing.assert_allclose(sd15_engine.generate(request).images,

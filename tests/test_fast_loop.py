@@ -108,7 +108,7 @@ def test_batched_call_equals_each_request_alone(engines, tiny, task):
     assert len(batched) == 3
     for request, result in zip(requests, batched):
         alone = engine.generate(request)
-        assert result.params["request"]["seed"] == alone.params["request"]["seed"]
+        assert result.record.request["seed"] == alone.record.request["seed"]
         assert np.abs(result.images - alone.images).max() <= BATCH_TOL
     assert not np.allclose(batched[0].images, batched[1].images)
 
@@ -148,7 +148,8 @@ def compiled(tiny, tmp_path_factory):
                                 compile_cache_dir=str(tmp_path_factory.mktemp("inductor"))))
     engine = build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu",
                           dtype="fp32", fast_path=path,
-                          loras={"lora.a": str(tiny.style_sd15), "lora.b": str(tiny.style_sd15_peft)})
+                          loras={"lora.a": str(tiny.style_sd15),
+                                 "lora.b": str(tiny.style_sd15_peft)})
     return engine, path
 
 
@@ -205,7 +206,8 @@ def test_lora_changes_keep_the_compiled_graph_valid(compiled, engines, tiny):
 def test_several_images_per_request_match_the_recipe(tiny):
     from fewstep.reference import recipe_arguments, recipe_call, recipe_pipeline
 
-    engine = build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", dtype="fp32")
+    engine = build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu",
+                          dtype="fp32")
     request = Txt2ImgRequest(prompt="two of them", seed=8, width=64, height=64, num_images=2)
     ours = engine.generate(request).images
     pipe = recipe_pipeline("txt2img", str(tiny.sd15), str(tiny.lcm_sd15))

@@ -95,8 +95,8 @@ def test_loop_reads_nothing_back(sd15, sdxl):
 
 
 def test_runner_declines_on_cpu_and_the_fast_path_says_why(tiny):
-    engine = build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", dtype="fp32",
-                    speed="default", cuda_graph_loop="on")
+    engine = build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu",
+                          dtype="fp32", speed="default", cuda_graph_loop="on")
     assert engine.fast_report.applied["cuda_graph_loop"] == "skipped: needs CUDA"
     runner = GraphedTxt2ImgRunner(((SIZE, SIZE, 1),))
     assert runner.install(engine) == "skipped: needs CUDA"
@@ -213,7 +213,8 @@ def test_half_precision_sdxl_decodes_in_float32_like_the_pipeline(tiny):
     """SDXL in fp16 with `force_upcast`: the pipeline converts its VAE to float32 for the decode
     and back; the loop decodes with one float32 copy (weights that stay put), same pixels."""
     common = dict(lcm_lora=str(tiny.lcm_sdxl), device="cpu", dtype="fp16", speed="default")
-    plain, looped = build_engine(model=str(tiny.sdxl), **common), build_engine(model=str(tiny.sdxl), **common)
+    plain = build_engine(model=str(tiny.sdxl), **common)
+    looped = build_engine(model=str(tiny.sdxl), **common)
     runner = GraphedTxt2ImgRunner(((SIZE, SIZE, 2), (SIZE, SIZE, 1)), steps=(STEPS,),
                                   eager=True)
     runner.install(looped)

@@ -31,7 +31,8 @@ def _refused(engine, path, error=LoraError):
 def unfused_engine(tiny):
     from fewstep.build import build_engine
 
-    return build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", fuse_loras=False)
+    return build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu",
+                        fuse_loras=False)
 
 
 @pytest.fixture(params=["fused", "unfused"])

@@ -90,20 +90,23 @@ def parse_generation_parameters(x: str) -> dict:
     return res
 
 
-def _params(**request):
-    base = {"prompt": "a lighthouse, at dusk: oil", "negative_prompt": "blur, noise",
-            "steps": 4, "guidance": 1.5, "seed": 42, "num_images": 1, "loras": []}
-    return {"request": {**base, **request}, "model": "/models/dreamshaper-7", "width": 512,
-            "height": 768, "lcm_lora": "/models/lcm-lora-sdv1-5", "lcm_weight": 1.0,
-            "fewstep": "0.1.0"}
+def _record(model="/models/dreamshaper-7", **request):
+    from fewstep.records import Record
+
+    base = {"task": "txt2img", "prompt": "a lighthouse, at dusk: oil",
+            "negative_prompt": "blur, noise", "steps": 4, "guidance": 1.5, "seed": 42,
+            "num_images": 1, "loras": []}
+    return Record(request={**base, **request}, model=model, family="sd15", width=512,
+                  height=768, lcm_lora="/models/lcm-lora-sdv1-5", lcm_weight=1.0,
+                  fewstep="0.1.0")
 
 
 def test_infotext_with_several_loras_parses_field_by_field():
-    params = _params(loras=[{"ref": "/l/papercut.safetensors", "weight": 0.8},
+    record = _record(loras=[{"ref": "/l/papercut.safetensors", "weight": 0.8},
                             {"ref": "ink", "weight": 1.0},
                             {"ref": "owner/repo/pixel-art.safetensors", "weight": -0.5}],
                      num_images=2, strength=0.6)
-    parsed = parse_generation_parameters(outputs.a1111_parameters(params, 1))
+    parsed = parse_generation_parameters(outputs.a1111_parameters(record, 1))
     assert parsed["Prompt"] == ("a lighthouse, at dusk: oil <lora:papercut:0.8> <lora:ink:1> "
                                 "<lora:pixel-art:-0.5>")
     assert parsed["Negative prompt"] == "blur, noise"
@@ -118,9 +121,8 @@ def test_infotext_with_several_loras_parses_field_by_field():
 
 
 def test_infotext_quotes_values_with_commas_and_colons():
-    params = _params()
-    params["model"] = "/models/a, b: c"
-    parsed = parse_generation_parameters(outputs.a1111_parameters(params))
+    record = _record(model="/models/a, b: c")
+    parsed = parse_generation_parameters(outputs.a1111_parameters(record))
     assert parsed["Model"] == "a, b: c" and parsed["Seed"] == "42"
     assert parsed["Prompt"] == "a lighthouse, at dusk: oil"  # no tags without LoRAs
 
@@ -131,9 +133,8 @@ def test_infotext_tags_use_catalogue_names_in_service_records():
     catalog = Catalog(model_name="dream", loras={"paper": "/l/papercut.safetensors"},
                       hidden={"dream": "/models/dreamshaper-7",
                               "lcm-lora": "/models/lcm-lora-sdv1-5"})
-    params = {**_params(loras=[{"ref": "/l/papercut.safetensors", "weight": 0.7}]),
-              "family": "sd15"}
-    parsed = parse_generation_parameters(outputs.a1111_parameters(catalog.redact_obj(params)))
+    record = _record(loras=[{"ref": "/l/papercut.safetensors", "weight": 0.7}])
+    parsed = parse_generation_parameters(outputs.a1111_parameters(catalog.redact_record(record)))
     assert parsed["Prompt"].endswith("<lora:paper:0.7>")
     assert parsed["Model"] == "dream"
 

@@ -12,6 +12,7 @@ import pytest
 
 from fewstep.config import Settings
 from fewstep.errors import InvalidRequest
+from fewstep.records import Record
 from fewstep.server.backend import Backend, JobOutput
 from fewstep.server.errors import (DeadlineExceeded, JobNotFound, QueueFull, ReplicaUnavailable,
                                    ShuttingDown, status_for)
@@ -65,8 +66,8 @@ class FakeReplicas:
                     await self.released.wait()
             if prompt == "die":
                 raise ReplicaLost()
-            output = JobOutput(files=((b"png", "image/png"),), params={"request": {"seed": 1}},
-                               seconds=0.5)
+            output = JobOutput(files=((b"png", "image/png"),), seconds=0.5, record=Record(
+                request={"task": "txt2img", "seed": 1}, model="fake", family="sd15"))
             finished = True
             yield {"event": "final", "state": "done", "step": 2, "total": 2, "error": None,
                    "output": output}

@@ -107,7 +107,8 @@ def single_process(ray_service):
 
     settings = ray_service[2]
     _, engine = tiny_env()
-    app = create_app(engine, Catalog.from_settings(settings, engine), ServerOptions.from_settings(settings))
+    app = create_app(engine, Catalog.from_settings(settings, engine),
+                     ServerOptions.from_settings(settings))
     with TestClient(app) as local:
         yield local
 

@@ -12,7 +12,8 @@ from PIL import Image
 from fewstep.cli import main
 from fewstep.errors import InvalidRequest
 from fewstep.outputs import save_result
-from fewstep.records import read_record, reproduce, same_pixels
+from fewstep.records import read_record, same_pixels
+from fewstep.reproduce import reproduce
 from fewstep.selftest import sample_image, sample_mask
 
 
@@ -26,8 +27,8 @@ def _record_only(engine, request, out):
     before anything runs)."""
     from fewstep.engine import Result
 
-    params = {**engine.describe(engine.plan(request)), "width": 64, "height": 64}
-    return save_result(Result(request.task, np.zeros((1, 64, 64, 3), np.float32), params),
+    record = engine.record(engine.plan(request), width=64, height=64)
+    return save_result(Result(request.task, np.zeros((1, 64, 64, 3), np.float32), record),
                        out)[0]
 
 
@@ -72,20 +73,20 @@ def test_every_task_reproduces_from_its_file(tiny, sd15_engine, tmp_path, task):
     paths = _original(sd15_engine, request, tmp_path / f"original{suffix}")
     original = paths[-1]  # with two images, the second: its batch position is recorded
     record = read_record(original)
-    assert record["request"]["task"] == task and record["request"]["seed"] is not None
-    assert set(record["inputs"]) == set(type(request).image_fields())
+    assert record.task == task and record.request["seed"] is not None
+    assert set(record.inputs) == set(type(request).image_fields())
 
     again = tmp_path / f"again{suffix}"
     result = reproduce(original, images=images, engine=sd15_engine, out=again)
     assert result.images.shape[0] == 1
     assert same_pixels(original, again) == (True, 0)
-    assert read_record(again)["batch_index"] == record["batch_index"]
+    assert read_record(again).batch_index == record.batch_index
 
 
 def test_animation_as_mp4_carries_its_record(tiny, sd15_engine, tmp_path):
     request, _, _ = _cases(tiny)["animate"]
     original = _original(sd15_engine, request, tmp_path / "a.mp4")[0]
-    assert read_record(original)["request"]["num_frames"] == 2
+    assert read_record(original).request["num_frames"] == 2
     again = tmp_path / "again.mp4"
     reproduce(original, engine=sd15_engine, out=again)
     assert same_pixels(original, again)[0]
@@ -150,9 +151,9 @@ def test_service_outputs_reproduce_with_the_same_catalogue(tmp_path, capsys):
     original = tmp_path / "service.png"
     original.write_bytes(base64.b64decode(answer.json()["images"][0]["b64"]))
     record = read_record(original)
-    assert record["model"] == "tiny-sd15" and record["request"]["loras"][0]["ref"] == "style"
-    assert set(record["catalog_names"]) == {"model", "lcm_lora", "request.loras.0.ref",
-                                            "request.loras.1.ref"}
+    assert record.model == "tiny-sd15" and record.request["loras"][0]["ref"] == "style"
+    assert set(record.catalog_names) == {"model", "lcm_lora", "request.loras.0.ref",
+                                         "request.loras.1.ref"}
     assert str(models.root) not in original.read_bytes().decode("latin-1")  # no paths leak
 
     out = tmp_path / "again.png"
@@ -180,6 +181,7 @@ def test_catalogue_records_round_trip():
 
     from fewstep.config import ServeSettings, load
     from fewstep.errors import NotFound
+    from fewstep.records import Record
     from fewstep.server.catalog import Catalog
 
     settings = load(ServeSettings, {"model": "/m/dream", "tiny_vae": "/m/taesd",
@@ -187,16 +189,17 @@ def test_catalogue_records_round_trip():
                                     "controlnet": ["edges=/c/canny"]})
     engine = SimpleNamespace(model_ref="/m/dream", lcm_ref="/m/lcm", speed="fastest")
     catalog = Catalog.from_settings(settings, engine)
-    record = {"request": {"task": "controlnet", "prompt": "x", "controlnet": "/c/canny",
-                          "loras": [{"ref": "/l/paper.safetensors", "weight": 0.5}]},
-              "model": "/m/dream", "lcm_lora": "/m/lcm", "family": "sd15", "fewstep": "0.1.0"}
-    redacted = catalog.redact_obj(record)
-    assert "/m/" not in json.dumps(redacted) and "/l/" not in json.dumps(redacted)
-    assert redacted["speed"] == "fastest" and redacted["tiny_vae"] == "tiny-vae"
-    assert sorted(redacted["catalog_names"]) == ["lcm_lora", "model", "request.controlnet",
-                                                 "request.loras.0.ref", "tiny_vae"]
+    record = Record(request={"task": "controlnet", "prompt": "x", "controlnet": "/c/canny",
+                             "loras": [{"ref": "/l/paper.safetensors", "weight": 0.5}]},
+                    model="/m/dream", lcm_lora="/m/lcm", family="sd15", fewstep="0.1.0",
+                    speed=engine.speed, tiny_vae="/m/taesd")
+    redacted = catalog.redact_record(record)
+    assert "/m/" not in redacted.to_json() and "/l/" not in redacted.to_json()
+    assert redacted.speed == "fastest" and redacted.tiny_vae == "tiny-vae"
+    assert sorted(redacted.catalog_names) == ["lcm_lora", "model", "request.controlnet",
+                                              "request.loras.0.ref", "tiny_vae"]
     restored = catalog.restore_record(redacted)
-    assert restored == {**record, "speed": "fastest", "tiny_vae": "/m/taesd"}
+    assert restored == record
     with pytest.raises(NotFound, match="--lora paper=REF"):
         Catalog(model_name="dream", hidden={"dream": "/m/dream", "tiny-vae": "/m/taesd"}
                 ).restore_record(redacted)

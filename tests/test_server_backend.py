@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from fewstep.config import Settings
+from fewstep.records import Record
 from fewstep.errors import Cancelled, InvalidRequest, OutOfMemory
 from fewstep.server.backend import Backend, JobOutput
 from fewstep.server.errors import (
@@ -50,11 +51,13 @@ class FakeResult:
 
 
 class FakeEngine:
-    """`generate` counts steps; prompts steer it: "hold" waits for `release`, "boom" raises
-    something unexpected, "oom" runs out of memory. `validate` refuses the prompt "invalid"."""
+    """What the local backend runs (`plan`, `run`), faked: steps are counted, and prompts
+    steer it: "hold" waits for `release`, "boom" raises something unexpected, "oom" runs out of
+    memory (as the engine reports it). `plan` refuses the prompt "invalid"."""
 
     settings = Settings()
-    family = SimpleNamespace(name="sd15")
+    device = "cpu"
+    family = SimpleNamespace(name="sd15", pipelines={"txt2img": "FakePipeline"})
     native_size = 64
     inpaint_only = False
 
@@ -62,13 +65,15 @@ class FakeEngine:
         self.ran: list[str] = []
         self.held = threading.Event()
         self.release = threading.Event()
-        self.released_memory = 0
 
-    def validate(self, request) -> None:
+    def plan(self, request):
         if request.prompt == "invalid":
             raise InvalidRequest("prompt: refused", field="prompt")
+        return SimpleNamespace(request=request, merge_key=lambda: None)
 
-    def generate(self, request, progress=None, cancel=None, preview=None):
+    def run(self, jobs):
+        (job,) = jobs  # nothing merges
+        request = job.call.request
         self.ran.append(request.prompt)
         if request.prompt == "boom":
             raise RuntimeError("unexpected /secret/path")
@@ -78,19 +83,20 @@ class FakeEngine:
             if request.prompt == "hold" and step == 1:
                 self.held.set()
                 assert self.release.wait(WAIT)
-            if progress is not None:
-                progress(step, request.steps)
-            if cancel is not None and cancel.is_set():
+            if job.progress is not None:
+                job.progress(step, request.steps)
+            if job.cancel is not None and job.cancel.is_set():
                 raise Cancelled(f"cancelled after step {step} of {request.steps}")
-        return FakeResult(request.prompt, request.size, request.payload)
+        return [FakeResult(request.prompt, request.size, request.payload)]
 
-    def release_memory(self) -> None:
-        self.released_memory += 1
+
+def fake_record(**request) -> Record:
+    return Record(request={"task": "txt2img", **request}, model="fake", family="sd15")
 
 
 def encode(result: FakeResult) -> JobOutput:
     return JobOutput(files=((b"p" * result.size, "image/png"),),
-                     params={"request": {"prompt": result.prompt}})
+                     record=fake_record(prompt=result.prompt))
 
 
 def backend(engine=None, **kw) -> LocalBackend:
@@ -124,7 +130,7 @@ def test_jobs_run_in_order_and_keep_their_outputs():
         done = [await local.wait(v.id) for v in views]
         assert engine.ran == ["p0", "p1", "p2"]
         assert [d.state for d in done] == ["done"] * 3
-        assert done[0].output.params == {"request": {"prompt": "p0"}}
+        assert done[0].output.record.request["prompt"] == "p0"
         assert done[0].step == done[0].total == 3 and done[0].error is None
         assert [v.id for v in await local.jobs()] == [v.id for v in views]
 
@@ -278,7 +284,6 @@ def test_the_worker_survives_unexpected_errors_and_running_out_of_memory():
         assert isinstance(boom.error, InternalError) and "secret" not in boom.error.message
         oom = await local.wait((await local.submit("txt2img", FakeRequest("oom"))).id)
         assert isinstance(oom.error, OutOfMemory) and status_for(oom.error) == 503
-        assert engine.released_memory == 2
         after = await local.wait((await local.submit("txt2img", FakeRequest())).id)
         assert after.state == "done" and (await local.health()).alive
 

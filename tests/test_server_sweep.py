@@ -22,8 +22,8 @@ from conftest_server import assert_typed_error, make_catalog, sample_image, tiny
 
 
 class QuickEngine:
-    """The tiny engine's settings, model facts and checks; `generate` returns a grey image of
-    the asked size at once."""
+    """The tiny engine's settings, model facts and plans; `run` returns grey images of the
+    planned size at once."""
 
     def __init__(self, engine):
         self._engine = engine
@@ -31,19 +31,18 @@ class QuickEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def generate(self, request, progress=None, cancel=None, preview=None):
+    def run(self, jobs):
         from fewstep.engine import Result
 
-        self._engine.validate(request)
-        size = self._engine.native_size
-        width, height = request.width or size, request.height or size
-        frames = getattr(request, "num_frames", None)
-        shape = (request.num_images, *((frames,) if frames else ()), height, width, 3)
-        record = {**request.record(), "seed": request.seed}
-        params = {"request": record, "model": "tiny", "family": "sd15", "lcm_lora": None,
-                  "lcm_weight": 1.0, "scheduler": "LCMScheduler", "dtype": "float32",
-                  "fewstep": "test", "width": width, "height": height}
-        return Result(task=request.task, images=np.full(shape, 0.5, np.float32), params=params)
+        results = []
+        for job in jobs:
+            call = job.call
+            frames = call.arguments.get("num_frames")
+            shape = (call.count, *((frames,) if frames else ()), call.height, call.width, 3)
+            record = self._engine.record(call, width=call.width, height=call.height)
+            results.append(Result(task=call.task, images=np.full(shape, 0.5, np.float32),
+                                  record=record))
+        return results
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +53,7 @@ def swept():
     models, engine = tiny_env()
     app = create_app(QuickEngine(engine), make_catalog(models),
                      ServerOptions(queue_size=64, max_body_bytes=4 * 1024 * 1024,
-                                   max_batch=1))  # generate (instant here), not run
+                                   max_batch=1))
     with TestClient(app, raise_server_exceptions=False) as client:
         yield app, client
 

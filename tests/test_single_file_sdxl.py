@@ -39,8 +39,9 @@ def engines():
 def _engine(engines, model, lcm, config=None) -> Engine:
     key = (str(model), 1.0)
     if key not in engines:
-        engines[key] = build_engine(model=str(model), lcm_lora=str(lcm), model_config_dir=config and str(config),
-                              device="cpu", dtype="fp32")
+        engines[key] = build_engine(model=str(model), lcm_lora=str(lcm),
+                                    model_config_dir=config and str(config),
+                                    device="cpu", dtype="fp32")
     return engines[key]
 
 

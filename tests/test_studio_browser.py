@@ -483,7 +483,7 @@ def test_realtime_newer_requests_supersede_older_ones(studio, server, shots):
     studio.wait_state("done")
     new = [j for j in service.backend.job_list() if j.id not in before]
     assert [j.state for j in new] == ["cancelled", "done"]
-    assert new[1].output.params["request"]["prompt"] == "three"  # "two" never ran
+    assert new[1].output.record.request["prompt"] == "three"  # "two" never ran
     studio.shot(shots, "realtime")
 
     # typing quickly: the debounce makes one request of three keystrokes
@@ -494,7 +494,7 @@ def test_realtime_newer_requests_supersede_older_ones(studio, server, shots):
     new = [j for j in service.backend.job_list() if j.id not in before]
     assert [j.state for j in new if j.state == "done"] == ["done"]
     assert all(j.state in ("done", "cancelled") for j in new)
-    assert new[-1].output.params["request"]["prompt"] == "three four"
+    assert new[-1].output.record.request["prompt"] == "three four"
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -643,7 +643,7 @@ def test_lora_stack_is_sent_and_recorded(studio, server):
     assert body["loras"] == [{"name": "style", "weight": 0.5}, {"name": "style-peft",
                                                                  "weight": 1}]
     job = service.backend.job(studio.current_job())
-    assert [(lo["ref"], lo["weight"]) for lo in job.output.params["request"]["loras"]] == [
+    assert [(lo["ref"], lo["weight"]) for lo in job.output.record.request["loras"]] == [
         ("style", 0.5), ("style-peft", 1.0)]
     studio.by("lora-toggle-style").uncheck()
     studio.by("num-images").fill("2")

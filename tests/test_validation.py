@@ -165,13 +165,13 @@ def test_a_family_that_does_not_fit_the_model_is_refused_before_loading(tiny):
     assert info.value.field == "family"
     # SSD-1B shares SDXL's layout: naming the other one only changes the defaults
     engine = build_engine(model=str(tiny.ssd1b), family="sdxl", lcm_lora="none", device="cpu",
-                    speed="off")
+                          speed="off")
     assert engine.family.name == "sdxl"
 
 
 def test_settings_limits_apply(tiny):
     engine = build_engine(model=str(tiny.sd15), lcm_lora="none", device="cpu",
-                    settings=Settings(max_pixels=64 * 32, max_steps=2))
+                          settings=Settings(max_pixels=64 * 32, max_steps=2))
     with pytest.raises(InvalidRequest) as info:
         engine.generate(Txt2ImgRequest(prompt="x", steps=3))
     assert info.value.field == "steps"
@@ -204,7 +204,8 @@ def test_step_previews(sd15_engine):
 def test_fp16_load_falls_back_when_no_variant(tiny):
     import torch
 
-    engine = build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", dtype="fp16")
+    engine = build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu",
+                          dtype="fp16")
     assert engine.base.unet.dtype == torch.float16
 
 
@@ -223,7 +224,7 @@ def test_animation_has_its_own_lcm_weight(tiny):
     animated = both.generate(request)
     np.testing.assert_allclose(animated.images, only.generate(request).images, atol=1e-5)
     assert np.abs(animated.images - full.generate(request).images).max() > 1e-3
-    assert animated.params["lcm_weight"] == 0.55
+    assert animated.record.lcm_weight == 0.55
     image = Txt2ImgRequest(prompt="x", seed=4)
     np.testing.assert_array_equal(both.generate(image).images, full.generate(image).images)
 
@@ -240,7 +241,8 @@ def test_components_that_do_not_fit_are_refused_naming_the_field(sd15_engine, ti
 
 
 def test_motion_adapter_on_an_sdxl_model_is_refused(tiny):
-    engine = build_engine(model=str(tiny.sdxl), lcm_lora=str(tiny.lcm_sdxl), device="cpu", speed="off")
+    engine = build_engine(model=str(tiny.sdxl), lcm_lora=str(tiny.lcm_sdxl), device="cpu",
+                          speed="off")
     with pytest.raises(ModelError) as info:
         engine.check_component("motion_adapter", str(tiny.motion_adapter), "motion_adapter")
     assert info.value.field == "motion_adapter"
@@ -285,6 +287,6 @@ def test_canny_thresholds_name_their_field():
 
 def test_a_record_builds_its_request_again(sd15_engine):
     result = sd15_engine.generate(Txt2ImgRequest(prompt="again", seed=5, width=64, height=64))
-    record = result.params["request"]
+    record = result.record.request
     again = sd15_engine.generate(Txt2ImgRequest.build(**record))
     assert np.array_equal(result.images, again.images)

@@ -8,7 +8,8 @@ _PUBLIC = {
     "Request": "tasks", "LoraRequest": "tasks", "Txt2ImgRequest": "tasks",
     "Img2ImgRequest": "tasks", "InpaintRequest": "tasks", "ControlNetRequest": "tasks",
     "T2IAdapterRequest": "tasks", "AnimateRequest": "tasks", "save_result": "outputs",
-    "reproduce": "records", "read_record": "records", "quiet_libraries": "logs",
+    "reproduce": "reproduce", "read_record": "records", "Record": "records",
+    "quiet_libraries": "logs",
 }
 
 

@@ -191,15 +191,11 @@ class Blueprint:
                          adapter_geometry=self._adapter_geometry, model_ref=self.model_text)
 
     def plan(self, request) -> PipelineCall:
-        """Check `request` as the engine will (limits, sizes, images, components) and describe
-        its pipeline call, before anything is loaded. The seed is drawn here when none was
-        given: run the call itself (`engine.run`) to keep it."""
-        call = plan_call(request, self.view)
-        for i, (ref, _) in enumerate(call.loras):
-            self.check_lora(ref, f"loras.{i}")
-        for name, ref in call.components:
-            self.check_component(name, ref, name)
-        return call
+        """Check `request` as the engine will (limits, sizes, images) and describe its pipeline
+        call, before anything is loaded; its LoRAs and components are checked when the call is
+        given to `build_engine`. The seed is drawn here when none was given: run the call
+        itself (`engine.run`) to keep it."""
+        return plan_call(request, self.view)
 
 
 def _text_encoder(config: dict):
@@ -270,6 +266,11 @@ def build_engine(options: EngineOptions | Blueprint | None = None, /, *,
     for kind, table in tables.items():
         for field, ref in table.items():
             blueprint.check_component(kind, ref, field)
+    for call in calls or ():  # named as the request names them
+        for i, (ref, _) in enumerate(call.loras):
+            blueprint.check_lora(ref, f"loras.{i}")
+        for name, ref in call.components:
+            blueprint.check_component(name, ref, name)
     engine = _load(blueprint)
     for field, ref in loras.items():
         engine.preload_lora(ref, field)

@@ -239,43 +239,41 @@ def _run(engine, call, quiet: bool):
 # -- reproducing -------------------------------------------------------------------------------
 
 def run_reproduce(args) -> int:
-    from .config import EngineOptions, ServeSettings, given, load, pick_device
+    from .config import EngineOptions, ServeSettings, given, load
     from .outputs import check_output_path
-    from .records import (build_request, read_record, resolve_names, same_pixels)
+    from .records import read_record, same_pixels
+    from .reproduce import prepare, run
 
     source = Path(args.path)
-    record = read_record(source)
     # only what is given here: the record, not FEWSTEP_* defaults, says what to load
     flags = given(args, EngineOptions)
     load(EngineOptions, flags)  # checks the values
     model, model_config = _absolute(flags.get("model")), _absolute(flags.get("model_config_dir"))
-    pick_device(flags.get("device", "auto"))
     catalog = None
-    if record.get("catalog_names"):
+    if read_record(source).catalog_names:
         from .server.catalog import Catalog
 
         entries = {k: v for k, v in given(args, ServeSettings).items() if k in (
             "config", "lcm_lora", "lora", "controlnet", "adapter", "motion_adapter")}
         if entries:
             catalog = Catalog.from_settings(load(ServeSettings, entries))
-    record = resolve_names(record, catalog, model_given=model is not None)
     images = {name: getattr(args, name) for name in ("image", "mask", "control_image")
               if getattr(args, name) is not None}
-    build_request(record, images)  # inputs checked before anything loads
+    # the record, its names, the input images and the engine options: checked before loading
+    prepared = prepare(source, images=images, catalog=catalog, model=model,
+                       model_config=model_config, device=flags.get("device"),
+                       dtype=flags.get("dtype"))
     for name in images:
-        if name not in (record.get("inputs") or {}):
+        if name not in prepared.record.inputs:
             warn(f"the record holds no digest of its {name}: the one given cannot be checked")
     out = args.out or Path.cwd() / f"{source.stem}-reproduced{source.suffix}"
-    check_output_path(out, record["request"]["task"] == "animate")
+    check_output_path(out, prepared.record.task == "animate")
 
     from .logs import quiet_libraries
-    from .records import reproduce
 
     quiet_libraries()
-    with progress(args.quiet, f"reproduce {record['request']['task']}") as on_step:
-        reproduce(source, images=images, catalog=catalog, out=out, model=model,
-                  model_config=model_config, device=flags.get("device"),
-                  dtype=flags.get("dtype"), progress=on_step)
+    with progress(args.quiet, f"reproduce {prepared.record.task}") as on_step:
+        run(prepared, out=out, model=model, progress=on_step)
     print(out)
     same, diff = same_pixels(source, out)
     if same:

@@ -36,6 +36,7 @@ from .lora import (
     read_lora,
 )
 from .prompts import PromptCache, encode_prompts
+from .records import Record
 from .version import __version__
 
 ProgressFn = Callable[[int, int], None]
@@ -47,11 +48,11 @@ CallRunner = Callable[[Any, list[PipelineCall], dict[str, Any]], "np.ndarray | N
 @dataclass
 class Result:
     """What a request produced. `images` is float32 in 0..1: (N, H, W, 3) for images,
-    (N, F, H, W, 3) for animations."""
+    (N, F, H, W, 3) for animations; `record` says how (what every output file carries)."""
 
     task: str
     images: np.ndarray
-    params: dict[str, Any]
+    record: Record
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -111,7 +112,8 @@ class Engine:
         self.lcm_weight = model.lcm_weight
         self.animate_lcm_weight = model.animate_lcm_weight
         self.base = base
-        self._pipes: dict[tuple, Any] = {("inpaint" if self.inpaint_only else "txt2img", None): base}
+        own_task = "inpaint" if self.inpaint_only else "txt2img"
+        self._pipes: dict[tuple, Any] = {(own_task, None): base}
         self._components: dict[tuple, Any] = {}
         self._components_lock = threading.Lock()
         self._loras: dict[str, LoraFile] = {}
@@ -378,11 +380,9 @@ class Engine:
         for call in calls:
             part = images[offset:offset + call.count]
             offset += call.count
-            params = self.describe(call)
-            params.update(width=int(part.shape[-2]), height=int(part.shape[-3]))
-            results.append(Result(task=call.record.get("task", call.task), images=part,
-                                  params=params, warnings=list(call.warnings),
-                                  seconds=seconds))
+            record = self.record(call, width=int(part.shape[-2]), height=int(part.shape[-3]))
+            results.append(Result(task=record.task, images=part, record=record,
+                                  warnings=list(call.warnings), seconds=seconds))
         return results
 
     def _call_pipeline(self, jobs: list["Job"]) -> np.ndarray:
@@ -429,13 +429,16 @@ class Engine:
                 if images is None:
                     output = pipe(**arguments)
                     images = output.frames if first.output == "frames" else output.images
-        except torch.OutOfMemoryError as exc:
-            self.release_memory()
-            raise OutOfMemory("out of memory on the device; try a smaller size or batch") from exc
         except FewstepError:
             raise
-        except ValueError as exc:  # diffusers' own input checks
-            raise InvalidRequest(str(exc)[:500]) from exc
+        except Exception as exc:  # noqa: BLE001 - sorted below; the rest goes up as it is
+            if out_of_memory(exc):
+                self.release_memory()
+                raise OutOfMemory("out of memory on the device; try a smaller size or "
+                                  "batch") from exc
+            if isinstance(exc, ValueError):  # diffusers' own input checks
+                raise InvalidRequest(str(exc)[:500]) from exc
+            raise
         images = np.asarray(images, dtype=np.float32)
         for job in jobs:
             if len(jobs) > 1 and job.cancel is not None and job.cancel.is_set():
@@ -471,22 +474,17 @@ class Engine:
         return {"callback": lambda step, t, latents: on_step(step, latents),
                 "callback_steps": 1}
 
-    def describe(self, call: PipelineCall) -> dict[str, Any]:
-        """Everything needed to reproduce a result."""
-        return {
-            "request": dict(call.record),
-            "inputs": dict(call.inputs),  # digests: a reproduction checks it got the same images
-            "speed": self.speed,
-            "model": self.model_ref,
-            "family": self.family.name,
-            "lcm_lora": self.lcm_ref,
-            "lcm_weight": self.animate_lcm_weight if call.task == "animate"
-            else self.lcm_weight,
-            "scheduler": "LCMScheduler",
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "fewstep": __version__,
-            **({"tiny_vae": self.tiny_vae} if self.tiny_vae else {}),
-        }
+    def record(self, call: PipelineCall, **size) -> Record:
+        """Everything needed to reproduce the result of `call` (`size`: its width and height
+        once it ran)."""
+        return Record(
+            request=dict(call.record),
+            inputs=dict(call.inputs),  # digests: a reproduction checks it got the same images
+            speed=self.speed, model=self.model_ref, family=self.family.name,
+            lcm_lora=self.lcm_ref,
+            lcm_weight=self.animate_lcm_weight if call.task == "animate" else self.lcm_weight,
+            dtype=str(self.dtype).removeprefix("torch."), fewstep=__version__,
+            tiny_vae=self.tiny_vae, **size)
 
     def release_memory(self) -> None:
         import gc
@@ -505,3 +503,16 @@ class Job:
     cancel: threading.Event | None = None
     preview: PreviewFn | None = None
     cancelled: bool = False  # set when cancelled while its batch ran on
+
+
+# how each device reports a failed allocation: CUDA and MPS as torch.OutOfMemoryError, a CPU as a
+# plain RuntimeError from its allocator, OpenVINO as a C++ bad_alloc
+_CPU_ALLOCATION = ("DefaultCPUAllocator: can't allocate memory",
+                   "DefaultCPUAllocator: not enough memory", "std::bad_alloc")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is a failed memory allocation, on any device."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _CPU_ALLOCATION)

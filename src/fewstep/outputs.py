@@ -17,12 +17,10 @@ from pathlib import Path
 from PIL import ExifTags, Image, PngImagePlugin
 
 from .errors import InvalidRequest
+from .records import EXIF_IMAGE_DESCRIPTION, EXIF_USER_COMMENT, RECORD_KEY, Record
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 ANIMATION_SUFFIXES = (".gif", ".mp4")
-RECORD_KEY = "fewstep"  # PNG text chunk holding the record
-EXIF_IMAGE_DESCRIPTION = 0x010E
-EXIF_USER_COMMENT = 0x9286
 
 
 def check_output_path(out: str | Path, animation: bool, count: int = 1) -> Path:
@@ -91,72 +89,73 @@ def _tag_weight(weight: float) -> str:
     return f"{float(weight):g}"
 
 
-def a1111_parameters(params: dict, index: int = 0) -> str:
+def a1111_parameters(record: Record, index: int = 0) -> str:
     """The `parameters` text that AUTOMATIC1111-style tools read from a PNG. The prompt
     carries the LoRA stack as `<lora:name:weight>` tags, as A1111's own prompts do, so
     "send to txt2img" keeps it."""
-    req = params["request"]
+    req = record.request
     tags = [f"<lora:{lora_name(lo['ref'])}:{_tag_weight(lo['weight'])}>"
             for lo in req.get("loras") or []]
     lines = [" ".join([req["prompt"], *tags]) if tags else req["prompt"]]
     if req.get("negative_prompt"):
         lines.append(f"Negative prompt: {req['negative_prompt']}")
+    width, height = record.width or "?", record.height or "?"
     fields = [
         ("Steps", req["steps"]),
         ("Sampler", "LCM"),
         ("CFG scale", req["guidance"]),
         ("Seed", req["seed"]),
-        ("Size", f"{params.get('width', '?')}x{params.get('height', '?')}"),
-        ("Model", Path(str(params["model"])).name),
+        ("Size", f"{width}x{height}"),
+        ("Model", Path(str(record.model)).name),
     ]
     if req.get("num_images", 1) > 1:
         fields.append(("Batch size", req["num_images"]))
         fields.append(("Batch pos", index))
     if req.get("strength") is not None:
         fields.append(("Denoising strength", req["strength"]))
-    if params.get("lcm_lora"):
-        fields.append(("LCM-LoRA", f"{lora_name(params['lcm_lora'])}: "
-                                   f"{_tag_weight(params['lcm_weight'])}"))
-    fields.append(("Version", f"fewstep {params['fewstep']}"))
+    if record.lcm_lora:
+        fields.append(("LCM-LoRA", f"{lora_name(record.lcm_lora)}: "
+                                   f"{_tag_weight(record.lcm_weight)}"))
+    fields.append(("Version", f"fewstep {record.fewstep}"))
     lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields))
     return "\n".join(lines)
 
 
-def record_text(params: dict, index: int = 0) -> str:
-    """The record of one output, as JSON text (ASCII, so every container can hold it)."""
-    return json.dumps({**params, "batch_index": index}, sort_keys=True)
+def record_text(record: Record, index: int = 0) -> str:
+    """The record of one output (the one at `index` of its batch), as ASCII JSON."""
+    return record.at(index).to_json()
 
 
-def png_info(params: dict, index: int) -> PngImagePlugin.PngInfo:
+def png_info(record: Record, index: int) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", a1111_parameters(params, index))
-    info.add_text(RECORD_KEY, record_text(params, index))
+    info.add_text("parameters", a1111_parameters(record, index))
+    info.add_text(RECORD_KEY, record_text(record, index))
     return info
 
 
-def exif_info(params: dict, index: int):
+def exif_info(record: Record, index: int):
     """JPEG and WebP: the record in ImageDescription, the infotext in UserComment (where
     A1111 puts it)."""
     exif = Image.Exif()
-    exif[EXIF_IMAGE_DESCRIPTION] = record_text(params, index)
+    exif[EXIF_IMAGE_DESCRIPTION] = record_text(record, index)
     exif.get_ifd(ExifTags.IFD.Exif)[EXIF_USER_COMMENT] = (
-        b"UNICODE\0" + a1111_parameters(params, index).encode("utf-16-be"))
+        b"UNICODE\0" + a1111_parameters(record, index).encode("utf-16-be"))
     return exif
 
 
-def encode_image(image: Image.Image, suffix: str, params: dict | None = None,
+def encode_image(image: Image.Image, suffix: str, record: Record | None = None,
                  index: int = 0) -> bytes:
     import io
 
     buffer = io.BytesIO()
     suffix = suffix.lower()
     if suffix == ".png":
-        image.save(buffer, format="PNG", pnginfo=png_info(params, index) if params else None)
+        image.save(buffer, format="PNG", pnginfo=png_info(record, index) if record else None)
     elif suffix in (".jpg", ".jpeg"):
-        extra = {"exif": exif_info(params, index)} if params else {}
+        extra = {"exif": exif_info(record, index)} if record else {}
         image.save(buffer, format="JPEG", quality=95, **extra)
     elif suffix == ".webp":
-        extra = {"exif": exif_info(params, index)} if params else {}
+        extra = {"exif": exif_info(record, index)} if record else {}
         image.save(buffer, format="WEBP", quality=95, **extra)
     else:
         raise InvalidRequest(f"unsupported image format {suffix!r}", field="out")
@@ -164,14 +163,14 @@ def encode_image(image: Image.Image, suffix: str, params: dict | None = None,
 
 
 def encode_animation(frames: list[Image.Image], suffix: str, fps: int,
-                     params: dict | None = None, index: int = 0) -> bytes:
+                     record: Record | None = None, index: int = 0) -> bytes:
     suffix = suffix.lower()
-    record = record_text(params, index) if params else None
+    text = record_text(record, index) if record else None
     if suffix == ".gif":
         import io
 
         buffer = io.BytesIO()
-        extra = {"comment": record.encode("ascii")} if record else {}
+        extra = {"comment": text.encode("ascii")} if text else {}
         frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:],
                        duration=round(1000 / fps), loop=0, **extra)
         return buffer.getvalue()
@@ -179,7 +178,7 @@ def encode_animation(frames: list[Image.Image], suffix: str, fps: int,
         import imageio.v2 as imageio
         import numpy as np
 
-        metadata = ["-metadata", f"comment={record}"] if record else []
+        metadata = ["-metadata", f"comment={text}"] if text else []
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / "video.mp4"
             # yuv420p needs even sizes; the image sizes fewstep allows are multiples of 8
@@ -197,9 +196,9 @@ def encode_output(result, index: int, suffix: str, batch_index: int | None = Non
     its record says `batch_index` (default `index`): its position in the generated batch."""
     position = index if batch_index is None else batch_index
     if result.is_animation:
-        fps = result.params["request"].get("fps", 8)
-        return encode_animation(result.pil_frames(index), suffix, fps, result.params, position)
-    return encode_image(result.pil_images()[index], suffix, result.params, position)
+        fps = result.record.request.get("fps", 8)
+        return encode_animation(result.pil_frames(index), suffix, fps, result.record, position)
+    return encode_image(result.pil_images()[index], suffix, result.record, position)
 
 
 def write_atomically(payloads: list[tuple[Path, bytes]]) -> list[Path]:

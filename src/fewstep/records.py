@@ -1,13 +1,15 @@
-"""Reproduction: every output carries its record (see `outputs.py` for where), and
-`reproduce(path)` regenerates the output from it, pixel for pixel on the same device and
-library versions.
+"""The record of a result: how it was made, in one typed and versioned model (`Record`).
+
+The engine writes it (`Engine.record`), every output file carries it (`outputs.py` writes it:
+PNG in a `fewstep` text chunk, JPEG and WebP in EXIF ImageDescription, GIF in its comment, MP4
+in its `comment` tag), the service's answers hold it with catalogue names in place of
+references (`Catalog.redact_record`), and `read_record` reads it back from any of those files
+for `fewstep reproduce` (`reproduce.py`).
 
 A record holds the request (seed included), the model and LoRA references, the LCM-LoRA and
 its weight, the family, the dtype and the speed preset. It leaves the input images out: it
 holds their SHA-256 digests instead (`inputs`), and a reproduction takes the same images again
-and checks them. Outputs of the service name the model, LoRAs and components by catalogue name
-(`catalog_names` lists those fields); a reproduction resolves them with the same catalogue
-(`catalog=`: a `Catalog`, or the service's config file)."""
+and checks them."""
 
 from __future__ import annotations
 
@@ -17,22 +19,148 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, \
+    model_validator
+
 from .errors import InvalidRequest
-from .images import image_digest
+from .families import TASKS
+
+RECORD_VERSION = 1  # raised when a field changes meaning; older records are still read
+RECORD_KEY = "fewstep"  # PNG text chunk holding the record
+EXIF_IMAGE_DESCRIPTION = 0x010E  # JPEG and WebP: the record
+EXIF_USER_COMMENT = 0x9286  # JPEG and WebP: the A1111 infotext
+
+# the fields that hold references (kind per field; the request's LoRAs are "lora")
+REFERENCE_FIELDS = {"model": "model", "lcm_lora": "lcm", "tiny_vae": "tiny_vae"}
+COMPONENT_FIELDS = ("controlnet", "adapter", "motion_adapter")
+_OPTIONAL = ("tiny_vae", "width", "height", "batch_index", "catalog_names")
 
 
-def complete_record(params: dict, request, engine, tiny_vae: str | None = None) -> dict:
-    """What a record needs beyond `Engine.describe`: the input digests, the speed preset and
-    the tiny VAE it was given. Fields the engine already records are kept."""
-    extra = {"inputs": input_digests(request), "speed": getattr(engine, "speed", "auto")}
-    if tiny_vae and extra["speed"] != "off":
-        extra["tiny_vae"] = tiny_vae
-    return {**extra, **params}
+class Record(BaseModel):
+    """How a result was made. `version` says which fields a reader may expect; a record
+    without one is of version 1."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    version: int = Field(RECORD_VERSION, ge=1)
+    request: dict[str, Any]  # the request as plain data (images left out), with its `task`
+    inputs: dict[str, str] = Field(default_factory=dict)  # input image digests, by field
+    model: str
+    family: str
+    lcm_lora: str | None = None
+    lcm_weight: float = 1.0
+    scheduler: str = "LCMScheduler"
+    dtype: str = "float32"
+    speed: str = "auto"
+    tiny_vae: str | None = None
+    fewstep: str = ""  # the version that wrote it
+    width: int | None = None
+    height: int | None = None
+    batch_index: int | None = Field(None, ge=0)  # a file's place in its generated batch
+    # service records: the fields whose values are catalogue names (dotted paths)
+    catalog_names: list[str] | None = None
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value > RECORD_VERSION:
+            raise ValueError(f"is {value}: written by a newer fewstep (this one reads up to "
+                             f"{RECORD_VERSION})")
+        return value
+
+    @field_validator("request")
+    @classmethod
+    def _has_task(cls, value: dict) -> dict:
+        if value.get("task") not in TASKS:
+            raise ValueError(f"has no known task (got {str(value.get('task'))[:40]!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _index_in_batch(self):
+        count = self.request.get("num_images", 1)
+        if self.batch_index is not None and isinstance(count, int) and self.batch_index >= count:
+            raise ValueError(f"batch_index is {self.batch_index}, but the request made {count} "
+                             "output(s)")
+        return self
+
+    @property
+    def task(self) -> str:
+        return self.request["task"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as plain data (what files and answers carry); optional fields that are
+        not set are left out."""
+        return self.model_dump(exclude={name for name in _OPTIONAL
+                                        if getattr(self, name) is None})
+
+    def to_json(self) -> str:
+        """ASCII JSON, so every container (EXIF, GIF comments) can hold it."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def at(self, batch_index: int) -> "Record":
+        """The record of the output at `batch_index` of its batch."""
+        return self.model_copy(update={"batch_index": batch_index})
+
+    # -- references ----------------------------------------------------------------------
+
+    def references(self) -> list[tuple[str, str]]:
+        """(dotted path, kind) of every reference the record holds: the model, the LCM-LoRA,
+        the tiny VAE, each LoRA ("lora") and the request's component."""
+        refs = [(name, kind) for name, kind in REFERENCE_FIELDS.items() if getattr(self, name)]
+        refs += [(f"request.loras.{i}.ref", "lora")
+                 for i, _ in enumerate(self.request.get("loras") or [])]
+        refs += [(f"request.{kind}", kind) for kind in COMPONENT_FIELDS
+                 if self.request.get(kind)]
+        return refs
+
+    def value(self, dotted: str):
+        """The value at a dotted path (`request.loras.0.ref`); None when absent."""
+        value: Any = self.to_dict()
+        for key in dotted.split("."):
+            try:
+                value = value[int(key)] if isinstance(value, list) else value[key]
+            except (KeyError, IndexError, TypeError, ValueError):
+                return None
+        return value
+
+    def with_values(self, values: dict[str, Any], **fields) -> "Record":
+        """A copy with the values at dotted paths replaced (and top-level `fields` set)."""
+        data = json.loads(json.dumps(self.to_dict()))
+        for dotted, new in values.items():
+            target = data
+            keys = dotted.split(".")
+            for key in keys[:-1]:
+                target = target[int(key)] if isinstance(target, list) else target[key]
+            last = keys[-1]
+            target[int(last) if isinstance(target, list) else last] = new
+        data.update(fields)
+        return parse_record(data)
 
 
-# -- reading records ---------------------------------------------------------------------------
+def parse_record(data: Any, source: str = "record") -> Record:
+    """A Record from plain data (a dict, or JSON text); a bad one is one InvalidRequest naming
+    the field at fault."""
+    if isinstance(data, (str, bytes)):
+        try:
+            data = json.loads(data)
+        except (ValueError, RecursionError):
+            raise InvalidRequest(f"{source}: its fewstep record is not valid JSON",
+                                 field="path") from None
+    if not isinstance(data, dict) or not isinstance(data.get("request"), dict):
+        raise InvalidRequest(f"{source}: its fewstep record has no request", field="path")
+    try:
+        return Record.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "batch_index"
+        message = first["msg"].removeprefix("Value error, ")
+        raise InvalidRequest(f"{source}: the record's {field} {message}",
+                             field=field) from None
 
-def read_record(path: str | Path) -> dict[str, Any]:
+
+# -- reading records from files ------------------------------------------------------------------
+
+def read_record(path: str | Path) -> Record:
     """The record of an output file (PNG, JPEG, WebP, GIF or MP4)."""
     file = Path(path).expanduser()
     if not file.is_file():
@@ -45,21 +173,11 @@ def read_record(path: str | Path) -> dict[str, Any]:
     if not text:
         raise InvalidRequest(f"{str(path)!r} carries no fewstep record (was it written by "
                              "fewstep, and not converted since?)", field="path")
-    try:
-        record = json.loads(text)
-    except ValueError:
-        raise InvalidRequest(f"{str(path)!r}: its fewstep record is not valid JSON",
-                             field="path") from None
-    if not (isinstance(record, dict) and isinstance(record.get("request"), dict)
-            and record["request"].get("task")):
-        raise InvalidRequest(f"{str(path)!r}: its fewstep record has no request", field="path")
-    return record
+    return parse_record(text, repr(str(path)))
 
 
 def _image_record_text(file: Path) -> str | None:
     from PIL import Image, UnidentifiedImageError
-
-    from .outputs import EXIF_IMAGE_DESCRIPTION, RECORD_KEY
 
     try:
         with Image.open(file) as image:
@@ -104,138 +222,6 @@ def read_pixels(path: str | Path):
                          for frame in ImageSequence.Iterator(image)])
 
 
-# -- reproducing -------------------------------------------------------------------------------
-
-def reproduce(path: str | Path, *, images: dict[str, Any] | None = None, catalog=None,
-              out: str | Path | None = None, engine=None, model: str | None = None,
-              model_config: str | None = None, device: str | None = None,
-              dtype: str | None = None, progress=None):
-    """Regenerate the output `path` from its record. Returns the Result (the one output), and
-    writes it to `out` when given (any suffix of the same kind; the record goes with it).
-
-    * `images`: the input images of img2img, inpaint, ControlNet and T2I-Adapter outputs, by
-      field (`image`, `mask`, `control_image`): PIL images, encoded bytes or file paths. Each
-      is checked against the digest in the record.
-    * `catalog`: for service outputs, the service's catalogue: a `Catalog`, or the path of the
-      config file it was started with.
-    * `engine`: an Engine to run on (it must hold the record's model); else one is made from
-      the record (`model`, `model_config`, `device`, `dtype` override it)."""
-    from .outputs import check_output_path, encode_output, write_atomically
-
-    record = resolve_names(read_record(path), catalog, model_given=model is not None)
-    request = build_request(record, images or {})
-    index = int(record.get("batch_index") or 0)
-    if out is not None:
-        target = check_output_path(out, record["request"]["task"] == "animate")
-    if engine is None:
-        engine = engine_for(record, model=model, model_config=model_config, device=device,
-                            dtype=dtype)
-    else:
-        check_engine(engine, record, model)
-    result = engine.generate(request, progress=progress)
-    result.images = result.images[index:index + 1]
-    if out is not None:
-        # written at its batch position, so its record says what the original's says
-        write_atomically([(target, encode_output(result, 0, target.suffix, batch_index=index))])
-    return result
-
-
-def resolve_names(record: dict, catalog, model_given: bool = False) -> dict:
-    """A record whose catalogue names are turned back into references. With `model_given`,
-    the model's name is left alone (the caller names the model itself)."""
-    names = [n for n in record.get("catalog_names") or [] if not (model_given and n == "model")]
-    record = {**record, "catalog_names": names}
-    if not names:
-        return record
-    if catalog is None:
-        listed = ", ".join(f"{n} = {_lookup(record, n)!r}" for n in names)
-        raise InvalidRequest(
-            f"this output came from the service and names catalogue entries ({listed}): pass "
-            "the service's config (--config FILE) or the entries (--lora NAME=REF, "
-            "--controlnet NAME=REF, --adapter NAME=REF, --motion-adapter NAME=REF, --model "
-            "REF)", field="catalog")
-    if isinstance(catalog, (str, Path)):
-        from .config import ServeSettings, load
-        from .server.catalog import Catalog
-
-        catalog = Catalog.from_settings(load(ServeSettings, {"config": str(catalog)}))
-    return catalog.restore_record(record)
-
-
-def _lookup(record: dict, dotted: str):
-    value: Any = record
-    for key in dotted.split("."):
-        value = value[int(key)] if isinstance(value, list) else value.get(key)
-    return value
-
-
-def build_request(record: dict, images: dict[str, Any]):
-    """The request of a record, with its input images given again and checked."""
-    from .images import load_image
-    from .tasks import REQUESTS
-
-    values = dict(record["request"])
-    task = values.pop("task")
-    if task not in REQUESTS:
-        raise InvalidRequest(f"record: unknown task {task!r}", field="task")
-    cls = REQUESTS[task]
-    digests = record.get("inputs") or {}
-    unknown = sorted(set(images) - set(cls.image_fields()))
-    if unknown:
-        raise InvalidRequest(f"this {task} output takes no {unknown[0]} image", field=unknown[0])
-    for name in cls.image_fields():
-        option = "--" + name.replace("_", "-")
-        if images.get(name) is None:
-            expected = f" (sha256 {digests[name][7:19]}...)" if name in digests else ""
-            raise InvalidRequest(f"this {task} output needs its input image again: {option} "
-                                 f"FILE{expected}", field=name)
-        image = images[name]
-        if not hasattr(image, "mode"):  # a path or encoded bytes
-            image = load_image(image, name)
-        if name in digests and image_digest(image) != digests[name]:
-            raise InvalidRequest(
-                f"{option}: not the image this output was made from (sha256 "
-                f"{image_digest(image)[7:19]}..., recorded {digests[name][7:19]}...)",
-                field=name)
-        values[name] = image
-    return cls.build(**values)
-
-
-def engine_for(record: dict, *, model=None, model_config=None, device=None, dtype=None):
-    """An Engine set up as the record says."""
-    from .build import build_engine
-
-    lcm = record.get("lcm_lora")
-    weight = float(record.get("lcm_weight") or 1.0)
-    weights = {"animate_lcm_weight": weight} if record["request"]["task"] == "animate" else {}
-    return build_engine(model=model or record.get("model"),
-                        lcm_lora=f"{lcm}:{weight}" if lcm else "none",
-                        model_config_dir=model_config, family=record.get("family"),
-                        device=device, dtype=dtype or record.get("dtype"),
-                        speed=record.get("speed", "auto"), tiny_vae=record.get("tiny_vae"),
-                        **weights)
-
-
-def check_engine(engine, record: dict, model: str | None = None) -> None:
-    """An engine handed to `reproduce` must hold the record's model and LCM-LoRA."""
-    wanted = {"model": model or record.get("model"), "lcm_lora": record.get("lcm_lora")}
-    held = {"model": engine.model_ref, "lcm_lora": engine.lcm_ref}
-    for field, ref in wanted.items():
-        if ref not in (None, "auto") and not _same_ref(ref, held[field]):
-            raise InvalidRequest(f"the engine holds {field} {held[field]!r}, the record says "
-                                 f"{ref!r}", field=field)
-
-
-def _same_ref(a, b) -> bool:
-    if a == b:
-        return True
-    try:
-        return a is not None and b is not None and \
-            Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-    except (OSError, ValueError):
-        return False
-
-
 def same_pixels(a: str | Path, b: str | Path) -> tuple[bool, int]:
     """(equal, largest difference in 0..255) between the pixels of two output files."""
     import numpy as np
@@ -245,4 +231,3 @@ def same_pixels(a: str | Path, b: str | Path) -> tuple[bool, int]:
         return False, 255
     diff = int(np.abs(first.astype(np.int16) - second.astype(np.int16)).max())
     return diff == 0, diff
-

@@ -2,7 +2,8 @@
 
 * `recipe`: `reference.recipe_pipeline` exactly as the LCM-LoRA guide writes it (stock pipeline,
   LCM-LoRA loaded with `load_lora_weights` and left unfused),
-* `default`, `auto`, `fastest`: `build_engine(speed=<mode>)`, what users of that preset get. A mode that
+* `default`, `auto`, `fastest`: `build_engine(speed=<mode>)`, what users of that preset get. A
+  mode that
   compiles (`auto` and `fastest` on CUDA) compiles ahead, at start-up, exactly the shapes that are
   timed; that time is part of its load time, never of a timed call.
 

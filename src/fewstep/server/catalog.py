@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import InvalidRequest, NotFound
 from ..names import check_name
+from ..records import Record, parse_record
 
 KINDS = {
     "lora": "LoRA",
@@ -52,8 +53,6 @@ class Catalog:
     adapters: dict[str, str] = field(default_factory=dict)
     motion_adapters: dict[str, str] = field(default_factory=dict)
     hidden: dict[str, str] = field(default_factory=dict)  # other refs to hide (model, LCM-LoRA)
-    # what records of this service need beyond the engine's description (its speed preset)
-    record_extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         check_name(self.model_name, "model_name")
@@ -75,14 +74,11 @@ class Catalog:
             hidden[LCM_NAME] = split_weight(lcm)[0]
         elif engine is not None and getattr(engine, "lcm_ref", None):
             hidden[LCM_NAME] = engine.lcm_ref
-        extra = {"speed": getattr(engine, "speed", settings.speed)}
-        if settings.tiny_vae and extra["speed"] != "off":
+        if settings.tiny_vae and getattr(engine, "speed", settings.speed) != "off":
             hidden[TINY_VAE_NAME] = settings.tiny_vae
-            extra["tiny_vae"] = settings.tiny_vae
         return cls(model_name=name, loras=dict(settings.lora),
                    controlnets=dict(settings.controlnet), adapters=dict(settings.adapter),
-                   motion_adapters=dict(settings.motion_adapter), hidden=hidden,
-                   record_extra=extra)
+                   motion_adapters=dict(settings.motion_adapter), hidden=hidden)
 
     def check_references(self) -> None:
         """Every entry's reference parsed: a missing local file or a pickle format is refused
@@ -148,10 +144,7 @@ class Catalog:
                              text)
 
     def redact_obj(self, value):
-        """`redact` through a JSON-like value. A result record (`params`) also gets
-        `catalog_names`: the fields whose values are now catalogue names."""
-        if is_record(value):
-            return self.redact_record(value)
+        """`redact` through a JSON-like value."""
         if isinstance(value, str):
             for ref, name in self._pairs():
                 if value == ref:
@@ -163,38 +156,31 @@ class Catalog:
             return [self.redact_obj(v) for v in value]
         return value
 
-
     # -- records ------------------------------------------------------------------------
 
-    def redact_record(self, record: dict) -> dict:
-        record = {**self.record_extra, **record}
-        redacted = {k: self.redact_obj(v) for k, v in record.items()}
-        names = []
-        for path, kind in record_refs(record):
-            name = self._name_of(kind, _get(record, path))
+    def redact_record(self, record: Record) -> Record:
+        """The record as it leaves the service: every reference it holds replaced by its
+        catalogue name, listed in `catalog_names`, and any other path shortened."""
+        names = {}
+        for path, kind in record.references():
+            name = self._name_of(kind, record.value(path))
             if name is not None:
-                _set(redacted, path, name)
-                names.append(".".join(map(str, path)))
-        redacted["catalog_names"] = names
-        return redacted
+                names[path] = name
+        redacted = parse_record(self.redact_obj(record.to_dict()))
+        return redacted.with_values(names, catalog_names=list(names))
 
-    def restore_record(self, record: dict) -> dict:
+    def restore_record(self, record: Record) -> Record:
         """The inverse of `redact_record`: catalogue names back to references. A name this
         catalogue does not have is a NotFound naming the option that would supply it."""
-        import copy
-
-        restored = copy.deepcopy(record)
-        kinds = {tuple(p): k for p, k in record_refs(record)}
-        for dotted in record.get("catalog_names") or []:
-            path = _split(dotted)
-            kind = kinds.get(path)
+        kinds = dict(record.references())
+        values = {}
+        for dotted in record.catalog_names or []:
+            kind = kinds.get(dotted)
             if kind is None:
                 raise InvalidRequest(f"record: catalog_names lists {dotted!r}, which is not a "
                                      "reference field", field="catalog_names")
-            name = _get(record, path)
-            _set(restored, path, self._ref_of(kind, name, dotted))
-        restored.pop("catalog_names", None)
-        return restored
+            values[dotted] = self._ref_of(kind, record.value(dotted), dotted)
+        return record.with_values(values, catalog_names=None)
 
     def _name_of(self, kind: str, ref) -> str | None:
         if not isinstance(ref, str):
@@ -234,48 +220,6 @@ class Catalog:
             name = LCM_NAME if kind == "lcm" else TINY_VAE_NAME
             return {name: self.hidden[name]} if name in self.hidden else {}
         return self.table(kind)
-
-
-def is_record(value) -> bool:
-    """A result record: what `Engine.describe` makes, with its request."""
-    return (isinstance(value, dict) and isinstance(value.get("request"), dict)
-            and "model" in value and "fewstep" in value)
-
-
-def record_refs(record: dict) -> list[tuple[tuple, str]]:
-    """(path, kind) of every reference a record holds: the model, the LCM-LoRA, the tiny VAE,
-    each LoRA and the request's component."""
-    refs: list[tuple[tuple, str]] = [(("model",), "model")]
-    if record.get("lcm_lora"):
-        refs.append((("lcm_lora",), "lcm"))
-    if record.get("tiny_vae"):
-        refs.append((("tiny_vae",), "tiny_vae"))
-    request = record.get("request") or {}
-    for i, _ in enumerate(request.get("loras") or []):
-        refs.append((("request", "loras", i, "ref"), "lora"))
-    for kind in ("controlnet", "adapter", "motion_adapter"):
-        if request.get(kind):
-            refs.append((("request", kind), kind))
-    return refs
-
-
-def _split(dotted: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in str(dotted).split("."))
-
-
-def _get(value, path: tuple):
-    for key in path:
-        try:
-            value = value[key]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return value
-
-
-def _set(value, path: tuple, new) -> None:
-    for key in path[:-1]:
-        value = value[key]
-    value[path[-1]] = new
 
 
 def _same_path(a: str, b: str) -> bool:

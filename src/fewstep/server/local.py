@@ -1,22 +1,23 @@
 """The local backend: a bounded FIFO of jobs and one worker thread that runs them on one Engine.
 
-The engine runs one request at a time and applies each request's LoRA stack itself, so adapters
-change only here, in the worker, between jobs. Requests are validated (`engine.validate`, no
-model call) before they are admitted, so a full queue never hides a request that cannot succeed.
-A job carries its own cancel Event (set by a client's cancel or disconnect: the engine stops at
-the next step) and a start deadline (passed while queued -> 504, and it never runs). Waiting is
-done from asyncio through Futures that the worker completes with `call_soon_threadsafe`.
+Every request is planned at admission (`engine.plan`: checked against the limits and the model,
+described as a pipeline call, no model run), so a full queue never hides a request that cannot
+succeed. The worker takes the head of the queue together with the queued jobs whose calls can
+merge with it (same task, size, steps, guidance, LoRA stack, components; `merge_key()`), up to
+`max_batch`, and runs them as one pipeline call (`engine.run`) in which each keeps its own
+prompt, seed, progress and cancel flag; a lone job is a batch of one. The head always runs
+next, so no job waits behind later ones for long.
 
-With `max_batch` above 1, each request is planned at admission (`engine.plan`: a pipeline call
-description) and the worker runs the first queued job together with the queued jobs whose calls
-can merge with it (same task, size, steps, guidance, LoRA stack, components; `merge_key()`), up
-to `max_batch`, as one batched pipeline call in which each keeps its own prompt, seed, progress
-and cancel flag. The head of the queue always runs next, so no job waits behind later ones for
-long; compatible later jobs may join its batch.
+The engine runs one call at a time and applies each call's LoRA stack itself, so adapters
+change only here, in the worker, between batches. A job carries its own cancel Event (set by a
+client's cancel or disconnect: the engine stops at the next step) and a start deadline (passed
+while queued -> 504, and it never runs). Waiting is done from asyncio through futures that the
+worker completes with `call_soon_threadsafe`.
 
 A finished job keeps only what a client can still fetch (its `JobOutput`: encoded files and the
-record): the request's images and the raw result are dropped as soon as the outputs are encoded,
-and finished jobs are forgotten oldest first beyond a count and a byte budget."""
+record): the planned call (with the request's images) and the raw result are dropped as soon as
+the outputs are encoded, and finished jobs are forgotten oldest first beyond a count and a byte
+budget."""
 
 from __future__ import annotations
 
@@ -25,136 +26,62 @@ import base64
 import collections
 import io
 import logging
-import secrets
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
-from ..errors import Cancelled, FewstepError, OutOfMemory
+from ..errors import Cancelled, FewstepError
 from .backend import (
     CANCELLED,
     DONE,
     EXPIRED,
     FAILED,
     FINAL,
-    QUEUED,
     RUNNING,
     Health,
+    Job,
     JobOutput,
+    JobTable,
     JobView,
     QueueInfo,
-    find_job,
-    forget_finished,
 )
 from .errors import DeadlineExceeded, InternalError, QueueFull, ShuttingDown
 
 log = logging.getLogger("fewstep.server")
 
 
+class Runner(Protocol):
+    """What the local backend needs of an engine (`fewstep.engine.Engine`; tests give fakes):
+    its limits and model facts, `plan` (check and describe a request, thread-safe, no model
+    run) and `run` (the planned calls of one batch)."""
+
+    settings: Any
+    device: str
+    family: Any
+    native_size: int
+    inpaint_only: bool
+
+    def plan(self, request) -> Any: ...
+
+    def run(self, jobs: list) -> list: ...
+
 
 @dataclass(eq=False)
-class Job:
-    """A job as the local backend keeps it (mutable, shared with the worker thread)."""
+class LocalJob(Job):
+    """A job of the local queue: its planned call until it is final."""
 
-    workflow: str
-    request: Any  # a fewstep.tasks Request; dropped once the job is final
-    call: Any = None  # its planned PipelineCall (batching backends); dropped with the request
-    deadline: float | None = None  # time.monotonic() by which it must have started
-    id: str = field(default_factory=lambda: secrets.token_hex(8))
-    state: str = QUEUED
-    step: int = 0
-    total: int = 0
-    created: float = field(default_factory=time.time)
-    started: float | None = None
-    finished: float | None = None
-    error: FewstepError | None = None
-    output: JobOutput | None = None
-    cancel: threading.Event = field(default_factory=threading.Event)
-    _watchers: list = field(default_factory=list)  # (loop, asyncio.Queue) for events
-    _futures: list = field(default_factory=list)  # (loop, asyncio.Future) for completion
+    call: Any = None  # a fewstep.calls.PipelineCall
     _timer: Any = None  # (loop, TimerHandle) of the start deadline
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def view(self) -> JobView:
-        return JobView(id=self.id, workflow=self.workflow, state=self.state, step=self.step,
-                       total=self.total, created=self.created, started=self.started,
-                       finished=self.finished, cancelling=self.cancel.is_set(),
-                       error=self.error, output=self.output)
-
-    # -- notification (called from any thread) ----------------------------------------
-
-    def emit(self, event: dict) -> None:
-        with self._lock:
-            watchers = list(self._watchers)
-        for loop, queue in watchers:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # the loop is closed: that watcher is gone
-                pass
-
-    def watched(self) -> bool:
-        with self._lock:
-            return bool(self._watchers)
-
-    def finish(self, state: str, *, output: JobOutput | None = None,
-               error: FewstepError | None = None) -> bool:
-        """Move to a final state once; what the job no longer needs is let go."""
-        if error is not None:  # a traceback would keep every frame's tensors and images alive
-            error.__traceback__ = error.__context__ = error.__cause__ = None
-        with self._lock:
-            if self.state in FINAL:
-                return False
-            self.state, self.output, self.error = state, output, error
-            self.finished = time.time()
-            self.request = self.call = None
-            futures, self._futures = self._futures, []
-            timer, self._timer = self._timer, None
-        for loop, future in futures:
-            try:
-                loop.call_soon_threadsafe(_resolve, future)
-            except RuntimeError:
-                pass
+    def let_go(self) -> None:
+        self.call = None
+        timer, self._timer = self._timer, None
         if timer is not None:
             try:
                 timer[0].call_soon_threadsafe(timer[1].cancel)
             except RuntimeError:
                 pass
-        self.emit({"event": state, **self.view().summary()})
-        return True
-
-    # -- waiting (asyncio side) --------------------------------------------------------
-
-    def future(self) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        with self._lock:
-            if self.state in FINAL:
-                future.set_result(None)
-            else:
-                self._futures.append((loop, future))
-        return future
-
-    def watch(self) -> asyncio.Queue:
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            self._watchers.append((asyncio.get_running_loop(), queue))
-        return queue
-
-    def unwatch(self, queue: asyncio.Queue) -> None:
-        with self._lock:
-            self._watchers = [(lo, q) for lo, q in self._watchers if q is not queue]
-
-
-def _resolve(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    torch = sys.modules.get("torch")  # not loaded: it cannot be torch's error
-    return torch is not None and isinstance(exc, torch.OutOfMemoryError)
 
 
 class LocalBackend:
@@ -163,9 +90,10 @@ class LocalBackend:
     `encode(result) -> JobOutput` turns an engine Result into what clients fetch; it runs in
     the worker. `retention` and `retention_bytes` bound the finished jobs kept for lookups."""
 
-    def __init__(self, engine, encode: Callable[[Any], JobOutput], *, max_size: int = 16,
-                 metrics=None, retention: int = 256, retention_bytes: int = 256 * 1024 * 1024,
-                 max_batch: int = 1, batch_wait_s: float = 0.0):
+    def __init__(self, engine: Runner, encode: Callable[[Any], JobOutput], *,
+                 max_size: int = 16, metrics=None, retention: int = 256,
+                 retention_bytes: int = 256 * 1024 * 1024, max_batch: int = 1,
+                 batch_wait_s: float = 0.0):
         if max_size < 1:
             raise ValueError("queue size must be at least 1")
         if max_batch < 1:
@@ -177,29 +105,21 @@ class LocalBackend:
         self.encode = encode
         self.max_size = max_size
         self.metrics = metrics
-        self.retention = retention
-        self.retention_bytes = retention_bytes
-        self._queue: collections.deque[Job] = collections.deque()
-        self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
-        self._kept_bytes = 0
+        self._table = JobTable(retention, retention_bytes)
+        self._queue: collections.deque[LocalJob] = collections.deque()
         self._cond = threading.Condition()
-        self._running: list[Job] = []
+        self._running: list[LocalJob] = []
         self._closing = False
         self._draining = False
         self._thread: threading.Thread | None = None
-        self._durations: collections.deque[float] = collections.deque(maxlen=20)
 
     # -- the Backend interface ----------------------------------------------------------------
 
     async def submit(self, workflow: str, request, *, timeout_s: float | None = None) -> JobView:
-        # validated before admission, off the loop; planned too when jobs may be batched
-        call = None
-        if self.max_batch > 1:
-            call = await asyncio.to_thread(self.engine.plan, request)
-        else:
-            await asyncio.to_thread(self.engine.validate, request)
+        # checked and described once, off the loop, before admission
+        call = await asyncio.to_thread(self.engine.plan, request)
         deadline = time.monotonic() + timeout_s if timeout_s else None
-        job = Job(workflow, request, deadline=deadline, call=call)
+        job = LocalJob(workflow, deadline=deadline, call=call)
         self._admit(job)
         if timeout_s:
             loop = asyncio.get_running_loop()
@@ -209,24 +129,11 @@ class LocalBackend:
         return job.view()
 
     async def wait(self, job_id: str) -> JobView:
-        job = self._job(job_id)
-        await job.future()
-        return job.view()
+        return await self._job(job_id).wait()
 
     async def events(self, job_id: str):
-        job = self._job(job_id)
-        queue = job.watch()
-        try:
-            yield {"event": "state", **job.view().summary()}
-            if job.state in FINAL:
-                return
-            while True:
-                event = await queue.get()
-                yield event
-                if event["event"] in FINAL:
-                    return
-        finally:
-            job.unwatch(queue)
+        async for event in self._job(job_id).events():
+            yield event
 
     async def cancel(self, job_id: str) -> JobView:
         job = self._job(job_id)
@@ -237,9 +144,7 @@ class LocalBackend:
         return self._job(job_id).view()
 
     async def jobs(self) -> list[JobView]:
-        with self._cond:
-            jobs = list(self._jobs.values())
-        return [job.view() for job in jobs]
+        return [job.view() for job in self.job_list()]
 
     async def health(self) -> Health:
         alive = self.alive
@@ -257,10 +162,9 @@ class LocalBackend:
 
     def describe(self) -> dict[str, Any]:
         engine = self.engine
-        inpaint_only = bool(getattr(engine, "inpaint_only", False))
-        tasks = ["inpaint"] if inpaint_only else list(engine.family.pipelines)
+        tasks = ["inpaint"] if engine.inpaint_only else list(engine.family.pipelines)
         return {"family": engine.family.name, "native_size": engine.native_size,
-                "inpaint_only": inpaint_only, "workflows": tasks}
+                "inpaint_only": engine.inpaint_only, "workflows": tasks}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -314,34 +218,32 @@ class LocalBackend:
         return len(self._queue)
 
     @property
-    def running(self) -> Job | None:
+    def running(self) -> LocalJob | None:
         """The first running job (of the running batch), if any."""
         running = self._running
         return running[0] if running else None
 
     def retry_after(self) -> int:
         """Seconds a client should wait before retrying: the queue's expected wait."""
-        durations = sorted(self._durations)
-        typical = durations[len(durations) // 2] if durations else 1.0
-        return max(1, min(600, round(typical * (len(self._queue) + 1))))
+        return self._table.retry_after(waiting=len(self._queue))
 
     def idle(self) -> bool:
         with self._cond:
             return not self._queue and not self._running
 
-    def job(self, job_id: str) -> Job:
+    def job(self, job_id: str) -> LocalJob:
         """The backend's own (live) job, for in-process callers."""
         return self._job(job_id)
 
-    def job_list(self) -> list[Job]:
+    def job_list(self) -> list[LocalJob]:
         with self._cond:
-            return list(self._jobs.values())
+            return list(self._table.jobs.values())
 
     @property
     def kept_bytes(self) -> int:
-        return self._kept_bytes
+        return self._table.kept_bytes
 
-    def cancel_job(self, job: Job) -> None:
+    def cancel_job(self, job: LocalJob) -> None:
         job.cancel.set()
         with self._cond:
             queued = job in self._queue
@@ -354,7 +256,7 @@ class LocalBackend:
 
     # -- admission and lookup ---------------------------------------------------------------
 
-    def _admit(self, job: Job) -> None:
+    def _admit(self, job: LocalJob) -> None:
         with self._cond:
             if self._draining:
                 raise ShuttingDown()
@@ -362,34 +264,27 @@ class LocalBackend:
                 raise QueueFull(f"the queue is full ({self.max_size} waiting); retry later",
                                 retry_after=self.retry_after())
             self._queue.append(job)
-            self._jobs[job.id] = job
-            self._forget_old()
+            self._table.add(job)
             self._cond.notify_all()
         self._update_gauges()
 
-    def _job(self, job_id: str) -> Job:
+    def _job(self, job_id: str) -> LocalJob:
         with self._cond:
-            return find_job(self._jobs, job_id)
+            return self._table.find(job_id)
 
-    def _forget_old(self) -> None:
-        """Called with the lock held."""
-        self._kept_bytes = forget_finished(self._jobs, self.retention, self.retention_bytes,
-                                           self._kept_bytes)
-
-    def _expire(self, job: Job) -> None:
+    def _expire(self, job: LocalJob) -> None:
         """The job's start deadline has passed: it expires unless it has started."""
         with self._cond:
             if job not in self._queue:
                 return
             self._queue.remove(job)
             self._cond.notify_all()
-        self._fail(job, EXPIRED, DeadlineExceeded(
-            "the request's deadline passed while it was queued; it was not run"))
+        self._fail(job, EXPIRED, _expired())
         self._update_gauges()
 
     # -- the worker -----------------------------------------------------------------------
 
-    def _next(self) -> list[Job] | None:
+    def _next(self) -> list[LocalJob] | None:
         """The next batch: the head of the queue and the queued jobs that merge with it."""
         while True:
             with self._cond:
@@ -398,7 +293,7 @@ class LocalBackend:
                         return None
                     self._cond.wait(0.5)
                 job = self._queue.popleft()
-                late = job.deadline is not None and time.monotonic() > job.deadline
+                late = job.late()
                 if not late:
                     batch = [job] + self._companions(job)
                     for member in batch:
@@ -407,24 +302,22 @@ class LocalBackend:
             self._update_gauges()
             if not late:
                 return batch
-            self._fail(job, EXPIRED, DeadlineExceeded(
-                "the request's deadline passed while it was queued; it was not run"))
+            self._fail(job, EXPIRED, _expired())
 
-    def _companions(self, head: Job) -> list[Job]:
+    def _companions(self, head: LocalJob) -> list[LocalJob]:
         """Queued jobs that can run in one pipeline call with `head`, oldest first, taken off the
         queue; waits up to `batch_wait_s` for them to arrive. Called with the lock held."""
-        key = head.call.merge_key() if head.call is not None else None
+        key = head.call.merge_key()
         if key is None or self.max_batch <= 1:
             return []
         end = time.monotonic() + self.batch_wait_s
-        taken: list[Job] = []
+        taken: list[LocalJob] = []
         while True:
             now = time.monotonic()
             for job in list(self._queue):
                 if len(taken) + 1 >= self.max_batch:
                     break
-                late = job.deadline is not None and now > job.deadline
-                if not late and job.call is not None and job.call.merge_key() == key:
+                if not job.late(now) and job.call.merge_key() == key:
                     self._queue.remove(job)
                     taken.append(job)
             left = end - time.monotonic()
@@ -438,10 +331,7 @@ class LocalBackend:
             if batch is None:
                 return
             try:
-                if batch[0].call is None:
-                    self._run(batch[0])
-                else:
-                    self._run_batch(batch)
+                self._run(batch)
             except BaseException:  # noqa: BLE001 - the worker must survive anything
                 log.exception("worker: unexpected failure around jobs %s",
                               ", ".join(job.id for job in batch))
@@ -453,43 +343,13 @@ class LocalBackend:
                     self._cond.notify_all()
                 self._update_gauges()
 
-    def _followers(self, job: Job):
-        """The progress and preview callbacks that turn a job's steps into events."""
-
-        def progress(step: int, total: int) -> None:
-            job.step, job.total = step, total
-            job.emit({"event": "progress", "id": job.id, "step": step, "total": total})
-
-        def preview(step: int, image) -> None:
-            if not job.watched():  # nobody follows the events: skip the encoding
-                return
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            job.emit({"event": "preview", "id": job.id, "step": step,
-                      "image": base64.b64encode(buffer.getvalue()).decode("ascii"),
-                      "media_type": "image/png"})
-
-        return progress, preview
-
-    def _run(self, job: Job) -> None:
-        progress, preview = self._followers(job)
-        job.emit({"event": "started", **job.view().summary()})
-        start = time.perf_counter()
-        try:
-            result = self.engine.generate(job.request, progress=progress, cancel=job.cancel,
-                                          preview=preview)
-        except Exception as exc:  # noqa: BLE001 - typed errors pass; the unexpected is logged
-            self._fail(job, *self._failure(exc, [job]))
-            return
-        self._done(job, result, time.perf_counter() - start)
-
-    def _run_batch(self, batch: list[Job]) -> None:
+    def _run(self, batch: list[LocalJob]) -> None:
         from ..engine import Job as Call
 
         calls = []
         for job in batch:
-            progress, preview = self._followers(job)
-            calls.append(Call(job.call, progress=progress, cancel=job.cancel, preview=preview))
+            calls.append(Call(job.call, progress=job.progress, cancel=job.cancel,
+                              preview=_previewer(job)))
             job.emit({"event": "started", **job.view().summary()})
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(batch))
@@ -509,8 +369,9 @@ class LocalBackend:
             else:
                 self._done(job, result, seconds)
 
-    def _failure(self, exc: Exception, jobs: list[Job]) -> tuple[str, FewstepError]:
-        """The final state and error for jobs whose run raised `exc`."""
+    def _failure(self, exc: Exception, jobs: list[LocalJob]) -> tuple[str, FewstepError]:
+        """The final state and error for jobs whose run raised `exc` (the engine reports
+        running out of memory, on any device, as the typed `OutOfMemory`)."""
         if isinstance(exc, Cancelled):
             if self._closing:  # cut at the end of the shutdown grace: the server's doing
                 job = jobs[0]
@@ -518,17 +379,13 @@ class LocalBackend:
                     f"the server shut down while the job ran (after step {job.step} of "
                     f"{job.total})")
             return CANCELLED, exc
-        if _is_out_of_memory(exc) or isinstance(exc, OutOfMemory):
-            self._release_memory()
-            return FAILED, OutOfMemory("out of memory on the device; try a smaller size or batch")
         if isinstance(exc, FewstepError):
             return FAILED, exc
         log.exception("job %s (%s) failed", jobs[0].id, jobs[0].workflow, exc_info=exc)
-        self._release_memory()
         return FAILED, InternalError()
 
-    def _done(self, job: Job, result, seconds: float) -> None:
-        self._durations.append(seconds)
+    def _done(self, job: LocalJob, result, seconds: float) -> None:
+        self._table.ran(seconds)
         if self.metrics is not None:
             self.metrics.generation_seconds.labels(job.workflow).observe(seconds)
         try:
@@ -541,14 +398,7 @@ class LocalBackend:
             del result  # the float32 images: only the encoded files are kept
         with self._cond:
             if job.finish(DONE, output=output):
-                if job.id in self._jobs:
-                    self._kept_bytes += output.nbytes
-                self._forget_old()
-
-    def _release_memory(self) -> None:
-        release = getattr(self.engine, "release_memory", None)
-        if release is not None:
-            release()
+                self._table.finished(job)
 
     # -- metrics ---------------------------------------------------------------------------
 
@@ -557,12 +407,32 @@ class LocalBackend:
             self.metrics.queue_depth.set(len(self._queue))
             self.metrics.running.set(len(self._running))
 
-    def _fail(self, job: Job, state: str, error: FewstepError) -> None:
+    def _fail(self, job: LocalJob, state: str, error: FewstepError) -> None:
         with self._cond:
             finished = job.finish(state, error=error)
             if finished:
-                self._forget_old()
+                self._table.finished(job)
         if finished:
             error.counted = True  # the HTTP layer does not count it again
             if self.metrics is not None:
                 self.metrics.errors.labels(error.kind).inc()
+
+
+def _expired() -> DeadlineExceeded:
+    return DeadlineExceeded("the request's deadline passed while it was queued; it was not run")
+
+
+def _previewer(job: Job):
+    """The preview callback that turns a step's preview image into an event (encoded only
+    while somebody follows the job's events)."""
+
+    def preview(step: int, image) -> None:
+        if not job.watched():
+            return
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        job.emit({"event": "preview", "id": job.id, "step": step,
+                  "image": base64.b64encode(buffer.getvalue()).decode("ascii"),
+                  "media_type": "image/png"})
+
+    return preview

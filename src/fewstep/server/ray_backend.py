@@ -19,13 +19,11 @@ disconnect) cancels its call, which cancels the job on the replica."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
-import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from ..errors import Cancelled, FewstepError
@@ -38,11 +36,11 @@ from .backend import (
     QUEUED,
     RUNNING,
     Health,
+    Job,
     JobOutput,
+    JobTable,
     JobView,
     QueueInfo,
-    find_job,
-    forget_finished,
 )
 from .errors import (DeadlineExceeded, InternalError, JobNotFound, QueueFull,
                      ReplicaUnavailable, ShuttingDown)
@@ -72,36 +70,16 @@ Dispatch = Callable[[str, Any, "float | None"], AsyncIterator[dict]]
 
 
 @dataclass(eq=False)
-class RemoteJob:
-    """A job as the ingress keeps it. Touched only on the ingress's event loop."""
+class RemoteJob(Job):
+    """A job as the ingress keeps it: its request until it starts (it may be sent again), the
+    replica running it and the task following its call."""
 
-    workflow: str
-    request: Any  # kept until the job starts (it may be sent again), then dropped
-    deadline: float | None = None  # time.monotonic() by which it must have started
-    id: str = field(default_factory=lambda: secrets.token_hex(8))
-    state: str = QUEUED
-    step: int = 0
-    total: int = 0
-    created: float = field(default_factory=time.time)
-    started: float | None = None
-    finished: float | None = None
-    cancelling: bool = False
-    error: FewstepError | None = None
-    output: JobOutput | None = None
+    request: Any = None
     replica: str | None = None
     task: asyncio.Task | None = None
-    watchers: list = field(default_factory=list)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def view(self) -> JobView:
-        return JobView(id=self.id, workflow=self.workflow, state=self.state, step=self.step,
-                       total=self.total, created=self.created, started=self.started,
-                       finished=self.finished, cancelling=self.cancelling, error=self.error,
-                       output=self.output)
-
-    def emit(self, event: dict) -> None:
-        for queue in list(self.watchers):
-            queue.put_nowait(event)
+    def let_go(self) -> None:
+        self.request = None
 
 
 def _retrieved(future: asyncio.Future) -> None:
@@ -125,11 +103,8 @@ class RayBackend:
         self._describe_call = describe
         self.settings = settings
         self.overflow = overflow
-        self.retention = retention
-        self.retention_bytes = retention_bytes
         self.state_ttl_s = state_ttl_s
-        self._jobs: collections.OrderedDict[str, RemoteJob] = collections.OrderedDict()
-        self._kept_bytes = 0
+        self._table = JobTable(retention, retention_bytes)
         self._description: dict | None = None
         self._state: ReplicaState | None = None
         self._state_at = 0.0
@@ -140,7 +115,6 @@ class RayBackend:
         self._idle = threading.Event()
         self._idle.set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._durations: collections.deque[float] = collections.deque(maxlen=20)
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -162,11 +136,11 @@ class RayBackend:
         if self._active >= limit:
             raise QueueFull(f"every replica is full ({self._active} jobs for {state.ready} "
                             f"replica(s)); retry later", retry_after=self.retry_after(state))
-        job = RemoteJob(workflow, request,
+        job = RemoteJob(workflow, request=request,
                         deadline=time.monotonic() + timeout_s if timeout_s else None)
         admitted: asyncio.Future = self._loop.create_future()
         admitted.add_done_callback(_retrieved)
-        self._jobs[job.id] = job
+        self._table.jobs[job.id] = job
         self._set_active(+1)
         job.task = asyncio.ensure_future(self._follow(job, admitted))
         try:
@@ -175,32 +149,17 @@ class RayBackend:
             self._cancel(job, Cancelled("cancelled while queued; it never ran"), CANCELLED)
             raise
         except FewstepError:
-            self._jobs.pop(job.id, None)  # refused: never a job anyone can look up
+            self._table.discard(job)  # refused: never a job anyone can look up
             raise
-        self._forget_old()
+        self._table.forget_old()
         return job.view()
 
     async def wait(self, job_id: str) -> JobView:
-        job = self._job(job_id)
-        await job.done.wait()
-        return job.view()
+        return await self._job(job_id).wait()
 
     async def events(self, job_id: str):
-        job = self._job(job_id)
-        queue: asyncio.Queue = asyncio.Queue()
-        job.watchers.append(queue)
-        try:
-            yield {"event": "state", **job.view().summary()}
-            if job.state in FINAL:
-                return
-            while True:
-                event = await queue.get()
-                yield event
-                if event["event"] in FINAL:
-                    return
-        finally:
-            with contextlib.suppress(ValueError):
-                job.watchers.remove(queue)
+        async for event in self._job(job_id).events():
+            yield event
 
     async def cancel(self, job_id: str) -> JobView:
         job = self._job(job_id)
@@ -218,7 +177,7 @@ class RayBackend:
         return self._job(job_id).view()
 
     async def jobs(self) -> list[JobView]:
-        return [job.view() for job in self._jobs.values()]
+        return [job.view() for job in self._table.jobs.values()]
 
     async def health(self) -> Health:
         state = await self.replica_state()
@@ -232,8 +191,8 @@ class RayBackend:
 
     async def queue_info(self) -> QueueInfo:
         state = await self.replica_state()
-        running = tuple(j.view() for j in self._jobs.values() if j.state == RUNNING)
-        depth = sum(1 for j in self._jobs.values() if j.state == QUEUED)
+        running = tuple(j.view() for j in self._table.jobs.values() if j.state == RUNNING)
+        depth = sum(1 for j in self._table.jobs.values() if j.state == QUEUED)
         # waiting places: each ready replica's queue (its capacity less the running job) and
         # the overflow here
         limit = self.capacity(state) - state.ready
@@ -291,7 +250,7 @@ class RayBackend:
             done.wait(timeout)
 
     def _stop_jobs(self) -> None:
-        for job in list(self._jobs.values()):
+        for job in list(self._table.jobs.values()):
             if job.state not in FINAL:
                 self._cancel(job, ShuttingDown("the server shut down before the job finished"),
                              FAILED)
@@ -321,17 +280,15 @@ class RayBackend:
 
     def replica_of(self, job_id: str) -> str | None:
         """The replica that ran (or runs) a job, for the X-Fewstep-Replica header."""
-        job = self._jobs.get(job_id) if isinstance(job_id, str) else None
+        job = self._table.jobs.get(job_id) if isinstance(job_id, str) else None
         return job.replica if job is not None else None
 
     def retry_after(self, state: ReplicaState | None = None) -> int:
         """Seconds to wait before retrying: a typical job's time, times the jobs ahead of the
         next free slot on each ready replica."""
-        durations = sorted(self._durations)
-        typical = durations[len(durations) // 2] if durations else 1.0
-        ready = max(1, state.ready if state is not None else 1)
-        waiting = sum(1 for j in self._jobs.values() if j.state == QUEUED)
-        return max(1, min(600, round(typical * (waiting / ready + 1))))
+        ready = state.ready if state is not None else 1
+        waiting = sum(1 for j in self._table.jobs.values() if j.state == QUEUED)
+        return self._table.retry_after(waiting, ready)
 
     # -- one job's call -----------------------------------------------------------------------
 
@@ -410,12 +367,10 @@ class RayBackend:
         if job.state in FINAL:  # cancelled here meanwhile: the rest is not ours to show
             return True
         if kind == "started":
-            job.state, job.started = RUNNING, time.time()
             job.request = None
-            job.emit({"event": "started", **job.view().summary()})
+            job.start()
         elif kind == "progress":
-            job.step, job.total = message["step"], message["total"]
-            job.emit({"event": "progress", "id": job.id, "step": job.step, "total": job.total})
+            job.progress(message["step"], message["total"])
         elif kind == "preview":
             job.emit({**message, "id": job.id})
         elif kind == "final":
@@ -423,7 +378,7 @@ class RayBackend:
             job.total = message.get("total", job.total)
             output = message.get("output")
             if output is not None and message["state"] == DONE:
-                self._durations.append(output.seconds)
+                self._table.ran(output.seconds)
             self._finish(job, message["state"], output=output, error=message.get("error"))
             return True
         return False
@@ -435,7 +390,7 @@ class RayBackend:
             admitted.set_exception(error)
             self._finish(job, EXPIRED if isinstance(error, DeadlineExceeded) else FAILED,
                          error=error)
-            self._jobs.pop(job.id, None)
+            self._table.discard(job)
             return
         state = EXPIRED if isinstance(error, DeadlineExceeded) else FAILED
         self._finish(job, state, error=error)
@@ -443,26 +398,16 @@ class RayBackend:
     def _cancel(self, job: RemoteJob, error: FewstepError, state: str) -> None:
         if job.state in FINAL:
             return
-        job.cancelling = True
+        job.cancel.set()
         self._finish(job, state, error=error)
         if job.task is not None:
             job.task.cancel()  # cancels the call: the replica stops the job at its next step
 
     def _finish(self, job: RemoteJob, state: str, *, output: JobOutput | None = None,
                 error: FewstepError | None = None) -> None:
-        if job.state in FINAL:
-            return
-        if error is not None:
-            error.__traceback__ = error.__context__ = error.__cause__ = None
-        job.state, job.output, job.error = state, output, error
-        job.finished = time.time()
-        job.request = None
-        if output is not None and job.id in self._jobs:
-            self._kept_bytes += output.nbytes
-        job.done.set()
-        job.emit({"event": state, **job.view().summary()})
-        self._set_active(-1)
-        self._forget_old()
+        if job.finish(state, output=output, error=error):
+            self._table.finished(job)
+            self._set_active(-1)
 
     def _set_active(self, change: int) -> None:
         self._active += change
@@ -474,8 +419,4 @@ class RayBackend:
     # -- lookup and retention -------------------------------------------------------------------
 
     def _job(self, job_id: str) -> RemoteJob:
-        return find_job(self._jobs, job_id)
-
-    def _forget_old(self) -> None:
-        self._kept_bytes = forget_finished(self._jobs, self.retention, self.retention_bytes,
-                                           self._kept_bytes)
+        return self._table.find(job_id)

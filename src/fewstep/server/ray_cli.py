@@ -1,5 +1,6 @@
 """`fewstep serve --ray`: the same service on Ray Serve. Starts a local Ray instance (or joins
-one with `--ray-address`), deploys the application of `fewstep.server.deployments` with its HTTP entry on
+one with `--ray-address`), deploys the application of `fewstep.server.deployments` with its
+HTTP entry on
 `--host/--port`, and on SIGTERM drains: readiness goes false, new work gets 503, running and
 queued work may finish within `--grace` seconds; then the application is removed, and Serve and
 the Ray instance are shut down if fewstep started them (a joined cluster is left running).

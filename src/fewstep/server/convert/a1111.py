@@ -101,19 +101,20 @@ def response(view: JobView, body: A1111Payload, warnings: list[str], model_name:
     from ...outputs import a1111_parameters
 
     output = view.output
-    record = output.params["request"]
+    record = output.record
+    request = record.request
     count = len(output.files)
     info = {
-        "prompt": record["prompt"], "all_prompts": [record["prompt"]] * count,
-        "negative_prompt": record.get("negative_prompt") or "",
-        "seed": record["seed"], "all_seeds": [record["seed"]] * count,
-        "steps": record["steps"], "cfg_scale": record["guidance"],
-        "width": output.params.get("width"), "height": output.params.get("height"),
+        "prompt": request["prompt"], "all_prompts": [request["prompt"]] * count,
+        "negative_prompt": request.get("negative_prompt") or "",
+        "seed": request["seed"], "all_seeds": [request["seed"]] * count,
+        "steps": request["steps"], "cfg_scale": request["guidance"],
+        "width": record.width, "height": record.height,
         "sampler_name": "LCM", "batch_size": count,
-        "sd_model_name": model_name, "loras": record.get("loras", []),
-        "infotexts": [a1111_parameters(output.params, i) for i in range(count)],
+        "sd_model_name": model_name, "loras": request.get("loras", []),
+        "infotexts": [a1111_parameters(record, i) for i in range(count)],
         "job_id": view.id, "warnings": [*warnings, *output.warnings],
-        "fewstep": output.params,
+        "fewstep": record.to_dict(),
     }
     parameters = body.model_dump(exclude={"init_images", "mask"})
     return {"images": [b64(data) for data, _ in output.files], "parameters": parameters,

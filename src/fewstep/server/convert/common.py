@@ -124,19 +124,17 @@ def encode_result(result, catalog) -> JobOutput:
     parameters, or GIF animations), ready to send."""
     from ...outputs import encode_animation, encode_image
 
-    params = catalog.redact_obj(result.params)
+    record = catalog.redact_record(result.record)
     files = []
     if result.is_animation:
-        fps = int(params.get("request", {}).get("fps") or 8)
+        fps = int(record.request.get("fps") or 8)
         for i in range(result.images.shape[0]):
-            files.append((encode_animation(result.pil_frames(i), ".gif", fps, params, i),
+            files.append((encode_animation(result.pil_frames(i), ".gif", fps, record, i),
                           "image/gif"))
     else:
-        height, width = result.images.shape[1:3]
-        params_png = {**params, "width": width, "height": height}
         for i, image in enumerate(result.pil_images()):
-            files.append((encode_image(image, ".png", params_png, i), "image/png"))
-    return JobOutput(files=tuple(files), params=params,
+            files.append((encode_image(image, ".png", record, i), "image/png"))
+    return JobOutput(files=tuple(files), record=record,
                      warnings=tuple(catalog.redact(w) for w in result.warnings),
                      seconds=result.seconds)
 

@@ -35,9 +35,9 @@ def generation_result(view: JobView) -> dict:
     return {
         "id": view.id,
         "workflow": view.workflow,
-        "seed": output.params["request"]["seed"],
+        "seed": output.record.request["seed"],
         "images": [{"b64": b64(data), "media_type": media} for data, media in output.files],
-        "params": output.params,
+        "params": output.record.to_dict(),
         "warnings": list(output.warnings),
         "seconds": round(output.seconds, 4),
     }

@@ -97,8 +97,8 @@ def images_response(view: JobView, body: ImagesRequest, store_file, public_url: 
             data.append({"url": f"{base}/v1/files/{token}.png"})
         else:
             data.append({"b64_json": b64(payload)})
-    record = output.params["request"]
-    width = output.params.get("width", record.get("width"))
-    height = output.params.get("height", record.get("height"))
+    request = output.record.request
+    width = output.record.width or request.get("width")
+    height = output.record.height or request.get("height")
     return {"created": int(time.time()), "data": data, "output_format": "png",
             "size": f"{width}x{height}" if width and height else None}

@@ -1,0 +1,175 @@
+"""`fewstep.build`: every check that configs and file headers allow comes before anything loads,
+and what is built ahead is only what will run."""
+
+from __future__ import annotations
+
+import pytest
+
+from fewstep.build import build_engine, inspect
+from fewstep.cli import main
+from fewstep.errors import InvalidRequest, LoraError, ModelError
+from fewstep.selftest import sample_image
+from fewstep.tasks import AnimateRequest, ControlNetRequest, T2IAdapterRequest, Txt2ImgRequest
+
+
+def _base(tiny):
+    return ["--model", str(tiny.sd15), "--lcm-lora", str(tiny.lcm_sd15), "--device", "cpu",
+            "--quiet"]
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error")
+    return lines[0]
+
+
+# -- the blueprint: what the configs and headers say, nothing loaded --------------------------
+
+@pytest.mark.parametrize("name, family, native, inpaint", [
+    ("sd15", "sd15", 64, False), ("sdxl", "sdxl", 64, False), ("ssd1b", "ssd-1b", 64, False),
+    ("sd15_inpaint", "sd15", 64, True), ("sd15_single_file", "sd15", 512, False),
+])
+def test_the_blueprint_reads_configs_and_headers_only(tiny, no_loading, name, family, native,
+                                                      inpaint):
+    blueprint = inspect(model=str(getattr(tiny, name)), lcm_lora="none", device="cpu")
+    assert (blueprint.family.name, blueprint.inpaint_only) == (family, inpaint)
+    # a single file without its configs: its family's size, the configs it will load with
+    assert blueprint.native_size == native
+
+
+def test_a_single_file_with_its_configs_takes_their_size(tiny, no_loading):
+    blueprint = inspect(model=str(tiny.sd15_single_file), model_config_dir=str(tiny.sd15),
+                        lcm_lora="none", device="cpu")
+    assert blueprint.native_size == 64
+
+
+@pytest.fixture(scope="module")
+def coarse_adapter(tmp_path_factory):
+    """An SD1.5 T2I-Adapter that downscales by 16 overall: sizes must be multiples of 16."""
+    import torch
+    from diffusers import T2IAdapter
+
+    from fewstep.testing import _BLOCKS
+
+    torch.manual_seed(0)
+    adapter = T2IAdapter(in_channels=3, channels=list(_BLOCKS), num_res_blocks=1,
+                         downscale_factor=8, adapter_type="full_adapter")
+    assert adapter.total_downscale_factor == 16
+    folder = tmp_path_factory.mktemp("coarse-adapter")
+    adapter.save_pretrained(folder)
+    return folder
+
+
+def test_requests_are_planned_against_the_blueprint(tiny, no_loading, coarse_adapter):
+    blueprint = inspect(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu")
+    call = blueprint.plan(Txt2ImgRequest(prompt="x"))
+    assert (call.width, call.height) == (64, 64) and call.seed is not None
+    # a T2I-Adapter's own downscale factor, read from its config (it is not loaded)
+    with pytest.raises(InvalidRequest) as info:
+        blueprint.plan(T2IAdapterRequest(prompt="x", control_image=sample_image(),
+                                         adapter=str(coarse_adapter), width=72, height=64))
+    assert info.value.field == "width" and "multiple of 16" in info.value.message
+    with pytest.raises(ModelError) as info:
+        inspect(model=str(tiny.sd15_inpaint), lcm_lora="none", device="cpu").plan(
+            Txt2ImgRequest(prompt="x"))
+    assert info.value.field == "model"
+
+
+# -- misfits are refused before anything loads ------------------------------------------------
+
+def test_a_lora_of_another_family_is_refused_before_loading(tiny, no_loading):
+    with pytest.raises(LoraError) as info:
+        build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu",
+                     loras={"lora.style": str(tiny.style_sdxl_ldm)})
+    assert info.value.field == "lora.style"
+    with pytest.raises(LoraError) as info:  # the LCM-LoRA too
+        build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sdxl), device="cpu")
+    assert info.value.field == "lcm_lora"
+
+
+def test_a_motion_lora_passes_the_check_and_preloads_only_with_animations(tiny):
+    engine = build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu",
+                          speed="off", loras={"lora.motion": str(tiny.motion_lora)})
+    assert not engine.current_loras
+    result = engine.generate(AnimateRequest(prompt="x", seed=1, steps=2, num_frames=2,
+                                            motion_adapter=str(tiny.motion_adapter),
+                                            loras=[{"ref": str(tiny.motion_lora)}]))
+    assert result.images.shape[:2] == (1, 2)
+
+
+@pytest.mark.parametrize("kind, given, other", [
+    ("controlnet", "adapter_sd15", "--adapter"),
+    ("adapter", "controlnet", "--controlnet"),
+    ("motion_adapter", "controlnet", "--controlnet"),
+])
+def test_a_component_of_the_wrong_kind_is_refused_in_one_line(tiny, no_loading, kind, given,
+                                                              other):
+    with pytest.raises(ModelError) as info:
+        build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu",
+                     components={kind: {f"{kind}.x": str(getattr(tiny, given))}})
+    assert info.value.field == f"{kind}.x" and other in info.value.message
+
+
+def test_a_loaded_engine_refuses_the_wrong_kind_too(sd15_engine, tiny):
+    with pytest.raises(ModelError) as info:
+        sd15_engine.generate(ControlNetRequest(prompt="x", seed=1, control_image=sample_image(),
+                                               controlnet=str(tiny.adapter_sd15)))
+    assert info.value.field == "controlnet" and "--adapter" in info.value.message
+
+
+@pytest.mark.parametrize("args, field", [
+    (["txt2img", "x", "--lora", "MODELS/style-sdxl-ldm.safetensors"], "lora.0"),
+    (["txt2img", "x", "--lcm-lora", "MODELS/lcm-lora-sdxl"], "lcm_lora"),
+    (["controlnet", "x", "--control-image", "INPUT", "--controlnet",
+      "MODELS/t2i-adapter-sd15"], "controlnet"),
+    (["controlnet", "x", "--control-image", "INPUT", "--controlnet",
+      "MODELS/controlnet-sdxl"], "controlnet"),
+    (["t2i-adapter", "x", "--control-image", "INPUT", "--adapter", "MODELS/controlnet"],
+     "adapter"),
+    (["t2i-adapter", "x", "--control-image", "INPUT", "--adapter", "COARSE", "--width", "72",
+      "--height", "64"], "width"),
+    (["animate", "x", "--motion-adapter", "MODELS/controlnet", "--out", "OUT/x.gif"],
+     "motion_adapter"),
+])
+def test_a_command_refuses_misfits_before_loading(tiny, tmp_path, capsys, no_loading,
+                                                  coarse_adapter, args, field):
+    image = tmp_path / "input.png"
+    sample_image().save(image)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [a.replace("MODELS", str(tiny.root)).replace("INPUT", str(image))
+            .replace("OUT", str(out)).replace("COARSE", str(coarse_adapter)) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(out / "x.png")]
+    assert main([args[0], *_base(tiny), *args[1:]]) != 0
+    assert f"({field})" in _one_error_line(capsys.readouterr().err)
+    assert list(out.iterdir()) == []
+
+
+# -- what a one-shot command builds ahead: its own call, nothing else ---------------------------
+
+@pytest.fixture
+def converted(tmp_path, monkeypatch):
+    """The sizes of the UNets and VAE decoders a command converted to OpenVINO."""
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "fewstep" / "compile" / "openvino"
+    return lambda: sorted("-".join(p.name.split("-")[:2]) for p in folder.glob("*.xml"))
+
+
+def test_a_command_converts_the_size_it_generates(tiny, tmp_path, converted):
+    """No --width: the model's native size (64 for the tiny model), not the family's 512."""
+    out = tmp_path / "cat.png"
+    assert main(["txt2img", "a cat", *_base(tiny), "--steps", "2", "--openvino", "on",
+                 "--out", str(out)]) == 0
+    assert converted() == ["unet-64x64", "vae-64x64"]
+
+
+def test_an_animation_builds_nothing_ahead(tiny, tmp_path, converted, capsys):
+    """Its motion UNet is a copy the converted base UNet would never serve."""
+    out = tmp_path / "cat.gif"
+    assert main(["animate", "a cat", *_base(tiny), "--motion-adapter", str(tiny.motion_adapter),
+                 "--steps", "2", "--num-frames", "2", "--openvino", "on",
+                 "--out", str(out)]) == 0
+    assert out.exists() and converted() == []
