@@ -76,6 +76,8 @@ def create_app(engine=None, catalog: Catalog | None = None,
             "AUTOMATIC1111 API subset (/sdapi/v1/...). Errors are "
             '`{"error": {"type", "message", "field"}}`.'),
         lifespan=lifespan,
+        docs_url=None,  # /docs is api_docs' page, with its assets from the package (offline)
+        redoc_url=None,  # ReDoc would load from a CDN: blank offline
     )
     app.state.service = service
     backend.start()  # also without a lifespan (some test clients skip it)
@@ -92,7 +94,7 @@ def create_app(engine=None, catalog: Catalog | None = None,
 
     _install_error_handlers(app, service)
 
-    from . import studio
+    from . import api_docs, studio
     from .routes import a1111, catalogue, health, jobs, native, openai
 
     app.include_router(native.router(service))
@@ -102,6 +104,7 @@ def create_app(engine=None, catalog: Catalog | None = None,
     app.include_router(catalogue.router(service))
     app.include_router(health.router(service))
     app.include_router(studio.router(service))
+    app.include_router(api_docs.router(title=app.title, openapi_url=app.openapi_url))
     return app
 
 
