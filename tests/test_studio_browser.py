@@ -704,6 +704,21 @@ def test_every_control_has_a_label(studio):
         assert not unlabelled, (task, unlabelled)
 
 
+def test_the_negative_prompt_hint_follows_the_guidance(studio):
+    hint = studio.locator("#negative-hint")
+    assert studio.by("guidance").input_value() == "1"
+    assert hint.is_visible() and "No effect" in hint.inner_text()
+    studio.set_task("inpaint")  # its recipe's guidance is 4: the negative prompt is used
+    assert studio.by("guidance").input_value() == "4"
+    assert not hint.is_visible()
+    studio.set_task("txt2img")
+    assert hint.is_visible()
+    studio.by("guidance").fill("2")
+    assert not hint.is_visible()
+    studio.locator("#guidance-range").fill("1")  # the slider too
+    assert hint.is_visible()
+
+
 def test_narrow_phone_screen(chromium, server, images, shots):
     base, _ = server
     page = open_studio(chromium, base, viewport=PHONE, is_mobile=True, has_touch=True)

@@ -431,10 +431,16 @@ function readNumber(input, field) {
   return value;
 }
 
+// The negative prompt only acts with classifier-free guidance (guidance above 1): the hint is
+// shown while it has no effect, and only then.
 function syncNegativeHint() {
   const guidance = Number($("guidance").value);
   const inert = Number.isFinite(guidance) && guidance <= 1;
   $("negative-field").classList.toggle("inert", inert);
+  $("negative-hint").hidden = !inert;
+  // a hidden element still describes the field it is named by: name it only while shown
+  if (inert) $("negative").setAttribute("aria-describedby", "negative-hint");
+  else $("negative").removeAttribute("aria-describedby");
   $("negative-hint").classList.toggle("warn", inert && $("negative").value.trim() !== "");
 }
 $("guidance").addEventListener("input", syncNegativeHint);
