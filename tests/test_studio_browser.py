@@ -746,6 +746,31 @@ def test_narrow_phone_screen(chromium, server, images, shots):
         page.page.context.close()
 
 
+def test_phone_shows_every_task_and_the_input_image_before_the_results(chromium, server,
+                                                                      images, shots):
+    base, _ = server
+    page = open_studio(chromium, base, viewport=PHONE, is_mobile=True, has_touch=True)
+    try:
+        page.open().wait_ready()
+        for task in ("txt2img", "img2img", "inpaint", "controlnet", "t2i-adapter", "animate"):
+            box = page.by(f"task-{task}").bounding_box()
+            assert box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], (task, box)
+        assert page.evaluate("() => { const t = document.querySelector('.tasks');"
+                             " return t.scrollWidth <= t.clientWidth; }")  # nothing hidden
+        page.shot(shots, "phone-tabs", full_page=False)
+        page.set_task("animate")  # the last task: one tap, no scrolling
+        fill_for(page, "img2img", images)
+        page.generate()
+        result = page.wait_result()
+        image = page.locator("#input-image").bounding_box()
+        assert image["y"] + image["height"] <= page.by("generate").bounding_box()["y"]
+        assert image["y"] + image["height"] <= result.bounding_box()["y"]
+        page.shot(shots, "phone-img2img")
+        assert not page.errors, page.errors
+    finally:
+        page.page.context.close()
+
+
 def test_readme_screenshot(chromium, server, images, shots):
     """The picture in the README (docs/studio.png): ControlNet with its edge map, a result and
     a short history. Refresh it with
