@@ -310,6 +310,47 @@ def test_images_by_drop_and_by_paste(studio, images):
     assert np.array_equal(sent, np.asarray(Image.open(images["noise"]).convert("RGB")))
 
 
+def test_an_input_image_size_that_changes_is_said_and_its_own_size_offered(studio, tmp_path,
+                                                                          shots):
+    """The tiny model's native size is 64: a 96 x 80 image is scaled to that area (64 x 56)
+    and a 60 x 44 one rounded to multiples of 8; the page says so, in the size list too, and
+    offers the image's own size."""
+    large, odd = tmp_path / "large.png", tmp_path / "odd.png"
+    sample_image(64, seed=3).resize((96, 80)).save(large)
+    sample_image(64, seed=4).resize((60, 44)).save(odd)
+    studio.set_task("img2img")
+    size = (lambda: (studio.by("width").input_value(), studio.by("height").input_value()))
+    chosen = (lambda: studio.by("size-preset").locator("option:checked").inner_text())
+    meta = studio.locator("#image-meta")
+
+    studio.by("image-input").set_input_files(str(large))
+    studio.wait_for_selector("#image-meta:has-text('large.png')")
+    assert size() == ("64", "56")
+    assert "96 × 80" in meta.inner_text() and "64 × 56" in meta.inner_text()
+    assert "scaled" in meta.inner_text()
+    assert "64 × 56" in chosen() and "scaled" in chosen(), chosen()
+    assert "From the image (64 × 56)" not in studio.by("size-preset").inner_text()
+    own = studio.by("size-preset").locator("option[value='96x80']")
+    assert "96 × 80" in own.inner_text()  # the image's own size is one choice away
+    studio.shot(shots, "input-scaled")
+    studio.by("size-preset").select_option("96x80")
+    assert size() == ("96", "80")
+    assert "64 × 56" not in meta.inner_text() and "scaled" not in meta.inner_text()
+    studio.by("prompt").fill("at the image's size")
+    studio.by("steps").fill("2")
+    studio.generate()
+    result = studio.wait_result()
+    assert result.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [96, 80]
+    assert (studio.job_posts("img2img")[-1]["width"],
+            studio.job_posts("img2img")[-1]["height"]) == (96, 80)
+
+    studio.by("image-input").set_input_files(str(odd))
+    studio.wait_for_selector("#image-meta:has-text('odd.png')")
+    assert size() == ("56", "40")
+    assert "60 × 44" in meta.inner_text() and "56 × 40" in meta.inner_text()
+    assert "multiples of 8" in meta.inner_text() and "multiples of 8" in chosen()
+
+
 # -- the mask canvas ----------------------------------------------------------------------------
 
 def paint(studio, points):

@@ -307,6 +307,7 @@ function selectTask(task) {
   $("mask-canvas").hidden = task !== "inpaint";
   loadTaskValues(task);
   fillSizePresets();
+  updateImageMeta();
   clearError();
   syncNegativeHint();
   if (CONTROL_TASKS.has(task)) scheduleCanny(0);
@@ -349,8 +350,14 @@ function fillSizePresets() {
   const select = $("size-preset");
   const options = [];
   if (IMAGE_TASKS.has(state.task) && state.image) {
-    const [w, h] = imageSize();
-    options.push(new Option(`From the image (${w} × ${h})`, `${w}x${h}`));
+    const { own, fitted } = imageSizes();
+    if (fitted !== own) {
+      options.push(new Option(`Image scaled to the native area (${fitted.join(" × ")})`,
+        fitted.join("x")));
+    }
+    const rounded = own[0] !== state.image.width || own[1] !== state.image.height;
+    options.push(new Option(rounded ? `Image size, rounded to multiples of 8 (${own.join(" × ")})`
+      : `Image size (${own.join(" × ")})`, own.join("x")));
   }
   if (state.catalog) {
     const model = state.catalog.data[0];
@@ -372,20 +379,38 @@ function syncSizePreset() {
   const value = `${$("width").value}x${$("height").value}`;
   const select = $("size-preset");
   select.value = [...select.options].some((o) => o.value === value) ? value : "custom";
+  updateImageMeta();
 }
 
-// An input image sets the size: its own, rounded down to a multiple of 8, or scaled down to the
+// The sizes an input image offers: `own`, its size rounded down to multiples of 8 (which the
+// model needs), and `fitted`, the size it gets by default: its own, or scaled down to the
 // model's native area when it is larger (a 12-megapixel photo would be slow and off-model).
-function imageSize() {
-  let { width, height } = state.image;
+function imageSizes() {
+  const { width, height } = state.image;
+  const own = [roundTo(width, 8), roundTo(height, 8)];
   const native = state.catalog ? state.catalog.data[0].native_size : 512;
   const area = native * native;
-  if (width * height > area) {
-    const s = Math.sqrt(area / (width * height));
-    width *= s;
-    height *= s;
+  if (width * height <= area) return { own, fitted: own };
+  const s = Math.sqrt(area / (width * height));
+  return { own, fitted: [roundTo(width * s, 8), roundTo(height * s, 8)] };
+}
+
+// The input image's name and size, and, when the request's size differs, that the service
+// resizes it to that size and why (said, so a smaller result is no surprise).
+function updateImageMeta() {
+  if (!state.image) return;
+  const { name, width, height } = state.image;
+  let text = `${name} · ${width} × ${height}`;
+  const target = [Number($("width").value), Number($("height").value)];
+  if (target[0] > 0 && target[1] > 0 && (target[0] !== width || target[1] !== height)) {
+    const { own, fitted } = imageSizes();
+    const is = (size) => size[0] === target[0] && size[1] === target[1];
+    const why = is(own) ? "rounded down to multiples of 8"
+      : is(fitted) ? "scaled down to the model's native area; its own size is under Size"
+        : "the width and height below";
+    text += ` · generated at ${target[0]} × ${target[1]} (${why})`;
   }
-  return [roundTo(width, 8), roundTo(height, 8)];
+  $("image-meta").textContent = text;
 }
 
 $("size-preset").addEventListener("change", () => {
@@ -395,6 +420,7 @@ $("size-preset").addEventListener("change", () => {
   $("width").value = w;
   $("height").value = h;
   $("width").dataset.touched = "1";
+  updateImageMeta();
   onInputChanged();
 });
 for (const id of ["width", "height"]) {
@@ -508,12 +534,12 @@ function setInputImage(image) {
   $("image-stage").style.setProperty("--aspect", String(image.width / image.height));
   $("image-stage").hidden = false;
   $("drop-zone").classList.add("has-image");
-  $("image-meta").textContent = `${image.name} · ${image.width} × ${image.height}`;
   mask.setSize(image.width, image.height);
-  const [w, h] = imageSize();
+  const [w, h] = imageSizes().fitted;
   $("width").value = w;
   $("height").value = h;
   fillSizePresets();
+  updateImageMeta();
   clearError();
   scheduleCanny(0);
   onInputChanged();
