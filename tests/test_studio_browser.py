@@ -275,21 +275,25 @@ def test_every_task_end_to_end(studio, server, images, shots, task, expected):
     studio.shot(shots, f"task-{task}")
 
 
-def drop_or_paste(studio, path, how):
-    """Drop a file on the drop zone, or paste it, as a browser does (a DataTransfer)."""
+def drop_or_paste(studio, path, how, target="#drop-zone"):
+    """Drop a file on `target` (the image drop zone unless said), or paste it, as a browser
+    does (a DataTransfer)."""
     data = base64.b64encode(Path(path).read_bytes()).decode()
-    studio.evaluate("""([data, name, how]) => {
+    studio.evaluate("""([data, name, how, target]) => {
         const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
         const transfer = new DataTransfer();
         transfer.items.add(new File([bytes], name, { type: "image/png" }));
         if (how === "drop") {
-          document.getElementById("drop-zone").dispatchEvent(
-            new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+          const element = document.querySelector(target);
+          for (const type of ["dragenter", "dragover", "drop"]) {
+            element.dispatchEvent(
+              new DragEvent(type, { dataTransfer: transfer, bubbles: true, cancelable: true }));
+          }
         } else {
           document.dispatchEvent(new ClipboardEvent("paste",
             { clipboardData: transfer, bubbles: true, cancelable: true }));
         }
-    }""", [data, Path(path).name, how])
+    }""", [data, Path(path).name, how, target])
 
 
 def test_images_by_drop_and_by_paste(studio, images):
@@ -729,6 +733,102 @@ def test_history_keeps_results_and_restores_their_settings(studio, images):
     assert studio.by("result").first.get_attribute("data-seed") == seed
     item.locator(".history-delete").click()
     studio.wait_for_selector("#history:not(:has(li))", state="attached")
+
+
+# -- settings read back from a PNG ---------------------------------------------------------------
+
+def test_settings_are_read_back_from_a_dropped_or_chosen_png(studio, server, images, tmp_path,
+                                                             shots):
+    """Every PNG the service writes carries its record (`fewstep` chunk) and A1111 infotext
+    (`parameters`): dropped on the page or chosen with the button, it fills the form."""
+    base, service = server
+    sent = {"prompt": "read me back", "negative_prompt": "blur", "steps": 3, "guidance": 1.5,
+            "width": 64, "height": 56, "seed": 1234, "loras": [{"name": "style", "weight": 0.5}]}
+    made = httpx.post(base + "/v1/txt2img", json=sent, timeout=WAIT).json()
+    first = tmp_path / "made.png"
+    first.write_bytes(base64.b64decode(made["images"][0]["b64"]))
+
+    drop_or_paste(studio, first, "drop", target="#prompt")  # anywhere on the page
+    studio.wait_for_selector("#status:has-text('Settings read from made.png')")
+    form = {name: studio.by(name).input_value() for name in
+            ("prompt", "negative", "seed", "steps", "guidance", "width", "height")}
+    assert form == {"prompt": "read me back", "negative": "blur", "seed": "1234", "steps": "3",
+                    "guidance": "1.5", "width": "64", "height": "56"}
+    assert studio.by("lora-toggle-style").is_checked()
+    assert studio.by("lora-style").input_value() == "0.5"
+    assert not studio.by("lora-toggle-style-peft").is_checked()
+    studio.shot(shots, "settings-from-png")
+    studio.generate()  # the same settings: the same picture
+    studio.wait_result()
+    body = studio.job_posts("txt2img")[-1]
+    assert {k: body.get(k) for k in sent} == sent
+    again = service.backend.job(studio.current_job()).output.files[0][0]
+    assert decode(base64.b64encode(again).decode()).tolist() == \
+        decode(made["images"][0]["b64"]).tolist()
+
+    # an image-to-image record, chosen with the button: the task and strength come back; the
+    # input image is not in the file, which the page says
+    shapes = base64.b64encode(images["shapes"].read_bytes()).decode()
+    made = httpx.post(base + "/v1/img2img", json={
+        "prompt": "second", "image": shapes, "strength": 0.8, "steps": 2, "seed": 5,
+        "width": 64, "height": 64}, timeout=WAIT).json()
+    second = tmp_path / "second.png"
+    second.write_bytes(base64.b64decode(made["images"][0]["b64"]))
+    studio.by("settings-file").set_input_files(str(second))
+    studio.wait_for_selector("#status:has-text('Settings read from second.png')")
+    assert studio.by("task-img2img").get_attribute("aria-selected") == "true"
+    assert studio.by("strength").input_value() == "0.8"
+    assert studio.by("prompt").input_value() == "second"
+    assert not studio.by("lora-toggle-style").is_checked()
+    assert "input image" in studio.by("status").inner_text()
+
+    # the same file as the input image: it is the input, and its settings are one click away
+    drop_or_paste(studio, first, "drop")
+    studio.wait_for_selector("#image-meta:has-text('made.png')")
+    assert studio.by("prompt").input_value() == "second"  # not changed by itself
+    studio.shot(shots, "settings-offered-by-the-input")
+    studio.by("image-settings").click()
+    studio.wait_for_selector("#status:has-text('Settings read from made.png')")
+    assert studio.by("prompt").input_value() == "read me back"
+    assert studio.by("task-img2img").get_attribute("aria-selected") == "true"  # the image stays
+
+
+def test_settings_from_a1111_infotext_and_files_without_settings(studio, images, tmp_path,
+                                                                 shots):
+    """Infotext alone (another tool's PNG, compressed and not Latin-1 here): prompt, LoRA tags,
+    negative prompt and the numbers; LoRAs this server lacks are named. A PNG without settings
+    is refused next to the button, and nothing changes."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", "a café ☕ at dawn <lora:style-peft:0.7> <lora:elsewhere:1>\n"
+                                "Negative prompt: grey, dull\n"
+                                'Steps: 5, Sampler: Euler a, CFG scale: 2.5, Seed: 99, '
+                                'Size: 48x40, Model: other, Lora hashes: "style-peft: abc"',
+                  zip=True)
+    other = tmp_path / "other.png"
+    Image.new("RGB", (48, 40), (20, 40, 60)).save(other, pnginfo=info)
+    drop_or_paste(studio, other, "drop", target=".output")
+    studio.wait_for_selector("#status:has-text('Settings read from other.png')")
+    assert studio.by("prompt").input_value() == "a café ☕ at dawn"
+    assert studio.by("negative").input_value() == "grey, dull"
+    form = {name: studio.by(name).input_value() for name in
+            ("steps", "guidance", "seed", "width", "height")}
+    assert form == {"steps": "5", "guidance": "2.5", "seed": "99", "width": "48",
+                    "height": "40"}
+    assert studio.by("lora-toggle-style-peft").is_checked()
+    assert studio.by("lora-style-peft").input_value() == "0.7"
+    assert not studio.by("lora-toggle-style").is_checked()
+    assert "elsewhere" in studio.by("status").inner_text()  # not in this catalogue
+    assert studio.by("task-txt2img").get_attribute("aria-selected") == "true"
+    studio.shot(shots, "settings-from-infotext")
+
+    studio.by("settings-file").set_input_files(str(images["noise"]))  # no settings in it
+    error = studio.locator("[data-field~=settings] [data-testid=error]")
+    error.wait_for()
+    studio.shot(shots, "settings-none")
+    assert "noise.png" in error.inner_text() and "no settings" in error.inner_text()
+    assert studio.by("prompt").input_value() == "a café ☕ at dawn"
 
 
 # -- layout, accessibility ----------------------------------------------------------------------
