@@ -275,21 +275,25 @@ def test_every_task_end_to_end(studio, server, images, shots, task, expected):
     studio.shot(shots, f"task-{task}")
 
 
-def drop_or_paste(studio, path, how):
-    """Drop a file on the drop zone, or paste it, as a browser does (a DataTransfer)."""
+def drop_or_paste(studio, path, how, target="#drop-zone"):
+    """Drop a file on `target` (the image drop zone unless said), or paste it, as a browser
+    does (a DataTransfer)."""
     data = base64.b64encode(Path(path).read_bytes()).decode()
-    studio.evaluate("""([data, name, how]) => {
+    studio.evaluate("""([data, name, how, target]) => {
         const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
         const transfer = new DataTransfer();
         transfer.items.add(new File([bytes], name, { type: "image/png" }));
         if (how === "drop") {
-          document.getElementById("drop-zone").dispatchEvent(
-            new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+          const element = document.querySelector(target);
+          for (const type of ["dragenter", "dragover", "drop"]) {
+            element.dispatchEvent(
+              new DragEvent(type, { dataTransfer: transfer, bubbles: true, cancelable: true }));
+          }
         } else {
           document.dispatchEvent(new ClipboardEvent("paste",
             { clipboardData: transfer, bubbles: true, cancelable: true }));
         }
-    }""", [data, Path(path).name, how])
+    }""", [data, Path(path).name, how, target])
 
 
 def test_images_by_drop_and_by_paste(studio, images):
@@ -308,6 +312,47 @@ def test_images_by_drop_and_by_paste(studio, images):
     studio.wait_result()
     sent = decode(studio.job_posts("img2img")[-1]["image"])
     assert np.array_equal(sent, np.asarray(Image.open(images["noise"]).convert("RGB")))
+
+
+def test_an_input_image_size_that_changes_is_said_and_its_own_size_offered(studio, tmp_path,
+                                                                          shots):
+    """The tiny model's native size is 64: a 96 x 80 image is scaled to that area (64 x 56)
+    and a 60 x 44 one rounded to multiples of 8; the page says so, in the size list too, and
+    offers the image's own size."""
+    large, odd = tmp_path / "large.png", tmp_path / "odd.png"
+    sample_image(64, seed=3).resize((96, 80)).save(large)
+    sample_image(64, seed=4).resize((60, 44)).save(odd)
+    studio.set_task("img2img")
+    size = (lambda: (studio.by("width").input_value(), studio.by("height").input_value()))
+    chosen = (lambda: studio.by("size-preset").locator("option:checked").inner_text())
+    meta = studio.locator("#image-meta")
+
+    studio.by("image-input").set_input_files(str(large))
+    studio.wait_for_selector("#image-meta:has-text('large.png')")
+    assert size() == ("64", "56")
+    assert "96 × 80" in meta.inner_text() and "64 × 56" in meta.inner_text()
+    assert "scaled" in meta.inner_text()
+    assert "64 × 56" in chosen() and "scaled" in chosen(), chosen()
+    assert "From the image (64 × 56)" not in studio.by("size-preset").inner_text()
+    own = studio.by("size-preset").locator("option[value='96x80']")
+    assert "96 × 80" in own.inner_text()  # the image's own size is one choice away
+    studio.shot(shots, "input-scaled")
+    studio.by("size-preset").select_option("96x80")
+    assert size() == ("96", "80")
+    assert "64 × 56" not in meta.inner_text() and "scaled" not in meta.inner_text()
+    studio.by("prompt").fill("at the image's size")
+    studio.by("steps").fill("2")
+    studio.generate()
+    result = studio.wait_result()
+    assert result.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [96, 80]
+    assert (studio.job_posts("img2img")[-1]["width"],
+            studio.job_posts("img2img")[-1]["height"]) == (96, 80)
+
+    studio.by("image-input").set_input_files(str(odd))
+    studio.wait_for_selector("#image-meta:has-text('odd.png')")
+    assert size() == ("56", "40")
+    assert "60 × 44" in meta.inner_text() and "56 × 40" in meta.inner_text()
+    assert "multiples of 8" in meta.inner_text() and "multiples of 8" in chosen()
 
 
 # -- the mask canvas ----------------------------------------------------------------------------
@@ -690,6 +735,102 @@ def test_history_keeps_results_and_restores_their_settings(studio, images):
     studio.wait_for_selector("#history:not(:has(li))", state="attached")
 
 
+# -- settings read back from a PNG ---------------------------------------------------------------
+
+def test_settings_are_read_back_from_a_dropped_or_chosen_png(studio, server, images, tmp_path,
+                                                             shots):
+    """Every PNG the service writes carries its record (`fewstep` chunk) and A1111 infotext
+    (`parameters`): dropped on the page or chosen with the button, it fills the form."""
+    base, service = server
+    sent = {"prompt": "read me back", "negative_prompt": "blur", "steps": 3, "guidance": 1.5,
+            "width": 64, "height": 56, "seed": 1234, "loras": [{"name": "style", "weight": 0.5}]}
+    made = httpx.post(base + "/v1/txt2img", json=sent, timeout=WAIT).json()
+    first = tmp_path / "made.png"
+    first.write_bytes(base64.b64decode(made["images"][0]["b64"]))
+
+    drop_or_paste(studio, first, "drop", target="#prompt")  # anywhere on the page
+    studio.wait_for_selector("#status:has-text('Settings read from made.png')")
+    form = {name: studio.by(name).input_value() for name in
+            ("prompt", "negative", "seed", "steps", "guidance", "width", "height")}
+    assert form == {"prompt": "read me back", "negative": "blur", "seed": "1234", "steps": "3",
+                    "guidance": "1.5", "width": "64", "height": "56"}
+    assert studio.by("lora-toggle-style").is_checked()
+    assert studio.by("lora-style").input_value() == "0.5"
+    assert not studio.by("lora-toggle-style-peft").is_checked()
+    studio.shot(shots, "settings-from-png")
+    studio.generate()  # the same settings: the same picture
+    studio.wait_result()
+    body = studio.job_posts("txt2img")[-1]
+    assert {k: body.get(k) for k in sent} == sent
+    again = service.backend.job(studio.current_job()).output.files[0][0]
+    assert decode(base64.b64encode(again).decode()).tolist() == \
+        decode(made["images"][0]["b64"]).tolist()
+
+    # an image-to-image record, chosen with the button: the task and strength come back; the
+    # input image is not in the file, which the page says
+    shapes = base64.b64encode(images["shapes"].read_bytes()).decode()
+    made = httpx.post(base + "/v1/img2img", json={
+        "prompt": "second", "image": shapes, "strength": 0.8, "steps": 2, "seed": 5,
+        "width": 64, "height": 64}, timeout=WAIT).json()
+    second = tmp_path / "second.png"
+    second.write_bytes(base64.b64decode(made["images"][0]["b64"]))
+    studio.by("settings-file").set_input_files(str(second))
+    studio.wait_for_selector("#status:has-text('Settings read from second.png')")
+    assert studio.by("task-img2img").get_attribute("aria-selected") == "true"
+    assert studio.by("strength").input_value() == "0.8"
+    assert studio.by("prompt").input_value() == "second"
+    assert not studio.by("lora-toggle-style").is_checked()
+    assert "input image" in studio.by("status").inner_text()
+
+    # the same file as the input image: it is the input, and its settings are one click away
+    drop_or_paste(studio, first, "drop")
+    studio.wait_for_selector("#image-meta:has-text('made.png')")
+    assert studio.by("prompt").input_value() == "second"  # not changed by itself
+    studio.shot(shots, "settings-offered-by-the-input")
+    studio.by("image-settings").click()
+    studio.wait_for_selector("#status:has-text('Settings read from made.png')")
+    assert studio.by("prompt").input_value() == "read me back"
+    assert studio.by("task-img2img").get_attribute("aria-selected") == "true"  # the image stays
+
+
+def test_settings_from_a1111_infotext_and_files_without_settings(studio, images, tmp_path,
+                                                                 shots):
+    """Infotext alone (another tool's PNG, compressed and not Latin-1 here): prompt, LoRA tags,
+    negative prompt and the numbers; LoRAs this server lacks are named. A PNG without settings
+    is refused next to the button, and nothing changes."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", "a café ☕ at dawn <lora:style-peft:0.7> <lora:elsewhere:1>\n"
+                                "Negative prompt: grey, dull\n"
+                                'Steps: 5, Sampler: Euler a, CFG scale: 2.5, Seed: 99, '
+                                'Size: 48x40, Model: other, Lora hashes: "style-peft: abc"',
+                  zip=True)
+    other = tmp_path / "other.png"
+    Image.new("RGB", (48, 40), (20, 40, 60)).save(other, pnginfo=info)
+    drop_or_paste(studio, other, "drop", target=".output")
+    studio.wait_for_selector("#status:has-text('Settings read from other.png')")
+    assert studio.by("prompt").input_value() == "a café ☕ at dawn"
+    assert studio.by("negative").input_value() == "grey, dull"
+    form = {name: studio.by(name).input_value() for name in
+            ("steps", "guidance", "seed", "width", "height")}
+    assert form == {"steps": "5", "guidance": "2.5", "seed": "99", "width": "48",
+                    "height": "40"}
+    assert studio.by("lora-toggle-style-peft").is_checked()
+    assert studio.by("lora-style-peft").input_value() == "0.7"
+    assert not studio.by("lora-toggle-style").is_checked()
+    assert "elsewhere" in studio.by("status").inner_text()  # not in this catalogue
+    assert studio.by("task-txt2img").get_attribute("aria-selected") == "true"
+    studio.shot(shots, "settings-from-infotext")
+
+    studio.by("settings-file").set_input_files(str(images["noise"]))  # no settings in it
+    error = studio.locator("[data-field~=settings] [data-testid=error]")
+    error.wait_for()
+    studio.shot(shots, "settings-none")
+    assert "noise.png" in error.inner_text() and "no settings" in error.inner_text()
+    assert studio.by("prompt").input_value() == "a café ☕ at dawn"
+
+
 # -- layout, accessibility ----------------------------------------------------------------------
 
 def test_every_control_has_a_label(studio):
@@ -702,6 +843,21 @@ def test_every_control_has_a_label(studio):
                           && !el.getAttribute('aria-labelledby') && !el.textContent.trim())
             .map(el => el.id || el.outerHTML.slice(0, 80))""")
         assert not unlabelled, (task, unlabelled)
+
+
+def test_the_negative_prompt_hint_follows_the_guidance(studio):
+    hint = studio.locator("#negative-hint")
+    assert studio.by("guidance").input_value() == "1"
+    assert hint.is_visible() and "No effect" in hint.inner_text()
+    studio.set_task("inpaint")  # its recipe's guidance is 4: the negative prompt is used
+    assert studio.by("guidance").input_value() == "4"
+    assert not hint.is_visible()
+    studio.set_task("txt2img")
+    assert hint.is_visible()
+    studio.by("guidance").fill("2")
+    assert not hint.is_visible()
+    studio.locator("#guidance-range").fill("1")  # the slider too
+    assert hint.is_visible()
 
 
 def test_narrow_phone_screen(chromium, server, images, shots):
@@ -726,6 +882,31 @@ def test_narrow_phone_screen(chromium, server, images, shots):
         fill_for(page, "inpaint", images)
         assert page.evaluate(no_overflow)
         page.shot(shots, "phone-inpaint")
+        assert not page.errors, page.errors
+    finally:
+        page.page.context.close()
+
+
+def test_phone_shows_every_task_and_the_input_image_before_the_results(chromium, server,
+                                                                      images, shots):
+    base, _ = server
+    page = open_studio(chromium, base, viewport=PHONE, is_mobile=True, has_touch=True)
+    try:
+        page.open().wait_ready()
+        for task in ("txt2img", "img2img", "inpaint", "controlnet", "t2i-adapter", "animate"):
+            box = page.by(f"task-{task}").bounding_box()
+            assert box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], (task, box)
+        assert page.evaluate("() => { const t = document.querySelector('.tasks');"
+                             " return t.scrollWidth <= t.clientWidth; }")  # nothing hidden
+        page.shot(shots, "phone-tabs", full_page=False)
+        page.set_task("animate")  # the last task: one tap, no scrolling
+        fill_for(page, "img2img", images)
+        page.generate()
+        result = page.wait_result()
+        image = page.locator("#input-image").bounding_box()
+        assert image["y"] + image["height"] <= page.by("generate").bounding_box()["y"]
+        assert image["y"] + image["height"] <= result.bounding_box()["y"]
+        page.shot(shots, "phone-img2img")
         assert not page.errors, page.errors
     finally:
         page.page.context.close()

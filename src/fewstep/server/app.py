@@ -76,6 +76,8 @@ def create_app(engine=None, catalog: Catalog | None = None,
             "AUTOMATIC1111 API subset (/sdapi/v1/...). Errors are "
             '`{"error": {"type", "message", "field"}}`.'),
         lifespan=lifespan,
+        docs_url=None,  # /docs is api_docs' page, with its assets from the package (offline)
+        redoc_url=None,  # ReDoc would load from a CDN: blank offline
     )
     app.state.service = service
     backend.start()  # also without a lifespan (some test clients skip it)
@@ -92,6 +94,7 @@ def create_app(engine=None, catalog: Catalog | None = None,
 
     _install_error_handlers(app, service)
 
+    from .api_docs import router as api_docs_router
     from .studio import router as studio_router
     from .routes import a1111, catalogue, health, jobs, native, openai
 
@@ -102,6 +105,7 @@ def create_app(engine=None, catalog: Catalog | None = None,
     app.include_router(catalogue.router(service))
     app.include_router(health.router(service))
     app.include_router(studio_router(service))
+    app.include_router(api_docs_router(title=app.title, openapi_url=app.openapi_url))
     return app
 
 

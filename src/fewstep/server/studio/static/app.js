@@ -5,6 +5,7 @@ import { Api, ApiError } from "./api.js";
 import { History } from "./history.js";
 import { JobRunner } from "./jobs.js";
 import { MaskEditor } from "./mask.js";
+import { pngSettings } from "./pnginfo.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -52,6 +53,7 @@ const state = {
   loraNames: [],
   perTask: Object.fromEntries(TASKS.map((t) => [t, { ...TASK_DEFAULTS[t] }])),
   image: null, // {b64, url, width, height, name}
+  imageSettings: null, // the settings the input image's file carries, if any
   lastSeed: null,
   realtimeTimer: null,
   cannyTimer: null,
@@ -307,6 +309,7 @@ function selectTask(task) {
   $("mask-canvas").hidden = task !== "inpaint";
   loadTaskValues(task);
   fillSizePresets();
+  updateImageMeta();
   clearError();
   syncNegativeHint();
   if (CONTROL_TASKS.has(task)) scheduleCanny(0);
@@ -349,8 +352,14 @@ function fillSizePresets() {
   const select = $("size-preset");
   const options = [];
   if (IMAGE_TASKS.has(state.task) && state.image) {
-    const [w, h] = imageSize();
-    options.push(new Option(`From the image (${w} × ${h})`, `${w}x${h}`));
+    const { own, fitted } = imageSizes();
+    if (fitted !== own) {
+      options.push(new Option(`Image scaled to the native area (${fitted.join(" × ")})`,
+        fitted.join("x")));
+    }
+    const rounded = own[0] !== state.image.width || own[1] !== state.image.height;
+    options.push(new Option(rounded ? `Image size, rounded to multiples of 8 (${own.join(" × ")})`
+      : `Image size (${own.join(" × ")})`, own.join("x")));
   }
   if (state.catalog) {
     const model = state.catalog.data[0];
@@ -372,20 +381,38 @@ function syncSizePreset() {
   const value = `${$("width").value}x${$("height").value}`;
   const select = $("size-preset");
   select.value = [...select.options].some((o) => o.value === value) ? value : "custom";
+  updateImageMeta();
 }
 
-// An input image sets the size: its own, rounded down to a multiple of 8, or scaled down to the
+// The sizes an input image offers: `own`, its size rounded down to multiples of 8 (which the
+// model needs), and `fitted`, the size it gets by default: its own, or scaled down to the
 // model's native area when it is larger (a 12-megapixel photo would be slow and off-model).
-function imageSize() {
-  let { width, height } = state.image;
+function imageSizes() {
+  const { width, height } = state.image;
+  const own = [roundTo(width, 8), roundTo(height, 8)];
   const native = state.catalog ? state.catalog.data[0].native_size : 512;
   const area = native * native;
-  if (width * height > area) {
-    const s = Math.sqrt(area / (width * height));
-    width *= s;
-    height *= s;
+  if (width * height <= area) return { own, fitted: own };
+  const s = Math.sqrt(area / (width * height));
+  return { own, fitted: [roundTo(width * s, 8), roundTo(height * s, 8)] };
+}
+
+// The input image's name and size, and, when the request's size differs, that the service
+// resizes it to that size and why (said, so a smaller result is no surprise).
+function updateImageMeta() {
+  if (!state.image) return;
+  const { name, width, height } = state.image;
+  let text = `${name} · ${width} × ${height}`;
+  const target = [Number($("width").value), Number($("height").value)];
+  if (target[0] > 0 && target[1] > 0 && (target[0] !== width || target[1] !== height)) {
+    const { own, fitted } = imageSizes();
+    const is = (size) => size[0] === target[0] && size[1] === target[1];
+    const why = is(own) ? "rounded down to multiples of 8"
+      : is(fitted) ? "scaled down to the model's native area; its own size is under Size"
+        : "the width and height below";
+    text += ` · generated at ${target[0]} × ${target[1]} (${why})`;
   }
-  return [roundTo(width, 8), roundTo(height, 8)];
+  $("image-meta").textContent = text;
 }
 
 $("size-preset").addEventListener("change", () => {
@@ -395,6 +422,7 @@ $("size-preset").addEventListener("change", () => {
   $("width").value = w;
   $("height").value = h;
   $("width").dataset.touched = "1";
+  updateImageMeta();
   onInputChanged();
 });
 for (const id of ["width", "height"]) {
@@ -431,10 +459,16 @@ function readNumber(input, field) {
   return value;
 }
 
+// The negative prompt only acts with classifier-free guidance (guidance above 1): the hint is
+// shown while it has no effect, and only then.
 function syncNegativeHint() {
   const guidance = Number($("guidance").value);
   const inert = Number.isFinite(guidance) && guidance <= 1;
   $("negative-field").classList.toggle("inert", inert);
+  $("negative-hint").hidden = !inert;
+  // a hidden element still describes the field it is named by: name it only while shown
+  if (inert) $("negative").setAttribute("aria-describedby", "negative-hint");
+  else $("negative").removeAttribute("aria-describedby");
   $("negative-hint").classList.toggle("warn", inert && $("negative").value.trim() !== "");
 }
 $("guidance").addEventListener("input", syncNegativeHint);
@@ -492,22 +526,41 @@ async function loadImageFile(file) {
   }
   setInputImage({ b64, url, width: img.naturalWidth, height: img.naturalHeight,
     name: file.name || "pasted image" });
+  offerImageSettings(file);
 }
+
+// An input image that carries settings (an output of this service, say) offers them with a
+// button; they are not applied by themselves.
+async function offerImageSettings(blob) {
+  const image = state.image;
+  const settings = await pngSettings(blob).catch(() => null);
+  if (state.image !== image || !settings) return; // another image came meanwhile
+  state.imageSettings = settings;
+  $("image-settings").hidden = false;
+}
+
+$("image-settings").addEventListener("click", () => {
+  if (!state.imageSettings) return;
+  const { task, ...settings } = state.imageSettings; // the image stays this task's input
+  applySettings(settings, `Settings read from ${state.image.name}`);
+});
 
 function setInputImage(image) {
   if (state.image?.url?.startsWith("blob:")) URL.revokeObjectURL(state.image.url);
+  state.imageSettings = null; // until offerImageSettings finds some in this one
+  $("image-settings").hidden = true;
   state.image = image;
   $("input-image").src = image.url;
   $("input-image").classList.toggle("pixelated", image.width < 256);
   $("image-stage").style.setProperty("--aspect", String(image.width / image.height));
   $("image-stage").hidden = false;
   $("drop-zone").classList.add("has-image");
-  $("image-meta").textContent = `${image.name} · ${image.width} × ${image.height}`;
   mask.setSize(image.width, image.height);
-  const [w, h] = imageSize();
+  const [w, h] = imageSizes().fitted;
   $("width").value = w;
   $("height").value = h;
   fillSizePresets();
+  updateImageMeta();
   clearError();
   scheduleCanny(0);
   onInputChanged();
@@ -846,6 +899,7 @@ async function showResults(result, { fromHistory = false } = {}) {
         if (!unsupported(target)) selectTask(target);
         setInputImage({ b64: image.b64, url: URL.createObjectURL(blob), width: 0, height: 0,
           name: `result seed ${result.seed}`, ...sizeOf(media) });
+        offerImageSettings(blob);
       });
     } else {
       use.remove();
@@ -907,8 +961,8 @@ async function renderHistory() {
       `seed ${entry.seed}`, `${s.width}×${s.height}`,
       ...(s.loras || []).map((l) => `${l.name}:${l.weight}`), ago(entry.created)];
     node.querySelector(".history-meta").textContent = meta.join(" · ");
-    node.querySelector(".use-settings")
-      .addEventListener("click", () => applySettings(entry.settings));
+    node.querySelector(".use-settings").addEventListener("click",
+      () => applySettings(entry.settings, "Settings restored from the history"));
     node.querySelector(".history-delete").addEventListener("click", async () => {
       await history.remove(entry.id);
       renderHistory();
@@ -923,8 +977,34 @@ $("history-clear").addEventListener("click", async () => {
   renderHistory();
 });
 
-function applySettings(s) {
-  if (s.task && !unsupported(s.task)) selectTask(s.task);
+// Fills the form from settings (the history's, or a PNG's: see pnginfo.js), then says so in the
+// status with `what`, followed by anything that could not be restored.
+function applySettings(s, what) {
+  const notes = [];
+  if (s.task && s.task !== state.task) {
+    const reason = unsupported(s.task);
+    if (reason) notes.push(`${TASK_TITLES[s.task] || s.task}: ${reason}`);
+    else selectTask(s.task);
+  }
+  const model = state.catalog?.data[0].id;
+  if (s.model && model && s.model !== model) {
+    notes.push(`made with the model ${s.model}, not ${model}`);
+  }
+  const loras = [];
+  for (const lora of s.loras || []) {
+    const name = catalogName(lora.name, state.loraNames);
+    if (name) loras.push({ name, weight: lora.weight });
+    else notes.push(`LoRA ${lora.name} is not in this server's catalogue`);
+  }
+  s = { ...s, loras };
+  const components = [["controlnet", "controlnet", "ControlNet"],
+    ["adapter", "adapter", "T2I-Adapter"], ["motion-adapter", "motion_adapter", "motion adapter"]];
+  for (const [id, field, title] of components) {
+    if (!s[field]) continue;
+    const name = catalogName(s[field], [...$(id).options].map((o) => o.value));
+    if (name) s[field] = name;
+    else notes.push(`${title} ${s[field]} is not in this server's catalogue`);
+  }
   $("prompt").value = s.prompt ?? "";
   $("negative").value = s.negative ?? "";
   $("seed").value = s.seed ?? "";
@@ -951,10 +1031,70 @@ function applySettings(s) {
   syncNegativeHint();
   saveTaskValues(state.task);
   clearError();
-  setStatus("Settings restored from the history.");
+  if (IMAGE_TASKS.has(state.task) && !state.image) {
+    notes.push(state.task === "inpaint" ? "the input image and mask are not kept: add them"
+      : "the input image is not kept: add one");
+  }
+  setStatus([what, ...notes].join(" · ") + ".");
   scheduleCanny(0);
   $("prompt").focus();
 }
+
+// The catalogue's name for a reference: the name itself, or a file's or folder's name without
+// .safetensors (records of the command line keep paths; infotext keeps those names).
+function catalogName(ref, names) {
+  if (names.includes(ref)) return ref;
+  const stem = String(ref).replace(/[/\\]+$/, "").split(/[/\\]/).pop()
+    .replace(/\.safetensors$/, "");
+  return names.includes(stem) ? stem : null;
+}
+
+// -- settings from a PNG --------------------------------------------------------------------------
+
+async function readSettingsFile(file) {
+  clearError();
+  let settings = null;
+  try {
+    settings = await pngSettings(file);
+  } catch {
+    settings = null;
+  }
+  const name = file.name || "the file";
+  if (!settings) {
+    const what = file.type === "image/png"
+      ? `${name} carries no settings (neither a fewstep record nor A1111 parameters)`
+      : `${name} carries no settings: they are read from PNG files`;
+    const hint = IMAGE_TASKS.has(state.task) && file.type.startsWith("image/")
+      ? "; to use it as the input image, drop it on the image box" : "";
+    showError(new FieldError(`settings: ${what}${hint}`, "settings"));
+    return;
+  }
+  applySettings(settings, `Settings read from ${name}`);
+}
+
+$("settings-button").addEventListener("click", () => $("settings-file").click());
+$("settings-file").addEventListener("change", () => {
+  const file = $("settings-file").files[0];
+  if (file) readSettingsFile(file);
+  $("settings-file").value = ""; // the same file again is read again
+});
+
+// A file dropped anywhere but on the input image's box: its settings fill the form.
+let dropTimer = null;
+document.addEventListener("dragover", (event) => {
+  if (!event.dataTransfer?.types?.includes("Files")) return;
+  event.preventDefault(); // else the browser would leave the page to show the file
+  if (event.target.closest?.("#drop-zone") && visible($("drop-zone"))) return;
+  document.body.classList.add("dropping-settings");
+  clearTimeout(dropTimer); // dragover repeats while the file is held over the page
+  dropTimer = setTimeout(() => document.body.classList.remove("dropping-settings"), 200);
+});
+document.addEventListener("drop", (event) => {
+  document.body.classList.remove("dropping-settings");
+  if (event.defaultPrevented || !event.dataTransfer?.files?.length) return; // the image box's
+  event.preventDefault();
+  readSettingsFile(event.dataTransfer.files[0]);
+});
 
 // -- real-time mode, keyboard, leaving --------------------------------------------------------
 
