@@ -163,7 +163,7 @@ def test_a_command_converts_the_size_it_generates(tiny, tmp_path, converted):
     out = tmp_path / "cat.png"
     assert main(["txt2img", "a cat", *_base(tiny), "--steps", "2", "--openvino", "on",
                  "--out", str(out)]) == 0
-    assert converted() == ["unet-64x64", "vae-64x64"]
+    assert converted() == ["decoder-64x64", "unet-64x64"]
 
 
 def test_an_animation_builds_nothing_ahead(tiny, tmp_path, converted, capsys):

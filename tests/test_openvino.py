@@ -46,6 +46,25 @@ def _moved(before, after):
     return {k: after[k] - before[k] for k in after if after[k] != before[k]}
 
 
+def test_the_routing_hooks_are_named_and_removable(tiny, tmp_path):
+    """The converted models take calls through named hooks in diffusers' hook registry, which
+    come off again: then every call runs on torch."""
+    engine = _engine(tiny.sd15, tiny.lcm_sd15, speed="auto", openvino="on",
+                     compile_shapes=((SIZE, SIZE, 1),), compile_cache=str(tmp_path))
+    parts = engine.fast_path.openvino
+    unet, decoder = engine.base.unet, engine.base.vae.decoder
+    for module in (unet, decoder):
+        assert module._diffusers_hook.get_hook("fewstep.openvino") is not None
+    converted = _txt2img(engine)
+    parts.remove()
+    for module in (unet, decoder):
+        assert module._diffusers_hook.get_hook("fewstep.openvino") is None
+    before = _calls(engine)
+    plain = _txt2img(engine)
+    assert _calls(engine) == before  # nothing went through the converted models
+    assert np.abs(converted - plain).max() <= TOL
+
+
 @pytest.mark.parametrize("count", [1, 2])
 def test_base_model_calls_run_converted_and_keep_the_pictures(sd15, count):
     plain, converted, _ = sd15
@@ -125,7 +144,7 @@ def test_converted_models_are_reused_from_disk_and_keyed_by_weights(sd15, tiny):
     other = _engine(tiny.sd15, f"{tiny.lcm_sd15}:0.5", speed="auto", openvino="on",
                     compile_shapes=((SIZE, SIZE, 1),), compile_cache=str(cache))
     assert other.fast_path.openvino.cached == {f"unet_{SIZE}x{SIZE}": False,
-                                               f"vae_{SIZE}x{SIZE}": True}
+                                               f"decoder_{SIZE}x{SIZE}": True}
 
 
 def test_the_choice_and_its_errors(monkeypatch):
@@ -185,4 +204,4 @@ def test_a_cli_command_converts_its_own_size_only(tiny, tmp_path, monkeypatch):
     converted = sorted(p.name.split("-")[0] + "-" + p.name.split("-")[1]
                        for p in (tmp_path / "cache" / "fewstep" / "compile" / "openvino")
                        .glob("*.xml"))
-    assert converted == ["unet-64x48", "vae-64x48"]
+    assert converted == ["decoder-64x48", "unet-64x48"]

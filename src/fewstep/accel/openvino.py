@@ -5,7 +5,7 @@ VAE decoder about 1.25x faster than torch, at differences of 1e-5 (`benchmarks/R
 
 How it is used, and why:
 
-* The base UNet (with its LCM-LoRA fused) and the VAE decoder are converted once per declared
+* The base UNet (with its LCM-LoRA fused) and the VAE's decoder are converted once per declared
   image size (`compile_shapes`, else the family's native size), batch left dynamic. The size
   stays fixed in each converted model: diffusers' UNet takes size-dependent Python branches
   (upsample sizes) that a trace would freeze.
@@ -34,6 +34,7 @@ import torch
 from ..config import OpenVINOMode
 
 MODES = get_args(OpenVINOMode)
+HOOK_NAME = "fewstep.openvino"  # in diffusers' hook registry of the UNet and the VAE decoder
 # the UNet keyword arguments a converted model cannot take (it has no inputs for them)
 _UNET_EXTRAS = ("class_labels", "timestep_cond", "attention_mask", "down_block_additional_residuals",
                 "mid_block_additional_residual", "down_intrablock_additional_residuals",
@@ -101,18 +102,20 @@ class _UNetGraph(torch.nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
         added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
-        # the class's forward: the instance's is replaced once the models are converted
+        # the class's forward: the instance's is routed by a hook once the models are converted
         return type(self.unet).forward(self.unet, sample, timestep, encoder_hidden_states,
                                        added_cond_kwargs=added, return_dict=False)[0]
 
 
 class _DecoderGraph(torch.nn.Module):
-    def __init__(self, vae):
+    """The VAE's decoder module (the 1x1 post-quant convolution before it stays in torch)."""
+
+    def __init__(self, decoder):
         super().__init__()
-        self.vae = vae
+        self.decoder = decoder
 
     def forward(self, z):
-        return type(self.vae).decode(self.vae, z, return_dict=False)[0]
+        return type(self.decoder).forward(self.decoder, z)
 
 
 @dataclass
@@ -138,13 +141,14 @@ class OpenVINOParts:
                                                            "vae": 0, "vae_torch": 0})
     seconds: dict[str, float] = field(default_factory=dict)
     cached: dict[str, bool] = field(default_factory=dict)
+    hooks: list = field(default_factory=list)  # the modules whose calls are routed here
 
     def install(self, engine) -> str:
         """Convert (or load from the cache) and route the base pipeline's UNet and VAE through
         the converted models. Returns what was done, for the FastPath report."""
         import openvino as ov
 
-        unet, vae = engine.base.unet, engine.base.vae
+        unet, decoder = engine.base.unet, engine.base.vae.decoder
         sdxl = engine.family.sdxl_like
         scale = engine.base.vae_scale_factor
         core = ov.Core()
@@ -158,7 +162,7 @@ class OpenVINOParts:
                   # the same threads as torch: the user's setting holds for both
                   "INFERENCE_NUM_THREADS": torch.get_num_threads()}
         unet_key = fingerprint(unet)
-        vae_key = fingerprint(vae) if self.decoder else None
+        vae_key = fingerprint(decoder) if self.decoder else None
         for width, height in self.sizes:
             latent = (height // scale, width // scale)
             inputs = _unet_inputs(unet, latent, sdxl)
@@ -166,11 +170,11 @@ class OpenVINOParts:
                 core, config, cache, "unet", unet_key, (width, height),
                 lambda: _UNetGraph(unet, sdxl), inputs)
             if self.decoder:
-                z = (torch.zeros(1, vae.config.latent_channels, *latent),)
+                z = (torch.zeros(1, engine.base.vae.config.latent_channels, *latent),)
                 self.vae_models[latent] = self._part(
-                    core, config, cache, "vae", vae_key, (width, height),
-                    lambda: _DecoderGraph(vae), z)
-        self._route(engine, unet, vae)
+                    core, config, cache, "decoder", vae_key, (width, height),
+                    lambda: _DecoderGraph(decoder), z)
+        self.hooks = self._route(engine, unet, decoder)
         parts = "unet" + (" + vae decoder" if self.decoder else "")
         sizes = ", ".join(f"{w}x{h}" for w, h in self.sizes)
         return f"on ({self.precision}; {parts}; {sizes}; cache={cache or 'none'})"
@@ -210,47 +214,61 @@ class OpenVINOParts:
 
     # -- routing ------------------------------------------------------------------------
 
-    def _route(self, engine, unet, vae) -> None:
-        unet_forward = unet.forward
+    def _route(self, engine, unet, decoder) -> list:
+        """Named hooks in diffusers' hook registry on the UNet and the VAE's decoder: a call
+        that fits a converted model runs there, any other runs the module's own forward.
+        `remove()` takes them off again."""
+        from diffusers.hooks import HookRegistry, ModelHook
 
-        @functools.wraps(unet_forward)
-        def forward(sample, timestep, encoder_hidden_states, *args, **kwargs):
-            converted = None if args else self._unet_for(engine, sample, timestep,
-                                                          encoder_hidden_states, kwargs)
-            if converted is None:
-                self.calls["unet_torch"] += 1
-                return unet_forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
-            self.calls["unet"] += 1
-            feed = [sample, timestep.reshape(()), encoder_hidden_states]
-            if engine.family.sdxl_like:
-                added = kwargs["added_cond_kwargs"]
-                feed += [added["text_embeds"], added["time_ids"]]
-            out = _infer(converted, feed).to(sample.dtype)
-            if kwargs.get("return_dict", True):
-                from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+        parts = self
+        sdxl = engine.family.sdxl_like
 
-                return UNet2DConditionOutput(sample=out)
-            return (out,)
+        class UNetHook(ModelHook):
+            def new_forward(self, module, sample, timestep, encoder_hidden_states, *args,
+                            **kwargs):
+                converted = None if args else parts._unet_for(engine, sample, timestep,
+                                                              encoder_hidden_states, kwargs)
+                if converted is None:
+                    parts.calls["unet_torch"] += 1
+                    return self.fn_ref.original_forward(sample, timestep, encoder_hidden_states,
+                                                        *args, **kwargs)
+                parts.calls["unet"] += 1
+                feed = [sample, timestep.reshape(()), encoder_hidden_states]
+                if sdxl:
+                    added = kwargs["added_cond_kwargs"]
+                    feed += [added["text_embeds"], added["time_ids"]]
+                out = _infer(converted, feed).to(sample.dtype)
+                if kwargs.get("return_dict", True):
+                    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-        vae_decode = vae.decode
+                    return UNet2DConditionOutput(sample=out)
+                return (out,)
 
-        @functools.wraps(vae_decode)
-        def decode(z, return_dict=True, generator=None):
-            converted = self._vae_for(z)
-            if converted is None:
-                self.calls["vae_torch"] += 1
-                return vae_decode(z, return_dict=return_dict, generator=generator)
-            self.calls["vae"] += 1
-            out = _infer(converted, [z]).to(z.dtype)
-            if return_dict:
-                from diffusers.models.autoencoders.vae import DecoderOutput
+        class DecoderHook(ModelHook):
+            def new_forward(self, module, z, *args, **kwargs):
+                converted = None if args or kwargs.get("latent_embeds") is not None \
+                    else parts._vae_for(z)
+                if converted is None:
+                    parts.calls["vae_torch"] += 1
+                    return self.fn_ref.original_forward(z, *args, **kwargs)
+                parts.calls["vae"] += 1
+                return _infer(converted, [z]).to(z.dtype)
 
-                return DecoderOutput(sample=out)
-            return (out,)
-
-        unet.forward = forward
+        hooks = [(unet, UNetHook())]
         if self.vae_models:
-            vae.decode = decode
+            hooks.append((decoder, DecoderHook()))
+        for module, hook in hooks:
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
+        return [module for module, _ in hooks]
+
+    def remove(self) -> None:
+        """Route every call to torch again: the named hooks are taken off."""
+        from diffusers.hooks import HookRegistry
+
+        for module in getattr(self, "hooks", []):
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(HOOK_NAME,
+                                                                           recurse=False)
+        self.hooks = []
 
     def _unet_for(self, engine, sample, timestep, embeds, kwargs) -> _Converted | None:
         if engine.current_loras:  # torch's weights hold another stack than the converted ones
