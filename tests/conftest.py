@@ -29,6 +29,23 @@ def sd15_engine(tiny):
                         dtype="fp32")
 
 
+@pytest.fixture(scope="session")
+def coarse_adapter(tmp_path_factory):
+    """An SD1.5 T2I-Adapter that downscales by 16 overall: sizes must be multiples of 16."""
+    import torch
+    from diffusers import T2IAdapter
+
+    from fewstep.testing import _BLOCKS
+
+    torch.manual_seed(0)
+    adapter = T2IAdapter(in_channels=3, channels=list(_BLOCKS), num_res_blocks=1,
+                         downscale_factor=8, adapter_type="full_adapter")
+    assert adapter.total_downscale_factor == 16
+    folder = tmp_path_factory.mktemp("coarse-adapter")
+    adapter.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def no_loading(monkeypatch):
     """User errors are found before the model loads: loading one fails the test."""
@@ -38,18 +55,6 @@ def no_loading(monkeypatch):
         raise AssertionError("the model was loaded before the error was found")
 
     monkeypatch.setattr(fewstep.build, "_load", refuse)
-
-
-def unet_fingerprint(unet):
-    """A cheap exact fingerprint of a UNet's weights (base weights only)."""
-    import torch
-
-    total = []
-    for name, tensor in sorted(unet.state_dict().items()):
-        if "lora_" in name:
-            continue
-        total.append(tensor.double().sum().item())
-    return torch.tensor(total)
 
 
 def pytest_configure(config):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest_server import WAIT, live_server, make_app
-from conftest_studio import launch_args, require_browser
+from helpers.server import WAIT, live_server, make_app
+from helpers.studio import launch_args, require_browser
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fewstep" / "server" / "api_docs"
 ROOT = PACKAGE.parents[3]

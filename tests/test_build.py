@@ -4,24 +4,14 @@ and what is built ahead is only what will run."""
 from __future__ import annotations
 
 import pytest
+from helpers.cli import model_flags, one_error_line
 
 from fewstep.build import build_engine, inspect
 from fewstep.cli import main
-from fewstep.errors import InvalidRequest, LoraError, ModelError
+from fewstep.errors import (InvalidRequest, LoraError, ModelError, NotFound, OfflineError,
+                            UnsafeFormat)
 from fewstep.selftest import sample_image
 from fewstep.tasks import AnimateRequest, ControlNetRequest, T2IAdapterRequest, Txt2ImgRequest
-
-
-def _base(tiny):
-    return ["--model", str(tiny.sd15), "--lcm-lora", str(tiny.lcm_sd15), "--device", "cpu",
-            "--quiet"]
-
-
-def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("error")
-    return lines[0]
 
 
 # -- the blueprint: what the configs and headers say, nothing loaded --------------------------
@@ -44,23 +34,6 @@ def test_a_single_file_with_its_configs_takes_their_size(tiny, no_loading):
     assert blueprint.native_size == 64
 
 
-@pytest.fixture(scope="module")
-def coarse_adapter(tmp_path_factory):
-    """An SD1.5 T2I-Adapter that downscales by 16 overall: sizes must be multiples of 16."""
-    import torch
-    from diffusers import T2IAdapter
-
-    from fewstep.testing import _BLOCKS
-
-    torch.manual_seed(0)
-    adapter = T2IAdapter(in_channels=3, channels=list(_BLOCKS), num_res_blocks=1,
-                         downscale_factor=8, adapter_type="full_adapter")
-    assert adapter.total_downscale_factor == 16
-    folder = tmp_path_factory.mktemp("coarse-adapter")
-    adapter.save_pretrained(folder)
-    return folder
-
-
 def test_requests_are_planned_against_the_blueprint(tiny, no_loading, coarse_adapter):
     blueprint = inspect(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu")
     call = blueprint.plan(Txt2ImgRequest(prompt="x"))
@@ -77,6 +50,52 @@ def test_requests_are_planned_against_the_blueprint(tiny, no_loading, coarse_ada
 
 
 # -- misfits are refused before anything loads ------------------------------------------------
+
+def test_unknown_and_unsafe_models(tmp_path, monkeypatch):
+    with pytest.raises(NotFound) as info:
+        build_engine(model=str(tmp_path / "nope"))
+    assert info.value.field == "model"
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"x")
+    with pytest.raises(UnsafeFormat):
+        build_engine(model=str(ckpt))
+    with pytest.raises(UnsafeFormat):
+        build_engine(model=str(tmp_path / "weights.bin"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OfflineError) as info:
+        build_engine(model="some-org/not-cached-model")
+    assert "local diffusers folder" in info.value.message
+
+
+def test_lcm_lora_of_another_family_is_refused(tiny):
+    from fewstep.errors import LoraError
+
+    with pytest.raises(LoraError):
+        build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sdxl), device="cpu")
+
+
+def test_family_detection(tiny):
+    from fewstep.families import detect_family
+    import json
+
+    names = [detect_family(json.loads((p / "unet" / "config.json").read_text())).name
+             for p in (tiny.sd15, tiny.sdxl, tiny.ssd1b, tiny.sd15_inpaint)]
+    assert names == ["sd15", "sdxl", "ssd-1b", "sd15"]
+
+
+def test_a_family_that_does_not_fit_the_model_is_refused_before_loading(tiny):
+    with pytest.raises(ModelError) as info:
+        build_engine(model=str(tiny.sdxl), family="sd15", lcm_lora=str(tiny.lcm_sd15), device="cpu")
+    assert info.value.field == "family" and "sdxl" in info.value.message
+    with pytest.raises(ModelError) as info:
+        build_engine(model=str(tiny.sd15), family="sdxl", lcm_lora=str(tiny.lcm_sdxl), device="cpu")
+    assert info.value.field == "family"
+    # SSD-1B shares SDXL's layout: naming the other one only changes the defaults
+    engine = build_engine(model=str(tiny.ssd1b), family="sdxl", lcm_lora="none", device="cpu",
+                          speed="off")
+    assert engine.family.name == "sdxl"
+
+
 
 def test_a_lora_of_another_family_is_refused_before_loading(tiny, no_loading):
     with pytest.raises(LoraError) as info:
@@ -142,8 +161,8 @@ def test_a_command_refuses_misfits_before_loading(tiny, tmp_path, capsys, no_loa
             .replace("OUT", str(out)).replace("COARSE", str(coarse_adapter)) for a in args]
     if "--out" not in args:
         args += ["--out", str(out / "x.png")]
-    assert main([args[0], *_base(tiny), *args[1:]]) != 0
-    assert f"({field})" in _one_error_line(capsys.readouterr().err)
+    assert main([args[0], *model_flags(tiny), *args[1:]]) != 0
+    assert f"({field})" in one_error_line(capsys.readouterr().err)
     assert list(out.iterdir()) == []
 
 
@@ -161,7 +180,7 @@ def converted(tmp_path, monkeypatch):
 def test_a_command_converts_the_size_it_generates(tiny, tmp_path, converted):
     """No --width: the model's native size (64 for the tiny model), not the family's 512."""
     out = tmp_path / "cat.png"
-    assert main(["txt2img", "a cat", *_base(tiny), "--steps", "2", "--openvino", "on",
+    assert main(["txt2img", "a cat", *model_flags(tiny), "--steps", "2", "--openvino", "on",
                  "--out", str(out)]) == 0
     assert converted() == ["decoder-64x64", "unet-64x64"]
 
@@ -169,7 +188,7 @@ def test_a_command_converts_the_size_it_generates(tiny, tmp_path, converted):
 def test_an_animation_builds_nothing_ahead(tiny, tmp_path, converted, capsys):
     """Its motion UNet is a copy the converted base UNet would never serve."""
     out = tmp_path / "cat.gif"
-    assert main(["animate", "a cat", *_base(tiny), "--motion-adapter", str(tiny.motion_adapter),
+    assert main(["animate", "a cat", *model_flags(tiny), "--motion-adapter", str(tiny.motion_adapter),
                  "--steps", "2", "--num-frames", "2", "--openvino", "on",
                  "--out", str(out)]) == 0
     assert out.exists() and converted() == []

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers.cli import model_flags, one_error_line
 from PIL import Image
 
 from fewstep.cli import main
@@ -20,14 +21,9 @@ def inputs(tmp_path_factory):
     return folder
 
 
-def _base(tiny):
-    return ["--model", str(tiny.sd15), "--lcm-lora", str(tiny.lcm_sd15), "--device", "cpu",
-            "--quiet"]
-
-
 def test_txt2img_writes_png_with_parameters(tiny, tmp_path, capsys):
     out = tmp_path / "cat.png"
-    code = main(["txt2img", "a cat", *_base(tiny), "--seed", "42", "--negative", "dog",
+    code = main(["txt2img", "a cat", *model_flags(tiny), "--seed", "42", "--negative", "dog",
                  "--lora", f"{tiny.style_sd15}:0.7", "--out", str(out)])
     assert code == 0
     image = Image.open(out)
@@ -44,7 +40,7 @@ def test_png_record_reproduces_the_image(tiny, tmp_path, sd15_engine):
     from fewstep.tasks import REQUESTS
 
     out = tmp_path / "a.png"
-    assert main(["txt2img", "a tree", *_base(tiny), "--out", str(out)]) == 0  # random seed
+    assert main(["txt2img", "a tree", *model_flags(tiny), "--out", str(out)]) == 0  # random seed
     record = json.loads(Image.open(out).text["fewstep"])["request"]
     request = REQUESTS[record.pop("task")].build(**record)
     again = sd15_engine.generate(request).pil_images()[0]
@@ -53,7 +49,7 @@ def test_png_record_reproduces_the_image(tiny, tmp_path, sd15_engine):
 
 def test_num_images_writes_numbered_files(tiny, tmp_path):
     out = tmp_path / "many.png"
-    assert main(["txt2img", "x", *_base(tiny), "--num-images", "3", "--seed", "1",
+    assert main(["txt2img", "x", *model_flags(tiny), "--num-images", "3", "--seed", "1",
                  "--out", str(out)]) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["many-1.png", "many-2.png", "many-3.png"]
@@ -72,27 +68,20 @@ def test_every_task_command(tiny, tmp_path, inputs):
                     str(tiny.adapter_sd15), "--no-canny"],
     }
     for name, args in runs.items():
-        assert main([*args, *_base(tiny), "--seed", "3", "--out", str(tmp_path / name)]) == 0
+        assert main([*args, *model_flags(tiny), "--seed", "3", "--out", str(tmp_path / name)]) == 0
         assert Image.open(tmp_path / name).size == (64, 64)
 
 
 @pytest.mark.parametrize("suffix", [".gif", ".mp4"])
 def test_animate_writes_gif_and_mp4(tiny, tmp_path, suffix):
     out = tmp_path / f"anim{suffix}"
-    assert main(["animate", "x", *_base(tiny), "--motion-adapter", str(tiny.motion_adapter),
+    assert main(["animate", "x", *model_flags(tiny), "--motion-adapter", str(tiny.motion_adapter),
                  "--lora", f"{tiny.motion_lora}:1.2", "--num-frames", "4", "--width", "64",
                  "--height", "64", "--steps", "2", "--seed", "5", "--out", str(out)]) == 0
     import imageio.v3 as iio
 
     frames = iio.imread(out, index=None)
     assert frames.shape[0] == 4 and frames.shape[1:3] == (64, 64)
-
-
-def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("error")
-    return lines[0]
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -139,12 +128,12 @@ def test_user_errors_are_one_line_before_loading(tiny, tmp_path, inputs, args, e
     if "--out" not in args:
         args += ["--out", str(out / "x.png")]
     try:
-        code = main([args[0], *_base(tiny), *args[1:]])  # the case's flags win
+        code = main([args[0], *model_flags(tiny), *args[1:]])  # the case's flags win
     except SystemExit as exc:  # argparse's own errors
         code = exc.code
     assert code != 0
     assert list(out.iterdir()) == []
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert expected in line
 
 
@@ -157,16 +146,16 @@ def test_unwritable_out_is_refused_before_loading(tiny, tmp_path, where, capsys,
            "file-parent": str(blocker / "x.png"),
            "missing-folder": str(tmp_path / "missing" / "x.png"),
            "folder": str(tmp_path / "taken.png")}[where]
-    assert main(["txt2img", "x", *_base(tiny), "--out", out]) == 2
-    assert "out" in _one_error_line(capsys.readouterr().err)
+    assert main(["txt2img", "x", *model_flags(tiny), "--out", out]) == 2
+    assert "out" in one_error_line(capsys.readouterr().err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "taken.png"]
 
 
 def test_unwritable_numbered_output_is_refused(tiny, tmp_path, capsys, no_loading):
     (tmp_path / "many-2.png").mkdir()
-    assert main(["txt2img", "x", *_base(tiny), "--num-images", "2", "--out",
+    assert main(["txt2img", "x", *model_flags(tiny), "--num-images", "2", "--out",
                  str(tmp_path / "many.png")]) == 2
-    assert "many-2.png" in _one_error_line(capsys.readouterr().err)
+    assert "many-2.png" in one_error_line(capsys.readouterr().err)
 
 
 def test_unavailable_cuda_is_refused_before_loading(tiny, tmp_path, monkeypatch, capsys,
@@ -174,9 +163,9 @@ def test_unavailable_cuda_is_refused_before_loading(tiny, tmp_path, monkeypatch,
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    base = [a if a != "cpu" else "cuda:0" for a in _base(tiny)]
+    base = [a if a != "cpu" else "cuda:0" for a in model_flags(tiny)]
     assert main(["txt2img", "x", *base, "--out", str(tmp_path / "x.png")]) == 2
-    assert "CUDA is not available" in _one_error_line(capsys.readouterr().err)
+    assert "CUDA is not available" in one_error_line(capsys.readouterr().err)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -207,7 +196,7 @@ def test_selftest_command_is_wired():
 
 
 def test_progress_bar_run(tiny, tmp_path):
-    args = [a for a in _base(tiny) if a != "--quiet"]
+    args = [a for a in model_flags(tiny) if a != "--quiet"]
     assert main(["txt2img", "x", *args, "--seed", "1", "--out", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").is_file()
 
@@ -216,7 +205,7 @@ def test_progress_bar_run(tiny, tmp_path):
 def test_speed_presets(tiny, tmp_path, speed):
     out = tmp_path / f"{speed}.png"
     extra = ["--tiny-vae", str(tiny.tiny_vae)] if speed == "fastest" else []
-    assert main(["txt2img", "x", *_base(tiny), "--speed", speed, *extra, "--seed", "1",
+    assert main(["txt2img", "x", *model_flags(tiny), "--speed", speed, *extra, "--seed", "1",
                  "--out", str(out)]) == 0
     assert Image.open(out).size == (64, 64)
 
@@ -250,7 +239,7 @@ def test_a_missing_extra_says_what_to_install(monkeypatch, capsys, argv, missing
 
     monkeypatch.setitem(sys.modules, missing, None)  # as if it were not installed
     assert main(argv) == 1
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert f'pip install "fewstep[{extra}]"' in line and missing in line
 
 
@@ -261,7 +250,7 @@ def test_server_module_says_what_to_install(monkeypatch, capsys):
 
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     assert server_main(["--model", "x"]) == 1
-    assert 'pip install "fewstep[serve]"' in _one_error_line(capsys.readouterr().err)
+    assert 'pip install "fewstep[serve]"' in one_error_line(capsys.readouterr().err)
 
 
 def test_extras_are_declared():
@@ -281,4 +270,4 @@ def test_selftest_folder_that_cannot_be_made(monkeypatch, capsys):
 
     monkeypatch.setattr(fewstep.selftest, "run_selftest", lambda keep: pytest.fail("ran"))
     assert main(["selftest", "--keep", "/proc/fewstep-models"]) == 1
-    assert "--keep" in _one_error_line(capsys.readouterr().err)
+    assert "--keep" in one_error_line(capsys.readouterr().err)

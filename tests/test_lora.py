@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import unet_fingerprint
+from helpers.models import unet_fingerprint
 from fewstep.errors import LoraError, NotFound, UnsafeFormat
 from fewstep.lora import parse_lora_arg
 from fewstep.tasks import LoraRequest, Txt2ImgRequest

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_server_cli import assert_no_library_noise
+from helpers.cli import assert_no_library_noise
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from helpers.fakes import assert_implements
+
 from fewstep.config import Settings
 from fewstep.errors import InvalidRequest
 from fewstep.records import Record
@@ -93,7 +95,7 @@ def test_it_is_a_backend_and_runs_a_job_with_its_events():
     async def main():
         fake = FakeReplicas()
         backend = make_backend(fake)
-        assert isinstance(backend, Backend)
+        assert_implements(backend, Backend)
         await backend.connect()
         assert backend.describe()["family"] == "sd15"
         view = await backend.submit("txt2img", request("hold"))

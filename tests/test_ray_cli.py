@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from conftest_ray import (
+from helpers.ray_cluster import (
     RAY_ENV,
     WAIT,
     kill_leftovers,
@@ -23,7 +23,7 @@ from conftest_ray import (
     session_of,
     wait_gone,
 )
-from conftest_server import assert_typed_error, free_port, tiny_env, wait_until
+from helpers.server import assert_typed_error, free_port, tiny_env, wait_until
 
 GRACE = 60.0
 

@@ -22,7 +22,7 @@ import webuiapi
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest_ray import (
+from helpers.ray_cluster import (
     RAY_ENV,
     WAIT,
     FileGate,
@@ -32,7 +32,7 @@ from conftest_ray import (
     service_settings,
     wait_gone,
 )
-from conftest_server import (
+from helpers.server import (
     assert_typed_error,
     decode,
     free_port,
@@ -59,7 +59,7 @@ def ray_service(tmp_path_factory):
     gate = FileGate(tmp_path_factory.mktemp("gate"))
     tests_dir = str(Path(__file__).resolve().parent)
     saved = {k: os.environ.get(k) for k in (*RAY_ENV, "PYTHONPATH")}
-    os.environ.update(RAY_ENV)  # the Ray processes inherit these (and find conftest_ray)
+    os.environ.update(RAY_ENV)  # the Ray processes inherit these (and find helpers.ray_cluster)
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

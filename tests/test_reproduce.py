@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers.cli import one_error_line
 from PIL import Image
 
 from fewstep.cli import main
@@ -140,7 +141,7 @@ def test_cli_reproduce_loads_what_the_record_says(tiny, tmp_path, monkeypatch, c
 def test_service_outputs_reproduce_with_the_same_catalogue(tmp_path, capsys):
     from fastapi.testclient import TestClient
 
-    from conftest_server import make_app, tiny_env
+    from helpers.server import make_app, tiny_env
 
     models, _ = tiny_env()
     with TestClient(make_app()) as client:
@@ -176,30 +177,20 @@ def test_service_outputs_reproduce_with_the_same_catalogue(tmp_path, capsys):
     assert same_pixels(original, flags_out) == (True, 0)
 
 
-def test_catalogue_records_round_trip():
-    from types import SimpleNamespace
 
-    from fewstep.config import ServeSettings, load
-    from fewstep.errors import NotFound
-    from fewstep.records import Record
-    from fewstep.server.catalog import Catalog
+@pytest.mark.parametrize("index", [99, -1, "x"])
+def test_a_bad_batch_index_is_one_line_before_any_work(sd15_engine, tmp_path, capsys, index,
+                                                       no_loading):
+    from PIL import PngImagePlugin
 
-    settings = load(ServeSettings, {"model": "/m/dream", "tiny_vae": "/m/taesd",
-                                    "lora": ["paper=/l/paper.safetensors"],
-                                    "controlnet": ["edges=/c/canny"]})
-    engine = SimpleNamespace(model_ref="/m/dream", lcm_ref="/m/lcm", speed="fastest")
-    catalog = Catalog.from_settings(settings, engine)
-    record = Record(request={"task": "controlnet", "prompt": "x", "controlnet": "/c/canny",
-                             "loras": [{"ref": "/l/paper.safetensors", "weight": 0.5}]},
-                    model="/m/dream", lcm_lora="/m/lcm", family="sd15", fewstep="0.1.0",
-                    speed=engine.speed, tiny_vae="/m/taesd")
-    redacted = catalog.redact_record(record)
-    assert "/m/" not in redacted.to_json() and "/l/" not in redacted.to_json()
-    assert redacted.speed == "fastest" and redacted.tiny_vae == "tiny-vae"
-    assert sorted(redacted.catalog_names) == ["lcm_lora", "model", "request.controlnet",
-                                              "request.loras.0.ref", "tiny_vae"]
-    restored = catalog.restore_record(redacted)
-    assert restored == record
-    with pytest.raises(NotFound, match="--lora paper=REF"):
-        Catalog(model_name="dream", hidden={"dream": "/m/dream", "tiny-vae": "/m/taesd"}
-                ).restore_record(redacted)
+    from fewstep.tasks import Txt2ImgRequest
+
+    original = _record_only(sd15_engine, Txt2ImgRequest(prompt="x", seed=1), tmp_path / "a.png")
+    data = json.loads(Image.open(original).text["fewstep"])
+    info = PngImagePlugin.PngInfo()
+    info.add_text("fewstep", json.dumps({**data, "batch_index": index}))
+    Image.open(original).save(original, pnginfo=info)
+    out = tmp_path / "again.png"
+    assert main(["reproduce", str(original), "--out", str(out), "--quiet"]) == 2
+    assert "(batch_index)" in one_error_line(capsys.readouterr().err)
+    assert not out.exists()

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest_server import (
+from helpers.server import (
     assert_typed_error,
     decode,
     make_app,

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import httpx
 import numpy as np
 
-from conftest_server import WAIT, Gate, decode, live_server, make_app, tiny_env
-from test_server_backend import FakeEngine, FakeRequest, encode, run, until
+from helpers.server import WAIT, Gate, decode, live_server, make_app, tiny_env
+from helpers.fakes import FakeEngine, FakeRequest, FakeResult, encode, run
 
 from fewstep.server.local import LocalBackend
 
@@ -54,8 +54,6 @@ class BatchingEngine(FakeEngine):
 
     @staticmethod
     def _result(request):
-        from test_server_backend import FakeResult
-
         return FakeResult(request.prompt, request.size, request.payload)
 
 

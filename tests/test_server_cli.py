@@ -15,8 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers.cli import assert_no_library_noise, one_error_line
 
-from conftest_server import WAIT, free_port, tiny_env, wait_until
+from helpers.server import WAIT, free_port, tiny_env, wait_until
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -82,14 +83,6 @@ def test_sigterm_drains_then_exits_cleanly(tmp_path):
             proc.wait(10)
 
 
-def assert_no_library_noise(text: str) -> None:
-    """No warnings, deprecation notices or progress bars from the libraries under fewstep."""
-    for marker in ("Warning", "warn(", "deprecated", "it/s]", "%|", "Loading pipeline",
-                   "Loading weights", "peft", "LoRA keys", "kept in float32", "torchvision",
-                   "Started server process", "Traceback"):
-        assert marker not in text, f"{marker!r} in:\n{text}"
-
-
 def test_config_file_and_flags(tmp_path):
     import argparse
 
@@ -117,14 +110,6 @@ def test_config_file_and_flags(tmp_path):
         load_settings(parser.parse_args(["serve", "--config", str(bad)]))
     with pytest.raises(InvalidRequest):
         load_settings(parser.parse_args(["serve", "--lora", "../up=/x"]))
-
-
-def _one_error_line(err: str) -> str:
-    """The one line of an error (the service's own INFO lines, such as `loading`, aside)."""
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("INFO:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("error")
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +162,7 @@ def test_start_up_errors_are_one_line_before_loading(tiny, taken_port, monkeypat
     except SystemExit as exc:  # argparse's own errors
         code = exc.code
     assert code != 0
-    assert expected in _one_error_line(capsys.readouterr().err)
+    assert expected in one_error_line(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("kind, ref", [
@@ -205,7 +190,7 @@ def test_catalogue_entries_that_do_not_fit_fail_the_start(tiny, tmp_path, capsys
     code = main(["--model", str(tiny.sd15), "--lcm-lora", str(tiny.lcm_sd15), "--device", "cpu",
                  "--port", "0", f"--{kind}", f"x={path}"])
     assert code != 0
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert f"{kind}.x" in line
 
 

@@ -15,7 +15,7 @@ import pytest
 import webuiapi
 from PIL import Image
 
-from conftest_server import live_server, make_app, sample_image
+from helpers.server import live_server, make_app, sample_image
 
 KEY = "test-key-123"
 

@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, PngImagePlugin
 
-from conftest_server import (
+from helpers.server import (
     WAIT,
     Gate,
     assert_typed_error,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest_server import (
+from helpers.server import (
     WAIT,
     Gate,
     assert_typed_error,

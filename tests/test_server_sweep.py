@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest_server import assert_typed_error, make_catalog, sample_image, tiny_env
+from helpers.server import assert_typed_error, make_catalog, sample_image, tiny_env
 
 
 class QuickEngine:

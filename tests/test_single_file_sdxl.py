@@ -36,7 +36,7 @@ def engines():
     return {}  # shared with selftest.run_case: (model, lcm weight) -> Engine
 
 
-def _engine(engines, model, lcm, config=None) -> Engine:
+def _engine(engines, model, lcm, config=None):
     key = (str(model), 1.0)
     if key not in engines:
         engines[key] = build_engine(model=str(model), lcm_lora=str(lcm),

@@ -15,8 +15,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest_server import assert_typed_error, decode, make_app, png_b64, sample_image
-from conftest_studio import shapes_image
+from helpers.server import assert_typed_error, decode, make_app, png_b64, sample_image
+from helpers.studio import shapes_image
 
 STATIC = Path(__file__).resolve().parents[1] / "src" / "fewstep" / "server" / "studio" / "static"
 ROOT = STATIC.parents[4]
@@ -204,12 +204,12 @@ def test_canny_preview_bounds_the_decoded_size():
 # -- the browser tests' own switch ------------------------------------------------------------
 
 def test_browser_tests_skip_with_a_hint_but_never_under_ci(monkeypatch):
-    import conftest_studio
+    from helpers import studio as studio_helpers
 
-    monkeypatch.setattr(conftest_studio, "chromium_path", lambda: None)
+    monkeypatch.setattr(studio_helpers, "chromium_path", lambda: None)
     monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception, match="apt-get install -y chromium"):
-        conftest_studio.require_browser()
+        studio_helpers.require_browser()
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI must run the browser tests"):
-        conftest_studio.require_browser()
+        studio_helpers.require_browser()

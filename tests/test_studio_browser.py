@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest_server import (WAIT, Gate, decode, live_server, make_app, sample_image,
+from helpers.server import (WAIT, Gate, decode, live_server, make_app, sample_image,
                              tiny_env, wait_until)
-from conftest_studio import StepGate, launch_args, require_browser, shapes_image
+from helpers.studio import StepGate, launch_args, require_browser, shapes_image
 
 MS = int(WAIT * 1000)  # Playwright timeouts
 DESKTOP = {"width": 1280, "height": 900}

@@ -1,6 +1,6 @@
 """fewstep: few-step image and animation generation with LCM-LoRA."""
 
-from .version import __version__
+from .version import __version__  # noqa: F401 - fewstep.__version__
 
 _PUBLIC = {
     "Engine": "engine", "Result": "engine", "Job": "engine", "Settings": "config",

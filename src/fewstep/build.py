@@ -22,12 +22,11 @@ shapes of a service, or exactly the calls of a one-shot command.
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from .calls import ModelView, PipelineCall, plan_call
-from .components import KINDS, adapter_geometry, check_kind, kind_of, mismatch, read_config, \
+from .components import adapter_geometry, check_kind, kind_of, mismatch, read_config, \
     skeleton
 from .config import EngineOptions, Settings, pick_device, pick_dtype
 from .errors import InvalidRequest, ModelError

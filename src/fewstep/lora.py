@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import InvalidRequest, LoraError, NotFound
-from .loading import Ref, hub_file, parse_ref
+from .loading import hub_file, parse_ref
 
 MAX_LORA_WEIGHT = 4.0
 LORA_FILENAME = "pytorch_lora_weights.safetensors"

@@ -20,7 +20,6 @@ How it is used, and why:
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import time

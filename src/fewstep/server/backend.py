@@ -18,7 +18,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Mapping, Protocol, runtime_checkable
+from typing import Any, AsyncIterator, Protocol, runtime_checkable
 
 from ..config import Settings
 from ..errors import FewstepError

@@ -9,15 +9,13 @@ import gc
 import logging
 import threading
 import weakref
-from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import pytest
+from helpers.fakes import (WAIT, FakeEngine, FakeRequest, assert_implements, encode,
+                           run, until)
 
-from fewstep.config import Settings
-from fewstep.records import Record
 from fewstep.errors import Cancelled, InvalidRequest, OutOfMemory
-from fewstep.server.backend import Backend, JobOutput
+from fewstep.server.backend import Backend
 from fewstep.server.errors import (
     DeadlineExceeded,
     InternalError,
@@ -28,75 +26,6 @@ from fewstep.server.errors import (
 )
 from fewstep.server.local import LocalBackend
 
-WAIT = 30.0
-
-
-class Payload:
-    """Stands for a request's decoded images: only weakly referenced by the test."""
-
-
-@dataclass(eq=False)
-class FakeRequest:
-    prompt: str = "x"
-    steps: int = 3
-    size: int = 100  # bytes of the encoded output
-    payload: Payload = field(default_factory=Payload)
-
-
-@dataclass(eq=False)
-class FakeResult:
-    prompt: str
-    size: int
-    payload: Payload  # a result that would keep the inputs alive, if it were kept
-
-
-class FakeEngine:
-    """What the local backend runs (`plan`, `run`), faked: steps are counted, and prompts
-    steer it: "hold" waits for `release`, "boom" raises something unexpected, "oom" runs out of
-    memory (as the engine reports it). `plan` refuses the prompt "invalid"."""
-
-    settings = Settings()
-    device = "cpu"
-    family = SimpleNamespace(name="sd15", pipelines={"txt2img": "FakePipeline"})
-    native_size = 64
-    inpaint_only = False
-
-    def __init__(self):
-        self.ran: list[str] = []
-        self.held = threading.Event()
-        self.release = threading.Event()
-
-    def plan(self, request):
-        if request.prompt == "invalid":
-            raise InvalidRequest("prompt: refused", field="prompt")
-        return SimpleNamespace(request=request, merge_key=lambda: None)
-
-    def run(self, jobs):
-        (job,) = jobs  # nothing merges
-        request = job.call.request
-        self.ran.append(request.prompt)
-        if request.prompt == "boom":
-            raise RuntimeError("unexpected /secret/path")
-        if request.prompt == "oom":
-            raise OutOfMemory("out of memory")
-        for step in range(1, request.steps + 1):
-            if request.prompt == "hold" and step == 1:
-                self.held.set()
-                assert self.release.wait(WAIT)
-            if job.progress is not None:
-                job.progress(step, request.steps)
-            if job.cancel is not None and job.cancel.is_set():
-                raise Cancelled(f"cancelled after step {step} of {request.steps}")
-        return [FakeResult(request.prompt, request.size, request.payload)]
-
-
-def fake_record(**request) -> Record:
-    return Record(request={"task": "txt2img", **request}, model="fake", family="sd15")
-
-
-def encode(result: FakeResult) -> JobOutput:
-    return JobOutput(files=((b"p" * result.size, "image/png"),),
-                     record=fake_record(prompt=result.prompt))
 
 
 def backend(engine=None, **kw) -> LocalBackend:
@@ -105,20 +34,20 @@ def backend(engine=None, **kw) -> LocalBackend:
     return local
 
 
-def run(scenario):
-    return asyncio.run(asyncio.wait_for(scenario(), WAIT))
-
-
-async def until(predicate, what: str):
-    for _ in range(int(WAIT / 0.01)):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_the_local_backend_is_a_backend():
-    assert isinstance(backend(), Backend)
+    assert_implements(backend(), Backend)
+
+
+def test_a_method_that_differs_from_the_protocol_is_caught():
+    """The check compares parameters and how a method is called, not only names."""
+
+    class Sloppy(type(backend())):
+        def get(self, job):  # plain, and another parameter name
+            raise NotImplementedError
+
+    local = Sloppy(FakeEngine(), encode)
+    with pytest.raises(AssertionError, match="get"):
+        assert_implements(local, Backend)
 
 
 def test_jobs_run_in_order_and_keep_their_outputs():

@@ -1,10 +1,12 @@
-"""Hub failures are recognised by huggingface_hub's error classes (anywhere in the chain that
-diffusers re-raises them in), never by names or message text."""
+"""`fewstep.loading`: hub failures are recognised by huggingface_hub's error classes (anywhere in
+the chain that diffusers re-raises them in), never by names or message text; half-precision
+loads take the fp16 variant where there is one and the plain weights where there is not."""
 
 from __future__ import annotations
 
 import pytest
 
+from fewstep.build import build_engine
 from fewstep.errors import NotFound, OfflineError
 from fewstep.loading import hub_error, parse_ref
 
@@ -55,3 +57,11 @@ def test_offline_and_unreachable_by_class():
 ])
 def test_names_and_texts_are_not_recognised(exc):
     assert hub_error(REF, "model", exc) is None
+
+
+def test_fp16_load_falls_back_when_no_variant(tiny):
+    import torch
+
+    engine = build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu",
+                          dtype="fp16")
+    assert engine.base.unet.dtype == torch.float16

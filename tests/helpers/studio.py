@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest_server import WAIT
+from helpers.server import WAIT
 
 INSTALL_HINT = ("the studio browser tests need Chromium and Playwright for Python: "
                 "`sudo apt-get install -y chromium` and `pip install playwright` "
