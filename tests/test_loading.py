@@ -65,3 +65,40 @@ def test_fp16_load_falls_back_when_no_variant(tiny):
     engine = build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu",
                           dtype="fp16")
     assert engine.base.unet.dtype == torch.float16
+
+
+@pytest.mark.parametrize("offline_env, why", [("1", "HF_HUB_OFFLINE is set"),
+                                              (None, "the hub could not be reached")])
+def test_an_unreachable_hub_fails_at_once_from_the_cache(monkeypatch, tmp_path, offline_env,
+                                                         why):
+    """Without a connection the hub is asked nothing (no retries): the cache answers, and the
+    error says why and which option takes a local copy."""
+    import time
+
+    import huggingface_hub
+
+    from fewstep import loading
+
+    if offline_env:
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline_env)
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(loading, "_hub_reachable", lambda: False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    asked = []
+    original = huggingface_hub.hf_hub_download
+
+    def download(*args, **kwargs):
+        asked.append(kwargs.get("local_files_only"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    for field, hint in (("model", "--model /path/to/"), ("lcm_lora", "--lcm-lora /path/to/"),
+                        ("tiny_vae", "--tiny-vae /path/to/")):
+        began = time.monotonic()
+        with pytest.raises(OfflineError) as info:
+            loading.hub_file(parse_ref("owner/name", field), "config.json", field)
+        assert time.monotonic() - began < 5
+        assert why in info.value.message and hint in info.value.message
+        assert info.value.field == field
+    assert asked and all(asked)  # local_files_only every time

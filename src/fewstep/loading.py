@@ -10,6 +10,7 @@ folders are loaded with `use_safetensors=True`, so no weights are ever unpickled
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -63,8 +64,54 @@ def parse_ref(text: str, field: str) -> Ref:
     return Ref(text=text, repo=text)
 
 
-def offline_mode() -> bool:
+def offline_by_choice() -> bool:
+    """HF_HUB_OFFLINE is set."""
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def offline_mode() -> bool:
+    """Whether hub references are read from the local cache only: HF_HUB_OFFLINE is set, or the
+    hub cannot be reached. Reachability is asked once per process (a connection of 3 s at
+    most), so an offline machine fails at once from the cache instead of after the hub
+    library's retries."""
+    return offline_by_choice() or not _hub_reachable()
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_reachable() -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=3).close()
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
+# what to pass instead of a hub reference, by the option that named it
+_LOCAL_HINT = {
+    "model": "--model /path/to/diffusers-folder (or a .safetensors file)",
+    "config": "--config /path/to/diffusers-folder of the same family",
+    "lcm_lora": "--lcm-lora /path/to/lcm-lora.safetensors (or none for an LCM-distilled model)",
+    "tiny_vae": "--tiny-vae /path/to/taesd-folder (or --speed auto, which needs none)",
+    "fp16_vae": "--fp16-vae /path/to/vae-folder",
+    "controlnet": "--controlnet /path/to/controlnet-folder",
+    "adapter": "--adapter /path/to/t2i-adapter-folder",
+    "motion_adapter": "--motion-adapter /path/to/motion-adapter-folder",
+    "lora": "--lora /path/to/lora.safetensors",
+}
+
+
+def local_hint(field: str) -> str:
+    """What to pass instead of a hub reference for `field` (`lora.0`, `controlnet.canny`...)."""
+    key = field.split(".")[0].removesuffix("s") if field.startswith("loras") else \
+        field.split(".")[0]
+    return _LOCAL_HINT.get(key, f"a local path for {field}")
 
 
 def _chain(exc: BaseException):
@@ -105,11 +152,12 @@ def hub_error(ref: Ref, field: str, exc: BaseException) -> OfflineError | NotFou
                             "the hub and log in (HF_TOKEN), or pass a local copy", field=field)
         # checked first: a missing cache entry is also an EntryNotFoundError
         if isinstance(error, unreachable):
+            why = "HF_HUB_OFFLINE is set" if offline_by_choice() else \
+                "the hub could not be reached"
             return OfflineError(
-                f"{field} {ref.text!r} is not in the local cache and the hub could not be "
-                f"reached ({type(error).__name__}). Download it where you have a connection, "
-                "or pass a local diffusers folder or .safetensors file instead (e.g. --model "
-                "/path/to/folder)", field=field)
+                f"{field} {ref.text!r} is not in the local cache and {why}. Download it where "
+                f"you have a connection (without HF_HUB_OFFLINE), or pass a local copy: "
+                f"{local_hint(field)}", field=field)
         if isinstance(error, (RepositoryNotFoundError, RevisionNotFoundError,
                               EntryNotFoundError)):
             return NotFound(f"{field} {ref.text!r} was not found on the hub", field=field)
@@ -273,16 +321,19 @@ def load_pipeline(cls, ref: Ref, *, config_ref: Ref | None, family, torch_dtype,
                     raise OfflineError(
                         f"{field} {ref.text!r} is a single-file checkpoint, which needs the "
                         f"configs of a {family.name} diffusers model; {family.default_model} is "
-                        "not in the local cache and the hub is offline: pass a local diffusers "
-                        "folder of the same family with --config",
+                        "not in the local cache and "
+                        + ("HF_HUB_OFFLINE is set" if offline_by_choice()
+                           else "the hub could not be reached")
+                        + ": pass a local diffusers folder of the same family with --config",
                         field="config",
                     )
             return cls.from_single_file(
                 str(path), config=config or family.default_model,
-                local_files_only=offline_mode() or config_ref is not None, **kwargs
+                local_files_only=config_ref is not None or offline_mode(), **kwargs
             )
         source = str(ref.path) if ref.path is not None else ref.repo
-        kwargs.update(use_safetensors=True, local_files_only=offline_mode())
+        kwargs.update(use_safetensors=True,
+                      local_files_only=ref.path is not None or offline_mode())
         if torch_dtype == torch.float16:
             # half-size downloads where the repo publishes them (as the recipe asks for SDXL)
             try:
@@ -309,7 +360,7 @@ def load_component(cls, ref: Ref, *, torch_dtype, field: str):
     try:
         return cls.from_pretrained(
             source, dtype=torch_dtype, use_safetensors=True,
-            local_files_only=offline_mode(),
+            local_files_only=ref.path is not None or offline_mode(),
         )
     except Exception as exc:  # noqa: BLE001
         raise _load_error(ref, field, exc, single=False) from exc
