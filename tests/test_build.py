@@ -64,7 +64,7 @@ def test_unknown_and_unsafe_models(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OfflineError) as info:
         build_engine(model="some-org/not-cached-model")
-    assert "local diffusers folder" in info.value.message
+    assert "--model /path/to/diffusers-folder" in info.value.message
 
 
 def test_lcm_lora_of_another_family_is_refused(tiny):

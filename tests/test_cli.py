@@ -271,3 +271,29 @@ def test_selftest_folder_that_cannot_be_made(monkeypatch, capsys):
     monkeypatch.setattr(fewstep.selftest, "run_selftest", lambda keep: pytest.fail("ran"))
     assert main(["selftest", "--keep", "/proc/fewstep-models"]) == 1
     assert "--keep" in one_error_line(capsys.readouterr().err)
+
+
+def test_the_default_output_is_never_overwritten(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert main(["txt2img", "x", *model_flags(tiny), "--steps", "1"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fewstep-2.png", "fewstep.png"]
+    assert main(["txt2img", "x", *model_flags(tiny), "--steps", "1", "--num-images", "2"]) == 0
+    # several images: the first base name whose numbered files are all free
+    assert {"fewstep-2-1.png", "fewstep-2-2.png"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_a_named_output_that_exists_needs_overwrite(tiny, tmp_path, capsys, no_loading):
+    out = tmp_path / "mine.png"
+    out.write_bytes(b"keep me")
+    assert main(["txt2img", "x", *model_flags(tiny), "--out", str(out)]) == 2
+    assert "--overwrite" in one_error_line(capsys.readouterr().err)
+    assert out.read_bytes() == b"keep me"
+
+
+def test_overwrite_replaces_a_named_output(tiny, tmp_path):
+    out = tmp_path / "mine.png"
+    out.write_bytes(b"old")
+    assert main(["txt2img", "x", *model_flags(tiny), "--steps", "1", "--out", str(out),
+                 "--overwrite"]) == 0
+    assert Image.open(out).size == (64, 64)

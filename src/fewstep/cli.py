@@ -44,7 +44,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
         g.add_argument(f"--{flag}", metavar="N")
     g.add_argument("--seed", metavar="N", help="default: random (recorded in the output)")
     g.add_argument("--num-images", metavar="N")
-    g.add_argument("--out", help="output file; several images are numbered out-1.png, ...")
+    g.add_argument("--out", help="output file; several images are numbered out-1.png, ... "
+                   "(default fewstep.png, or fewstep-2.png, ... when taken)")
+    g.add_argument("--overwrite", action="store_true", help="replace an --out that exists")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -112,6 +114,7 @@ def _reproduce_parser(sub) -> None:
         "from the record it carries. Input images are given again and checked against "
         "the record; outputs of the service need its catalogue (--config or NAME=REF flags).")
     p.add_argument("path", metavar="FILE", help="the output to regenerate")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that exists")
     p.add_argument("--out", help="where to write it (default: FILE's name + -reproduced, "
                    "in the current folder)")
     for name in ("image", "mask", "control-image"):
@@ -159,6 +162,19 @@ def _request_values(args, task: str) -> dict:
     return values
 
 
+def _output(given: str | None, default, overwrite: bool, animation: bool, count: int = 1):
+    """Where a command writes, checked before any work: a name the user gave (not replaced
+    when it exists, unless --overwrite), else the default's first free numbering."""
+    from .outputs import check_output_path, free_name, refuse_existing
+
+    path = check_output_path(given or default, animation, count)
+    if given is None:
+        return free_name(path, count)
+    if not overwrite:
+        refuse_existing(path, count)
+    return path
+
+
 def _options_for(options, task: str):
     """A command's engine options: local references made absolute (so the record reproduces
     from any folder), and the weight given with --lcm-lora used for an animation."""
@@ -188,7 +204,6 @@ def run_task(args) -> int:
     from .build import build_engine, inspect
     from .config import EngineOptions, Settings, given, load
     from .logs import quiet_libraries
-    from .outputs import check_output_path
     from .tasks import REQUESTS
 
     task = args.command
@@ -196,8 +211,8 @@ def run_task(args) -> int:
     options = _options_for(options, task)
     settings = Settings.from_env()
     request = REQUESTS[task].build(settings=settings, **_request_values(args, task))
-    out = check_output_path(args.out or TASK_OUT.get(task, DEFAULT_OUT), task == "animate",
-                            request.num_images)
+    out = _output(args.out, TASK_OUT.get(task, DEFAULT_OUT), args.overwrite,
+                  task == "animate", request.num_images)
     for warning in request.warnings():
         warn(warning)
     quiet_libraries()
@@ -240,7 +255,6 @@ def _run(engine, call, quiet: bool):
 
 def run_reproduce(args) -> int:
     from .config import EngineOptions, ServeSettings, given, load
-    from .outputs import check_output_path
     from .records import read_record, same_pixels
     from .reproduce import prepare, run
 
@@ -266,8 +280,8 @@ def run_reproduce(args) -> int:
     for name in images:
         if name not in prepared.record.inputs:
             warn(f"the record holds no digest of its {name}: the one given cannot be checked")
-    out = args.out or Path.cwd() / f"{source.stem}-reproduced{source.suffix}"
-    check_output_path(out, prepared.record.task == "animate")
+    out = _output(args.out, Path.cwd() / f"{source.stem}-reproduced{source.suffix}",
+                  args.overwrite, prepared.record.task == "animate")
 
     from .logs import quiet_libraries
 

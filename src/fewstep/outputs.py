@@ -61,6 +61,24 @@ def _check_writable(folder: Path, out) -> None:
     os.unlink(probe)
 
 
+def free_name(path: Path, count: int = 1) -> Path:
+    """`path`, or the first of `stem-2`, `stem-3`, ... whose output files (`count` of them, as
+    `numbered_paths` names them) do not exist yet: a default name never overwrites."""
+    candidate, number = path, 1
+    while any(p.exists() for p in numbered_paths(candidate, count)):
+        number += 1
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+    return candidate
+
+
+def refuse_existing(path: Path, count: int = 1) -> None:
+    """An output the user named that exists already is not replaced without --overwrite."""
+    existing = [p for p in numbered_paths(path, count) if p.exists()]
+    if existing:
+        raise InvalidRequest(f"out {str(existing[0])!r} exists; give --overwrite to replace it, "
+                             "or another name", field="out")
+
+
 def numbered_paths(path: Path, count: int) -> list[Path]:
     """`out.png` for one result; `out-1.png` ... `out-N.png` for several."""
     if count == 1:
