@@ -108,8 +108,12 @@ def test_the_table_compares_with_the_recipe_and_keeps_contenders_that_did_not_ru
         "fewstep-auto": {"first": {"start_to_first_image_s": 40.0, "load_s": 30.0,
                                    "warm_ms_p50": 4000.0, "warm_cpu_s_p50": 8.0,
                                    "peak_rss_mb": 6500.0, "load_average_1min": [1.2, 1.3],
-                                   "max_pixel_diff_vs_recipe": 2e-06},
+                                   "max_pixel_diff_vs_recipe": 2e-06,
+                                   "details": {"fast_path": {"openvino": "on (f32; unet + vae "
+                                                             "decoder; 256x256; cache=/x)"}}},
                          "second": {"start_to_first_image_s": 15.5, "peak_rss_mb": 6000.0}},
+        "fewstep-fastest": {"first": {"warm_ms_p50": 6000.0, "details": {"fast_path": {
+            "openvino": "skipped: needs 4.8 GiB free, 3.8 GiB are"}}}},
         "genai-int8": {"error": "the OpenVINO export it loads failed (ir_int8)"},
         "sdcpp-q8_0": {"first": {"error": "Traceback ...\nRuntimeError: made no image",
                                  "load_average_1min": [1.3, 1.3]}},
@@ -118,6 +122,9 @@ def test_the_table_compares_with_the_recipe_and_keeps_contenders_that_did_not_ru
     auto = _row(table, "fewstep-auto")
     assert auto[5:10] == ["4000.0", "3.0x", "8.0", "6500.0", "1.3x"]
     assert "second start (warm cache): 15.5 s" in auto[-1] and "2e-06" in auto[-1]
+    # which path fewstep took is in the row: a fast path that was skipped must not pass unseen
+    assert "OpenVINO on (f32; unet + vae decoder)" in auto[-1]
+    assert "OpenVINO skipped: needs 4.8 GiB free" in _row(table, "fewstep-fastest")[-1]
     assert _row(table, "recipe")[6] == "1.0x"
     # the contenders that did not run stay in the table, with why
     assert "did not run: the OpenVINO export it loads failed" in _row(table, "genai-int8")[-1]
