@@ -575,7 +575,14 @@ def machine() -> dict[str, Any]:
             "system": f"{platform.system()} {platform.release()}"}
 
 
-def write(data: dict, out: Path, name: str) -> Path:
+def write(data: dict, out: Path, name: str, workdir: Path | None = None) -> Path:
+    """The JSON and the markdown; paths inside the workdir and the checkout are written as
+    `<workdir>/...` and `<repo>/...`, so the results name no folder of the machine that made them."""
+    text = json.dumps(data).replace(str(REPO), "<repo>")
+    if workdir is not None:
+        text = text.replace(str(Path(workdir).resolve()), "<workdir>")
+        text = text.replace(str(workdir), "<workdir>")
+    data = json.loads(text)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
     path = out / f"{name}.md"
@@ -710,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
         earlier.setdefault("merged", []).append(
             {"contenders": names, "load_average_1min": {"start": load_start, "end": _load()}})
         earlier["notes"] = [*earlier.get("notes", []), *args.note]
-        path = write(earlier, Path(args.merge_into).parent, Path(args.merge_into).stem)
+        path = write(earlier, Path(args.merge_into).parent, Path(args.merge_into).stem, work)
         print(path)
         return 0
 
@@ -729,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     slug = f"cpu-{os.cpu_count()}core"
     name = args.name or f"peers-{slug}-sd15-{args.resolution}" + ("-tiny" if args.tiny else "")
-    path = write(data, Path(args.out), name)
+    path = write(data, Path(args.out), name, work)
     print(path)
     return 0
 

@@ -140,3 +140,14 @@ def test_an_unknown_contender_is_refused_before_anything_runs(peers, capsys, tmp
     assert code == 2
     assert "error: --contenders: unknown nope" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_the_written_results_name_no_folder_of_this_machine(peers, tmp_path):
+    work = tmp_path / "work"
+    data = _data({"recipe": {"first": {"warm_ms_p50": 1.0, "details": {
+        "cache": str(work / "caches" / "recipe"), "cli": str(peers.REPO / "x" / "optimum-cli")}}}})
+    peers.write(data, tmp_path / "out", "run", work)
+    text = (tmp_path / "out" / "run.json").read_text()
+    assert "<workdir>/caches/recipe" in text and "<repo>/x/optimum-cli" in text
+    assert str(tmp_path) not in text and str(peers.REPO) not in text
+    assert (tmp_path / "out" / "run.md").read_text().startswith("# Peers: SD1.5 256x256")
