@@ -577,7 +577,7 @@ def machine() -> dict[str, Any]:
 
 def write(data: dict, out: Path, name: str, workdir: Path | None = None) -> Path:
     """The JSON and the markdown; paths inside the workdir and the checkout are written as
-    `<workdir>/...` and `<repo>/...`, so the results name no folder of the machine that made them."""
+    `<workdir>/...` and `<repo>/...`: the results name no folder of the machine that made them."""
     text = json.dumps(data).replace(str(REPO), "<repo>")
     if workdir is not None:
         text = text.replace(str(Path(workdir).resolve()), "<workdir>")
@@ -609,6 +609,13 @@ def _image_diffs(results: dict, images: Path) -> None:
             other = np.load(path)
             if other.shape == base.shape:
                 first["max_pixel_diff_vs_recipe"] = round(float(np.abs(other - base).max()), 6)
+
+
+def _export_for(name: str) -> str | None:
+    """The OpenVINO export a contender loads: "fp32", "int8", or None (it loads none)."""
+    if not name.startswith(("genai-", "optimum-")):
+        return None
+    return "int8" if name.endswith("-int8") else "fp32"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -673,8 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         python_for["peers"] = ensure_peers_venv(Path(args.venv))
         preparation["peers' venv"] = {"seconds": round(time.perf_counter() - started, 1)}
         for fmt, key in (("fp32", "ir_f32"), ("int8", "ir_int8")):
-            if any(BY_NAME[n].env == "peers" and "sdcpp" not in n and
-                   ("int8" in n) == (fmt == "int8") for n in names):
+            if any(_export_for(n) == fmt for n in names):
                 info = export_openvino(python_for["peers"], Path(paths["fused"]),
                                        work / f"openvino-{fmt}", fmt)
                 preparation[f"OpenVINO export ({fmt})"] = info
@@ -691,10 +697,9 @@ def main(argv: list[str] | None = None) -> int:
         cache = work / "caches" / name
         shutil.rmtree(cache, ignore_errors=True)  # the first start finds nothing built
         cache.mkdir(parents=True)
-        needs = "ir_int8" if "int8" in name else "ir_f32"
-        if contender.env == "peers" and "sdcpp" not in name and \
-                "error" in preparation.get(f"OpenVINO export ({'int8' if 'int8' in name else 'fp32'})", {}):
-            results[name] = {"error": f"the OpenVINO export it loads failed ({needs})"}
+        export = _export_for(name)
+        if export and "error" in preparation.get(f"OpenVINO export ({export})", {}):
+            results[name] = {"error": f"the OpenVINO export it loads failed ({export})"}
             continue
         first = run_contender(args, contender, python_for[contender.env], paths, str(cache),
                               args.repeats, images / f"{name}.npy")
@@ -703,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["second"] = run_contender(args, contender, python_for[contender.env], paths,
                                             str(cache), 0, None)
         results[name] = entry
+        shutil.rmtree(cache, ignore_errors=True)  # what fewstep built: gigabytes per contender
         if "versions" in first:
             versions[contender.env] = first["versions"]
         print(f"  {json.dumps({k: v for k, v in first.items() if k != 'versions'})[:400]}",
@@ -710,8 +716,8 @@ def main(argv: list[str] | None = None) -> int:
     _image_diffs(results, images)
 
     if earlier is not None:
-        earlier["results"] = {n: results[n] for n in
-                              [*earlier["results"], *[n for n in names if n not in earlier["results"]]]}
+        order = [*earlier["results"], *[n for n in names if n not in earlier["results"]]]
+        earlier["results"] = {n: results[n] for n in order}
         earlier["versions"] = versions
         earlier["config"]["contenders"].update({n: asdict(BY_NAME[n]) for n in names})
         earlier.setdefault("merged", []).append(
