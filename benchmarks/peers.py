@@ -8,7 +8,7 @@ weights, the LCM-LoRA fused in, 4 steps, guidance 1, batch 1).
 Contenders (`--contenders`, all by default):
 
 * `recipe`: the LCM-LoRA guide's diffusers code (`fewstep.reference`), the LoRA left unfused,
-* `fewstep-auto`, `fewstep-fastest`: `fewstep.engine.Engine(speed=...)` as a user makes it, the
+* `fewstep-auto`, `fewstep-fastest`: `fewstep.build_engine(speed=...)` as a user makes it, the
   size built ahead as the CLI does; started twice on one cache folder (empty, then warm),
 * `genai-*`: OpenVINO GenAI's `Text2ImagePipeline` (its C++ loop) on the model exported by
   optimum-intel, f32 / bf16 inference precision / int8 weights,
@@ -82,16 +82,16 @@ class Contender:
 CONTENDERS = (
     Contender("recipe", "diffusers, the LCM-LoRA guide's code", "f32",
               "diffusers folder + LCM-LoRA (peft, unfused)", "main"),
-    Contender("fewstep-auto", "fewstep Engine(speed='auto')", "f32",
+    Contender("fewstep-auto", "fewstep build_engine(speed='auto')", "f32",
               "diffusers folder + LCM-LoRA (fused at load)", "main"),
-    Contender("fewstep-fastest", "fewstep Engine(speed='fastest')", "bf16 + tiny VAE",
+    Contender("fewstep-fastest", "fewstep build_engine(speed='fastest')", "bf16 + tiny VAE",
               "diffusers folder + LCM-LoRA (fused at load) + taesd", "main",
               "tiny VAE: not the recipe's pixels"),
-    Contender("fewstep-auto-memavailable", "fewstep Engine(speed='auto'), free memory read as "
+    Contender("fewstep-auto-memavailable", "fewstep build_engine(speed='auto'), free memory read as "
               "MemAvailable", "f32", "diffusers folder + LCM-LoRA (fused at load)", "main",
               "fewstep's OpenVINO memory check reads MemFree, which the page cache keeps low; "
               "here it reads MemAvailable"),
-    Contender("fewstep-fastest-memavailable", "fewstep Engine(speed='fastest'), free memory read "
+    Contender("fewstep-fastest-memavailable", "fewstep build_engine(speed='fastest'), free memory read "
               "as MemAvailable", "bf16 + tiny VAE",
               "diffusers folder + LCM-LoRA (fused at load) + taesd", "main",
               "as fewstep-fastest, the memory check reading MemAvailable"),
@@ -296,16 +296,16 @@ def _runner(args, paths: dict[str, str]):
                                guidance_scale=1.0, height=res, width=res)[0]
         return run, details
     if name.startswith("fewstep-"):
-        from fewstep.engine import Engine
+        from fewstep.build import build_engine
         from fewstep.tasks import Txt2ImgRequest
 
         speed = name.split("-")[1]
         if name.endswith("-memavailable"):
             _read_mem_available()
-        engine = Engine(paths["model"], lcm_lora=paths["lora"], speed=speed, device="cpu",
-                        compile_shapes=((res, res, 1),),
-                        compile_cache=args.cache_dir,
-                        tiny_vae=paths["taesd"] if speed == "fastest" else None)
+        engine = build_engine(model=paths["model"], lcm_lora=paths["lora"], speed=speed,
+                              device="cpu", compile_shapes=((res, res, 1),),
+                              compile_cache=args.cache_dir,
+                              tiny_vae=paths["taesd"] if speed == "fastest" else None)
         details["fast_path"] = dict(engine.fast_report.applied)
 
         def run(i):
