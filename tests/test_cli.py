@@ -297,3 +297,26 @@ def test_overwrite_replaces_a_named_output(tiny, tmp_path):
     assert main(["txt2img", "x", *model_flags(tiny), "--steps", "1", "--out", str(out),
                  "--overwrite"]) == 0
     assert Image.open(out).size == (64, 64)
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--num-images", "100"], "--num-images"),
+    (["--negative", "x" * 5000], "--negative"),
+    (["--lora", "MODELS/style-sd15.safetensors:9"], "--lora (the first)"),
+])
+def test_errors_name_the_flag_not_the_field(tiny, tmp_path, capsys, no_loading, args, flag):
+    args = [a.replace("MODELS", str(tiny.root)) for a in args]
+    assert main(["txt2img", "x", *model_flags(tiny), *args, "--out",
+                 str(tmp_path / "x.png")]) != 0
+    line = one_error_line(capsys.readouterr().err)
+    assert f"({flag})" in line and "num_images" not in line and "negative_prompt" not in line
+
+
+def test_a_settings_file_given_as_the_model_config_is_refused(tiny, tmp_path, capsys,
+                                                              no_loading):
+    settings = tmp_path / "serve.toml"
+    settings.write_text('model = "x"\n')
+    assert main(["txt2img", "x", *model_flags(tiny), "--config", str(settings), "--out",
+                 str(tmp_path / "x.png")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "(--config)" in line and "fewstep serve --config" in line

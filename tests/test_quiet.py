@@ -1,5 +1,5 @@
 """What users see: no warnings or progress bars from the libraries under fewstep, from the CLI
-or from library code that asks for quiet; and importing fewstep changes nothing global."""
+or from library code that builds an engine; and importing fewstep changes nothing global."""
 
 import os
 import subprocess
@@ -32,10 +32,8 @@ def test_cli_shows_no_library_chatter(tiny, tmp_path):
         line for line in done.stderr.splitlines() if line.startswith("done 1 file(s), seed 1")]
 
 
-def test_library_users_can_ask_for_quiet(tiny, tmp_path):
+def test_library_users_get_quiet_from_building_an_engine(tiny, tmp_path):
     done = _run(f"""
-import fewstep
-fewstep.quiet_libraries()
 from fewstep import build_engine, LoraRequest, Txt2ImgRequest
 engine = build_engine(model={str(tiny.sd15)!r}, lcm_lora={str(tiny.lcm_sd15)!r}, device="cpu")
 engine.generate(Txt2ImgRequest(prompt="x", seed=1, steps=2, loras=[

@@ -136,6 +136,11 @@ def test_cli_reproduce_loads_what_the_record_says(tiny, tmp_path, monkeypatch, c
     assert main(["reproduce", "cat-2.png", "--image", str(image), "--quiet"]) == 0
     assert "same pixels as cat-2.png" in capsys.readouterr().err
     assert same_pixels("cat-2.png", "cat-2-reproduced.png") == (True, 0)
+    # written as WebP, the pixels differ by the format's loss: the warning says so
+    assert main(["reproduce", "cat-2.png", "--image", str(image), "--quiet",
+                 "--out", "again.webp"]) == 0
+    err = capsys.readouterr().err
+    assert ".webp is a lossy format" in err and "another device" not in err
 
 
 def test_service_outputs_reproduce_with_the_same_catalogue(tmp_path, capsys):

@@ -111,6 +111,11 @@ def test_multipart_upload_equals_json(client):
     assert as_json.status_code == upload.status_code == 200, upload.text
     assert np.array_equal(decode(as_json.json()["images"][0]["b64"]),
                           decode(upload.json()["images"][0]["b64"]))
+    fields_as_form = client.post("/v1/img2img/upload", data={"prompt": "x"},
+                                 files={"image": ("a.png", buffer.getvalue(), "image/png")})
+    assert fields_as_form.status_code == 422
+    assert "params (the request's other fields as JSON text" in \
+        fields_as_form.json()["error"]["message"]
     bad = client.post("/v1/img2img/upload", data={"params": "{nope"},
                       files={"image": ("in.png", buffer.getvalue(), "image/png")})
     assert_typed_error(bad, 400, field="params")

@@ -96,3 +96,31 @@ def test_a_record_builds_its_request_again(sd15_engine):
     record = result.record.request
     again = sd15_engine.generate(Txt2ImgRequest.build(**record))
     assert np.array_equal(result.images, again.images)
+
+
+def test_image_fields_read_a_path_object_but_never_text(tmp_path):
+    from pathlib import Path
+
+    sample_image().save(tmp_path / "photo.png")
+    request = Img2ImgRequest(prompt="x", image=tmp_path / "photo.png")
+    assert request.image.size == (64, 64)
+    with pytest.raises(InvalidRequest) as info:
+        Img2ImgRequest.build(prompt="x", image=str(tmp_path / "photo.png"))
+    assert info.value.field == "image" and "Path(" in info.value.message
+    with pytest.raises(InvalidRequest) as info:
+        Img2ImgRequest.build(prompt="x", image=Path(tmp_path / "absent.png"))
+    assert info.value.field == "image" and "no such file" in info.value.message
+
+
+@pytest.mark.parametrize("values, expected", [
+    ({"width": 65}, "width: must be a multiple of 8, got 65"),
+    ({"steps": "abc"}, "(got 'abc')"),
+    ({"image": sample_image(size=4)}, "image: is 4x4 pixels; images must be at least 8x8"),
+])
+def test_errors_read_as_plain_words(values, expected):
+    cls = Img2ImgRequest if "image" in values else Txt2ImgRequest
+    with pytest.raises(InvalidRequest) as info:
+        cls.build(prompt="x", **values)
+    message = info.value.message
+    assert expected in message
+    assert "Value error" not in message and message.count("got") <= 1 and "<PIL" not in message

@@ -52,6 +52,9 @@ class Blueprint:
     typed errors a loaded engine would, naming the option."""
 
     def __init__(self, options: EngineOptions, settings: Settings | None = None):
+        from .logs import quiet_libraries
+
+        quiet_libraries()  # building an engine keeps the libraries' chatter out, as the CLI does
         self.options = options
         self.settings = settings or Settings.from_env()
         self.device = pick_device(options.device)
@@ -59,6 +62,11 @@ class Blueprint:
         self._openvino = _choose_openvino(options, self.device)
         self.config_ref = parse_ref(options.model_config_dir, "model_config") \
             if options.model_config_dir else None
+        if self.config_ref is not None and self.config_ref.is_file:
+            raise InvalidRequest(
+                f"model_config {options.model_config_dir!r} is a file: it must be the diffusers "
+                "folder (of the same family) whose configs a single-file model loads with; a "
+                "settings file is for `fewstep serve --config`", field="model_config")
         for name in ("tiny_vae", "fp16_vae"):  # loaded with the fast path, after the model
             if getattr(options, name):
                 parse_ref(getattr(options, name), name)

@@ -293,8 +293,11 @@ def run_reproduce(args) -> int:
     if same:
         console.print(f"[green]done[/] same pixels as {escape(str(source))}", highlight=False)
     else:
-        warn(f"differs from {source} by up to {diff}/255 (another device, dtype or library "
-             "version?)")
+        lossy = Path(out).suffix.lower() in (".jpg", ".jpeg", ".webp", ".mp4")
+        why = f"{Path(out).suffix} is a lossy format: write .png to compare" \
+            if lossy and Path(out).suffix.lower() != source.suffix.lower() \
+            else "another device, dtype or library version?"
+        warn(f"differs from {source} by up to {diff}/255 ({why})")
     return 0
 
 
@@ -319,6 +322,40 @@ def _bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+# request fields as the generating commands spell them
+FLAGS = {"negative_prompt": "--negative", "num_images": "--num-images",
+         "control_image": "--control-image", "canny_low": "--canny-low",
+         "canny_high": "--canny-high", "conditioning_scale": "--conditioning-scale",
+         "conditioning_factor": "--conditioning-factor", "num_frames": "--num-frames",
+         "motion_adapter": "--motion-adapter", "lcm_lora": "--lcm-lora",
+         "tiny_vae": "--tiny-vae", "fp16_vae": "--fp16-vae", "model_config": "--config",
+         **{name: f"--{name}" for name in (
+             "steps", "guidance", "width", "height", "seed", "strength", "fps", "image",
+             "mask", "controlnet", "adapter", "model", "family", "device", "dtype", "speed",
+             "openvino", "out")}}
+
+
+def in_flags(exc: FewstepError) -> FewstepError:
+    """A request's error as a command line user reads it: the field named by its flag
+    (`num_images` -> `--num-images`, `loras.1.weight` -> `--lora (the second)`)."""
+    import re
+
+    field = exc.field or ""
+    head, _, rest = field.partition(".")
+    if head in ("lora", "loras") and rest[:1].isdigit():
+        nth = int(rest.split(".")[0])
+        ordinal = ("first", "second", "third")[nth] if nth < 3 else f"#{nth + 1}"
+        flag = f"--lora (the {ordinal})"
+    else:
+        flag = FLAGS.get(field)
+    if flag is None:
+        return exc
+    exc.message = re.sub(rf"^{re.escape(field)}\b:?", flag + ("" if field == "out" else ":"),
+                         exc.message, count=1) if exc.message.startswith(field) else exc.message
+    exc.field = flag
+    return exc
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -338,7 +375,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_serve(args)
         if args.command == "reproduce":
             return run_reproduce(args)
-        return run_task(args)
+        try:
+            return run_task(args)
+        except FewstepError as exc:
+            return report_error(in_flags(exc))
     except FewstepError as exc:
         return report_error(exc)
     except KeyboardInterrupt:

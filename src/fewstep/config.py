@@ -363,6 +363,8 @@ def _option_error(exc: ValidationError, cls, flags: dict, flag_names: dict) -> I
     value = first.get("input")
     if isinstance(value, (dict, list)):  # the message names the entry at fault
         return InvalidRequest(f"{where}: {message}", field=name)
+    if "got " in message:  # the message shows the value already
+        return InvalidRequest(f"{where}: {message}", field=name)
     shown = repr(value)
     if len(shown) > 80:
         shown = shown[:77] + "..."

@@ -1,8 +1,9 @@
 """What users see: library chatter kept out, fewstep's own events logged.
 
 `quiet_libraries()` keeps diffusers, transformers, peft, huggingface_hub, accelerate and torch
-warnings and progress bars out of the output. The CLI and the service call it; a library user
-may call it too (`fewstep.quiet_libraries()`). Importing fewstep changes nothing global.
+warnings and progress bars out of the output. Building an engine calls it (so the CLI, the
+service and library code all get it); it may be called directly too
+(`fewstep.quiet_libraries()`). Importing fewstep changes nothing global.
 A verbosity the user set in the environment (DIFFUSERS_VERBOSITY, TRANSFORMERS_VERBOSITY) is
 left as it is, and HF_HUB_DISABLE_PROGRESS_BARS=0 keeps the progress bars.
 

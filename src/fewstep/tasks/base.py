@@ -3,6 +3,7 @@ becomes a plain description of one pipeline call (`fewstep.calls.PipelineCall`).
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Annotated, Any, ClassVar
 
@@ -20,20 +21,26 @@ MIN_IMAGE_SIDE = 8  # the VAE downscales by 8: smaller inputs have no latent pix
 
 
 def _to_image(value):
-    """Image fields take a PIL image or encoded image bytes (decoded safely), never a path:
-    reading files is the caller's business (the CLI does it; the service never does)."""
+    """Image fields take a PIL image, encoded image bytes or a `pathlib.Path` (each decoded
+    safely), never a path as text: JSON from the network can hold text but never a Path, so
+    the service cannot be made to read a file."""
     from PIL import Image
 
     from ..images import load_image
 
-    if isinstance(value, (bytes, bytearray)):
+    if isinstance(value, (bytes, bytearray, os.PathLike)):
         try:
-            value = load_image(bytes(value), "image")
+            value = load_image(bytes(value) if isinstance(value, bytearray) else value, "image")
         except InvalidRequest as exc:
-            raise ValueError(exc.message.removeprefix("image ")) from None
+            raise ValueError(exc.message.removeprefix("image ").removeprefix("image: ")) \
+                from None
+    if isinstance(value, str):
+        raise ValueError("takes a PIL image, encoded image bytes or a pathlib.Path; a path given "
+                         f"as text is not read (Path({value[:40]!r}) reads that file)")
     if not isinstance(value, Image.Image):
         raise ValueError(
-            f"must be a PIL image or encoded image bytes, not {type(value).__name__}")
+            f"must be a PIL image, encoded image bytes or a pathlib.Path, not "
+            f"{type(value).__name__}")
     if min(value.size) < MIN_IMAGE_SIDE:
         raise ValueError(f"is {value.width}x{value.height} pixels; images must be at least "
                          f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}")
@@ -173,11 +180,22 @@ class Request(BaseModel):
 
 
 def invalid_from_pydantic(exc: ValidationError) -> InvalidRequest:
+    """pydantic's first error as one InvalidRequest naming the field, in plain words: no
+    "Value error," prefix, the value shown once, and objects (images) by their type."""
     first = exc.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or None
-    value = first.get("input")
-    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
+    message = first["msg"].removeprefix("Value error, ")
     where = f"{field}: " if field else ""
-    return InvalidRequest(f"{where}{first['msg']} (got {shown})", field=field)
+    value = first.get("input")
+    # fewstep's own checks say what they found; pydantic's get the value they refused
+    if first["type"] == "value_error" or not isinstance(value, (str, int, float, type(None))):
+        return InvalidRequest(f"{where}{message}", field=field)
+    return InvalidRequest(f"{where}{message} (got {shown_value(value)})", field=field)
+
+
+def shown_value(value) -> str:
+    """A value as an error message shows it: short, and never an object's repr."""
+    if isinstance(value, (str, int, float, bool, type(None))):
+        shown = repr(value)
+        return shown if len(shown) <= 80 else shown[:77] + "..."
+    return f"a {type(value).__name__}"

@@ -13,11 +13,14 @@ from .common import b64, image_from_bytes, parse_json
 def upload_values(params_model, image_fields, fields: dict, files: dict, settings):
     """A multipart upload's `params` JSON text and image files -> (values, decoded images)."""
     unknown = [k for k in (*fields, *files) if k not in ("params", *image_fields)]
+    hint = (f"an upload has the form fields params (the request's other fields as JSON text, "
+            f"e.g. {{\"prompt\": \"a cat\"}}) and {', '.join(image_fields)} (image files)")
     if unknown:
-        raise InvalidRequest(f"{unknown[0]}: unknown form field", field=unknown[0])
+        raise InvalidRequest(f"{unknown[0]}: unknown form field; {hint}", field=unknown[0])
     text = fields.get("params")
     if not isinstance(text, str):
-        raise InvalidRequest("params: a JSON text form field is required", field="params")
+        raise InvalidRequest(f"params: a JSON text form field is required; {hint}",
+                             field="params")
     try:
         values = params_model.model_validate(parse_json(text, "params")).model_dump()
     except ValidationError as exc:
