@@ -3,8 +3,10 @@ and what is built ahead is only what will run."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from helpers.cli import model_flags, one_error_line
+from PIL import Image
 
 from fewstep.build import build_engine, inspect
 from fewstep.cli import main
@@ -138,18 +140,18 @@ def test_a_loaded_engine_refuses_the_wrong_kind_too(sd15_engine, tiny):
 
 
 @pytest.mark.parametrize("args, field", [
-    (["txt2img", "x", "--lora", "MODELS/style-sdxl-ldm.safetensors"], "lora.0"),
-    (["txt2img", "x", "--lcm-lora", "MODELS/lcm-lora-sdxl"], "lcm_lora"),
+    (["txt2img", "x", "--lora", "MODELS/style-sdxl-ldm.safetensors"], "--lora (the first)"),
+    (["txt2img", "x", "--lcm-lora", "MODELS/lcm-lora-sdxl"], "--lcm-lora"),
     (["controlnet", "x", "--control-image", "INPUT", "--controlnet",
-      "MODELS/t2i-adapter-sd15"], "controlnet"),
+      "MODELS/t2i-adapter-sd15"], "--controlnet"),
     (["controlnet", "x", "--control-image", "INPUT", "--controlnet",
-      "MODELS/controlnet-sdxl"], "controlnet"),
+      "MODELS/controlnet-sdxl"], "--controlnet"),
     (["t2i-adapter", "x", "--control-image", "INPUT", "--adapter", "MODELS/controlnet"],
-     "adapter"),
+     "--adapter"),
     (["t2i-adapter", "x", "--control-image", "INPUT", "--adapter", "COARSE", "--width", "72",
-      "--height", "64"], "width"),
+      "--height", "64"], "--width"),
     (["animate", "x", "--motion-adapter", "MODELS/controlnet", "--out", "OUT/x.gif"],
-     "motion_adapter"),
+     "--motion-adapter"),
 ])
 def test_a_command_refuses_misfits_before_loading(tiny, tmp_path, capsys, no_loading,
                                                   coarse_adapter, args, field):
@@ -173,8 +175,11 @@ def converted(tmp_path, monkeypatch):
     """The sizes of the UNets and VAE decoders a command converted to OpenVINO."""
     pytest.importorskip("openvino")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("FEWSTEP_OPENVINO", "auto")  # as a user has it (the suite turns it off)
     folder = tmp_path / "cache" / "fewstep" / "compile" / "openvino"
-    return lambda: sorted("-".join(p.name.split("-")[:2]) for p in folder.glob("*.xml"))
+    # part[-WxH]-key-ovVERSION.xml -> part[-WxH]
+    return lambda: sorted(p.name.rsplit("-ov", 1)[0].rsplit("-", 1)[0]
+                          for p in folder.glob("*.xml"))
 
 
 def test_a_command_converts_the_size_it_generates(tiny, tmp_path, converted):
@@ -182,7 +187,40 @@ def test_a_command_converts_the_size_it_generates(tiny, tmp_path, converted):
     out = tmp_path / "cat.png"
     assert main(["txt2img", "a cat", *model_flags(tiny), "--steps", "2", "--openvino", "on",
                  "--out", str(out)]) == 0
-    assert converted() == ["decoder-64x64", "unet-64x64"]
+    assert converted() == ["decoder-64x64", "text_encoder", "unet-64x64"]
+
+
+def test_a_command_runs_on_torch_then_prepares_the_next_run(tiny, tmp_path, converted,
+                                                             capsys):
+    """A cold cache: the image comes first, on torch (a conversion would not pay back within
+    one call), then the converted models are prepared; the next run takes them from the cache
+    with the same pixels. --no-prepare leaves the cache as it was."""
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    common = ["txt2img", "a cat", *model_flags(tiny), "--steps", "2", "--seed", "3"]
+    assert main([*common, "--no-prepare", "--out", str(first)]) == 0
+    assert converted() == [] and "prepared after it" in capsys.readouterr().err
+    assert main([*common, "--overwrite", "--out", str(first)]) == 0
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    done = next(i for i, line in enumerate(lines) if line.startswith("done"))
+    assert any("preparing the fast path" in line for line in lines[done:])  # after the image
+    assert "fast path ready" in err and converted() == [
+        "decoder-64x64", "text_encoder", "unet-64x64"]
+    assert main([*common, "--out", str(second)]) == 0
+    assert "from the cache" in capsys.readouterr().err
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second)))
+
+
+def test_prepare_builds_ahead_for_a_model_and_sizes(tiny, converted, capsys):
+    assert main(["prepare", *model_flags(tiny)[:-1], "--size", "64x48", "--size",
+                 "32x32"]) == 0
+    assert converted() == ["decoder-32x32", "decoder-64x48", "text_encoder", "unet-32x32",
+                           "unet-64x48"]
+    err = capsys.readouterr().err
+    assert "converting the UNet for 64x48" in err and "prepared in" in err
+    assert main(["prepare", *model_flags(tiny)[:-1], "--size", "64x48"]) == 0
+    assert "openvino: on" in capsys.readouterr().err and "converting" not in err.split(
+        "prepared in")[1]
 
 
 def test_an_animation_builds_nothing_ahead(tiny, tmp_path, converted, capsys):

@@ -1,12 +1,15 @@
-"""OpenVINO for the UNet and VAE decoder on a CPU, on the tiny models: the base model's calls go
-through the converted models and give the plain engine's pictures; calls the converted models
-cannot take (a LoRA stack, ControlNet residuals, another size) run on torch and give the plain
-engine's pictures too; converted models are kept on disk and reused by the next engine."""
+"""OpenVINO for the UNet, the VAE decoder and the text encoders on a CPU, on the tiny models: the
+base model's calls go through the converted models and give the plain engine's pictures; calls
+the converted models cannot take (a LoRA stack, ControlNet residuals, another size) run on torch
+and give the plain engine's pictures too; converted models are kept on disk and reused by the
+next engine, whose torch weights then stay as loaded until torch runs them."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from helpers.models import unet_fingerprint
 
 from fewstep.build import build_engine
 from fewstep.errors import InvalidRequest
@@ -71,7 +74,8 @@ def test_base_model_calls_run_converted_and_keep_the_pictures(sd15, count):
     assert converted.fast_report.applied["openvino"].startswith("on (f32")
     before = _calls(converted)
     images = _txt2img(converted, count=count)
-    assert _moved(before, _calls(converted)) == {"unet": 4, "vae": 1}
+    moved = _moved(before, _calls(converted))
+    assert moved.pop("text", 0) <= 1 and moved == {"unet": 4, "vae": 1}  # (a cached prompt)
     assert np.abs(images - _txt2img(plain, count=count)).max() <= TOL
 
 
@@ -121,15 +125,17 @@ def test_controlnet_residuals_and_other_sizes_run_on_torch(sd15, tiny):
 
     before = _calls(converted)
     images = _txt2img(converted, size=SIZE + 16)  # no converted model at 80x80
-    assert _moved(before, _calls(converted)) == {"unet_torch": 4, "vae_torch": 1}
+    moved = _moved(before, _calls(converted))
+    assert moved.pop("text", 0) <= 1 and moved == {"unet_torch": 4, "vae_torch": 1}
     assert np.abs(images - _txt2img(plain, size=SIZE + 16)).max() <= TOL
 
 
 def test_converted_models_are_reused_from_disk_and_keyed_by_weights(sd15, tiny):
     _, first, cache = sd15
     assert not any(first.fast_path.openvino.cached.values())  # converted on the first start
-    files = sorted(p.name for p in (cache / "openvino").glob("*.xml"))
-    assert len(files) == 2 and not list((cache / "openvino").glob(".*"))  # no temporary left
+    files = sorted(p.name.split("-")[0] for p in (cache / "openvino").glob("*.xml"))
+    assert files == ["decoder", "text_encoder", "unet"]
+    assert not list((cache / "openvino").glob(".*"))  # no temporary left
     again = _engine(tiny.sd15, tiny.lcm_sd15, speed="auto", openvino="on",
                     compile_shapes=((SIZE, SIZE, 1),), compile_cache=str(cache))
     assert all(again.fast_path.openvino.cached.values())
@@ -144,7 +150,39 @@ def test_converted_models_are_reused_from_disk_and_keyed_by_weights(sd15, tiny):
     other = _engine(tiny.sd15, f"{tiny.lcm_sd15}:0.5", speed="auto", openvino="on",
                     compile_shapes=((SIZE, SIZE, 1),), compile_cache=str(cache))
     assert other.fast_path.openvino.cached == {f"unet_{SIZE}x{SIZE}": False,
-                                               f"decoder_{SIZE}x{SIZE}": True}
+                                               f"decoder_{SIZE}x{SIZE}": True,
+                                               "text_encoder": True}
+
+
+def test_torch_weights_stay_as_loaded_until_torch_runs_them(tiny, tmp_path):
+    """With every base call served by the converted models, torch's UNet keeps its weights as
+    loaded (the LCM-LoRA not baked in, no copy made); a call torch runs bakes it first, and
+    both paths keep the plain engine's pictures."""
+    plain = _engine(tiny.sd15, tiny.lcm_sd15, speed="off", openvino="off")
+    first = _engine(tiny.sd15, tiny.lcm_sd15, speed="auto", openvino="on",
+                    compile_shapes=((SIZE, SIZE, 1),), compile_cache=str(tmp_path))
+    assert first.baked  # a cold cache: converted from the baked weights
+    warm = _engine(tiny.sd15, tiny.lcm_sd15, speed="auto", openvino="on",
+                   compile_shapes=((SIZE, SIZE, 1),), compile_cache=str(tmp_path))
+    assert not warm.baked and all(warm.fast_path.openvino.cached.values())
+    loaded = unet_fingerprint(warm.base.unet)
+    assert np.abs(_txt2img(warm) - _txt2img(plain)).max() <= TOL
+    assert not warm.baked and torch.equal(unet_fingerprint(warm.base.unet), loaded)
+    styled = Txt2ImgRequest(prompt="a lighthouse", seed=4, steps=4, width=SIZE, height=SIZE,
+                            loras=[LoraRequest(ref=str(tiny.style_sd15), weight=0.8)])
+    assert np.abs(warm.generate(styled).images - plain.generate(styled).images).max() <= TOL
+    assert warm.baked and not torch.equal(unet_fingerprint(warm.base.unet), loaded)
+    assert np.abs(_txt2img(warm) - _txt2img(plain)).max() <= TOL
+
+
+def test_available_memory_is_memavailable_not_memfree():
+    from fewstep.accel import openvino
+
+    with open("/proc/meminfo") as meminfo:
+        fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo}
+    available = openvino.available_memory()
+    assert abs(available - fields["MemAvailable"]) < 256 * 2**20  # read a moment apart
+    assert available >= fields["MemFree"]
 
 
 def test_the_choice_and_its_errors(monkeypatch):
@@ -189,19 +227,3 @@ def test_not_enough_memory_skips_it(tiny, monkeypatch):
     assert engine.fast_report.applied["openvino"] == "skipped: needs 9 GiB"
     assert engine.fast_path.openvino is None
 
-
-def test_a_cli_command_converts_its_own_size_only(tiny, tmp_path, monkeypatch):
-    """One command, one shape: not the family's service default (512x512), which the command
-    would never use."""
-    from fewstep.cli import main
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    out = tmp_path / "cat.png"
-    code = main(["txt2img", "a cat", "--model", str(tiny.sd15), "--lcm-lora",
-                 str(tiny.lcm_sd15), "--device", "cpu", "--steps", "2", "--width", "64",
-                 "--height", "48", "--openvino", "on", "--out", str(out)])
-    assert code == 0 and out.exists()
-    converted = sorted(p.name.split("-")[0] + "-" + p.name.split("-")[1]
-                       for p in (tmp_path / "cache" / "fewstep" / "compile" / "openvino")
-                       .glob("*.xml"))
-    assert converted == ["decoder-64x48", "unet-64x48"]

@@ -245,7 +245,8 @@ def _options(options: EngineOptions | None, fields: dict) -> EngineOptions:
 def build_engine(options: EngineOptions | Blueprint | None = None, /, *,
                  settings: Settings | None = None, loras: Mapping[str, str] | None = None,
                  components: Mapping[str, Mapping[str, str]] | None = None,
-                 calls: Sequence[PipelineCall] | None = None, fast_path=None, **fields):
+                 calls: Sequence[PipelineCall] | None = None, fast_path=None,
+                 progress: Callable[[str], None] | None = None, **fields):
     """An Engine, ready to run requests.
 
     * `options`: an EngineOptions, a Blueprint from `inspect`, or None with the options as
@@ -256,8 +257,11 @@ def build_engine(options: EngineOptions | Blueprint | None = None, /, *,
     * `components`: {kind: {field: reference}} of ControlNets ("controlnet"), T2I-Adapters
       ("adapter") and motion adapters ("motion_adapter"): checked, then loaded.
     * `calls`: the pipeline calls a one-shot command will run (planned with the blueprint):
-      only what they run is built ahead. None: the declared shapes (`compile_shapes`, else the
-      family's).
+      only what they run is built ahead, and on a CPU only what the cache holds is used
+      (converting would not pay back within the call: `prepare_next(engine)` converts the
+      rest once the work is done). None: the declared shapes (`compile_shapes`, else the
+      family's), converted now.
+    * `progress(line)`: hears about each model converted or compiled ahead.
     * `fast_path`: a `fewstep.accel.FastPath` to apply instead of the `speed` preset (the
       benchmark's overrides)."""
     blueprint = options if isinstance(options, Blueprint) else \
@@ -278,17 +282,45 @@ def build_engine(options: EngineOptions | Blueprint | None = None, /, *,
             blueprint.check_lora(ref, f"loras.{i}")
         for name, ref in call.components:
             blueprint.check_component(name, ref, name)
-    engine = _load(blueprint)
+    engine = _load(blueprint, defer_bake=_defers_bake(blueprint))
     for field, ref in loras.items():
         engine.preload_lora(ref, field)
     for kind, table in tables.items():
         for field, ref in table.items():
             engine.check_component(kind, ref, field)  # loads it, checked on the real UNet
-    _speed_up(engine, blueprint, calls, fast_path)
+    _speed_up(engine, blueprint, calls, fast_path, progress)
     return engine
 
 
-def _load(blueprint: Blueprint):
+def prepare_next(engine, progress: Callable[[str], None] | None = None) -> list[str]:
+    """Convert what a one-shot build left out (the cache did not hold it), so that the next
+    start finds it. Returns what was converted (none: nothing was missing)."""
+    parts = getattr(engine.fast_path, "openvino", None)
+    if parts is None or not parts.missing:
+        return []
+    labels = [wanted.label for wanted in parts.missing]
+    parts.build_missing(engine, progress)
+    return labels
+
+
+def missing_parts(engine) -> list[str]:
+    """What a one-shot build found missing in the cache (converted by `prepare_next`)."""
+    parts = getattr(engine.fast_path, "openvino", None)
+    return [wanted.label for wanted in parts.missing] if parts is not None else []
+
+
+def _defers_bake(blueprint: Blueprint) -> bool:
+    """Whether the LCM-LoRA's bake waits until torch runs the base UNet: when OpenVINO may
+    serve every base call (torch's weights then stay as loaded, mapped from the file) and the
+    LoRA touches the UNet only (converted text encoders come from torch's as they are)."""
+    lcm = blueprint.lcm
+    if lcm.ref is None or blueprint.openvino[0] is None:
+        return False
+    lora = blueprint.lora(lcm.ref, "lcm_lora")
+    return not any(key.startswith(("lora_te", "text_encoder", "te_")) for key in lora.raw)
+
+
+def _load(blueprint: Blueprint, defer_bake: bool = False):
     from diffusers import LCMScheduler
 
     from .engine import Engine, LoadedModel
@@ -303,14 +335,19 @@ def _load(blueprint: Blueprint):
     base.set_progress_bar_config(disable=True)
     base.to(blueprint.device)
     lcm = blueprint.lcm
+    unbaked = None
     if lcm.ref is not None:
         lora = blueprint.lora(lcm.ref, "lcm_lora")
         check_fits(lora, type(base), lora_models(base, base.unet))
-        bake_lora(base, lora, lcm.weight)
+        if defer_bake:
+            unbaked = lora
+        else:
+            bake_lora(base, lora, lcm.weight)
     options = blueprint.options
     model = LoadedModel(pipeline=base, family=family, model_ref=blueprint.model_text,
                         lcm_ref=lcm.ref, lcm_weight=lcm.weight,
-                        animate_lcm_weight=lcm.animate_weight, device=blueprint.device)
+                        animate_lcm_weight=lcm.animate_weight, device=blueprint.device,
+                        unbaked=unbaked)
     engine = Engine(model, blueprint.settings, fuse_loras=options.fuse_loras,
                     speed=options.speed, tiny_vae=options.tiny_vae)
     engine.adopt_loras(blueprint._loras)  # read and checked already: not read again
@@ -326,7 +363,7 @@ def _declared_shapes(blueprint: Blueprint, calls: Sequence[PipelineCall] | None)
                                if call.task in BASE_UNET_TASKS and not call.components))
 
 
-def _speed_up(engine, blueprint: Blueprint, calls, fast_path) -> None:
+def _speed_up(engine, blueprint: Blueprint, calls, fast_path, progress) -> None:
     import torch
 
     from .accel import FastPath
@@ -348,8 +385,11 @@ def _speed_up(engine, blueprint: Blueprint, calls, fast_path) -> None:
             extra["cuda_graph_loop"] = True
         if precision:
             extra["openvino"] = precision
+            extra["openvino_build"] = calls is None  # a one-shot command: the cache only
         fast_path = FastPath.preset(options.speed, engine.device, engine.family.name, **extra)
-    report = fast_path.apply(engine, warm_up=_warm_up(engine))
+    report = fast_path.apply(engine, warm_up=_warm_up(engine), progress=progress)
+    if not engine.baked and getattr(fast_path, "openvino", None) is None:
+        engine.bake()  # OpenVINO was skipped after all: torch runs every call
     if not fast_path.options.openvino:
         report.applied["openvino"] = why  # why not ("off (package not installed)", ...)
     engine.fast_path, engine.fast_report = fast_path, report

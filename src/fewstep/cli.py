@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from .errors import FewstepError
+from .preparing import prepare_after, speed_line
 from .terminal import Parser, console, progress, report_error, require_extra, warn
 
 TASK_OUT = {"animate": "fewstep.gif"}
@@ -48,6 +49,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                    "(default fewstep.png, or fewstep-2.png, ... when taken)")
     g.add_argument("--overwrite", action="store_true", help="replace an --out that exists")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--prepare", action=argparse.BooleanOptionalAction, default=True,
+                   help="after the output is written, prepare the fast path for the next runs "
+                   "when the cache lacks it (once; default: yes)")
 
 
 def _control(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     _reproduce_parser(sub)
     sub.add_parser("bench", add_help=False, prefix_chars="\0",
                    help="benchmark against the reference recipe (see fewstep bench --help)")
+    p = sub.add_parser("prepare", help="build the fast path ahead for a model and sizes",
+                       description="Build the fast path ahead (OpenVINO on a CPU, compiled "
+                       "graphs on CUDA) for a model and image sizes, kept in the cache, so the "
+                       "first image of a later command or service is fast.")
+    _engine_options(p)
+    p.add_argument("--size", action="append", metavar="WxH[xB]",
+                   help="an image size (and batch) to prepare; repeatable (default: the "
+                   "model's native size)")
     p = sub.add_parser("selftest", help="run every workflow on tiny built-in models")
     p.add_argument("--keep", metavar="DIR", help="build the models in DIR and keep them")
     from .server.cli import add_serve_parser
@@ -225,12 +237,59 @@ def run_task(args) -> int:
         # one command, one call: what is built ahead (compiled on CUDA, converted on a CPU;
         # kept on disk for the next run) is what this call runs, nothing else
         engine = build_engine(blueprint, loras=loras, components=components, calls=[call])
+    line = speed_line(engine)
+    if line:
+        console.print(line, style="dim", highlight=False)
     result = _run(engine, call, quiet=args.quiet)
     paths = _save(result, out)
     for path in paths:
         print(path)
     console.print(f"[green]done[/] {len(paths)} file(s), seed {call.seed}, "
                   f"{result.seconds:.2f} s")
+    if args.prepare:
+        prepare_after(engine, say=lambda text: console.print(text, style="dim",
+                                                             highlight=False))
+    return 0
+
+
+def run_prepare(args) -> int:
+    """`fewstep prepare`: build ahead for a model and sizes (converted on a CPU, compiled on
+    CUDA), kept in the cache, so that the first image of a later command or service is fast."""
+    import time
+
+    from .build import build_engine, inspect
+    from .config import EngineOptions, Settings, given, load, parse_shapes
+
+    options = load(EngineOptions, given(args, EngineOptions), {"model_config_dir": "--config"})
+    options = _options_for(options, "txt2img")
+    settings = Settings.from_env()
+    if args.size:
+        shapes = parse_shapes(",".join(args.size), "size")
+    else:  # the model's native size, read from its configs
+        native = inspect(options, settings).native_size
+        shapes = ((native, native, 1),)
+    blueprint = inspect(options.model_copy(update={"compile_shapes": shapes}), settings)
+
+    def say(text: str) -> None:
+        console.print(text, highlight=False)
+
+    sizes = ", ".join(f"{w}x{h}" + (f"x{b}" if b > 1 else "") for w, h, b in shapes)
+    say(f"preparing {blueprint.model_text} ({blueprint.family.name}) for {sizes}, speed "
+        f"{options.speed}")
+    began = time.perf_counter()
+    with console.status("loading model"):
+        engine = build_engine(blueprint, progress=say)
+    report = engine.fast_report.applied
+    built = [f"{name}: {report[name]}" for name in ("openvino", "compile_unet")
+             if not str(report.get(name, "off")).startswith("off")]
+    if not built:
+        say(f"nothing to prepare: speed {options.speed} on {engine.device} builds nothing ahead "
+            f"(openvino: {report.get('openvino', 'off')})")
+        return 0
+    for line in built:
+        say(line)
+    console.print(f"[green]prepared[/] in {time.perf_counter() - began:.0f} s",
+                  highlight=False)
     return 0
 
 
@@ -375,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_serve(args)
         if args.command == "reproduce":
             return run_reproduce(args)
+        if args.command == "prepare":
+            return run_prepare(args)
         try:
             return run_task(args)
         except FewstepError as exc:

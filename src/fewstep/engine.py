@@ -89,6 +89,10 @@ class LoadedModel:
     lcm_weight: float  # baked into the base weights (images)
     animate_lcm_weight: float  # the motion UNet's copy gets this weight (the recipe's 0.55)
     device: str
+    # the LCM-LoRA when it is not baked in yet: the builder defers the bake while converted
+    # models may serve every call, so torch's weights stay as loaded (mapped from the file,
+    # not in memory) until a call needs them
+    unbaked: LoraFile | None = None
 
 
 class Engine:
@@ -136,6 +140,8 @@ class Engine:
         self.tiny_vae = tiny_vae if speed != "off" else None
         self.fast_path = None
         self.fast_report = None
+        self._unbaked = model.unbaked
+        self._served: Callable[[PipelineCall], bool] | None = None
 
     # -- the seam for speed techniques (fewstep.accel uses these and nothing private) ----------
 
@@ -160,6 +166,36 @@ class Engine:
         Returns a function that removes it again."""
         self._call_runners.append(runner)
         return lambda: self._call_runners.remove(runner)
+
+    def serve_without_torch(self, served: Callable[[PipelineCall], bool]) -> None:
+        """`served(call)` says when a speed technique runs every model call of `call` itself
+        (a converted model), so that torch's base weights need not hold the LCM-LoRA yet."""
+        self._served = served
+
+    @property
+    def pending_lcm(self) -> str | None:
+        """The deferred LCM-LoRA as `digest:weight` (what weights converted from it are keyed
+        by), or None once it is baked in."""
+        return None if self._unbaked is None else f"{self._unbaked.digest}:{self.lcm_weight}"
+
+    @property
+    def baked(self) -> bool:
+        """Whether the LCM-LoRA is in torch's base weights (it may be deferred)."""
+        return self._unbaked is None
+
+    def bake(self) -> None:
+        """Bake the deferred LCM-LoRA into torch's base weights now. Adapter layers are dropped
+        first (loaded again when a request asks for them), so no stack starts from weights
+        without it."""
+        with self._lock:
+            if self._unbaked is None:
+                return
+            self.clear_adapters()
+            bake_lora(self.base, self._unbaked, self.lcm_weight)
+            self._unbaked = None
+            for pipe in self.pipelines():  # what speed techniques left for torch's weights
+                for hook in self._hooks:
+                    hook(pipe)
 
     @property
     def fuses_loras(self) -> bool:
@@ -230,8 +266,9 @@ class Engine:
             self.check_component(name, ref_text, name)
             extra[name] = self.component(name, ref_text, name)
         if task == "animate":
-            # the motion UNet is a copy of the base UNet's weights, which must be free of
-            # adapter layers when it is made
+            # the motion UNet is a copy of the base UNet's weights, which must hold the
+            # LCM-LoRA and be free of adapter layers when it is made
+            self.bake()
             self.clear_adapters()
         try:
             # the original VAE: from_pipe drops one whose class differs from the pipeline's
@@ -387,6 +424,8 @@ class Engine:
 
     def _call_pipeline(self, jobs: list["Job"]) -> np.ndarray:
         first = jobs[0].call
+        if self._unbaked is not None and not (self._served and self._served(first)):
+            self.bake()  # torch runs the base weights in this call
         pipe = self.pipeline(first.task, **dict(first.components))
         loader = self._loader_for(pipe)
         stack = []

@@ -90,7 +90,11 @@ class FastOptions:
     # no preset turns it on yet: it has not run on a GPU in this repository
     cuda_graph_loop: bool = False
     graph_steps: tuple[int, ...] = (4,)
-    openvino: str | None = None  # "f32" / "bf16": the CPU UNet and VAE decoder in OpenVINO
+    openvino: str | None = None  # "f32" / "bf16": the CPU UNet, VAE decoder, text encoders
+    openvino_text: bool = True  # the text encoders too
+    # False: use what the cache holds, convert nothing now (a one-shot command, where the
+    # conversion would not pay back within its call; `OpenVINOParts.build_missing` later)
+    openvino_build: bool = True
 
     def describe(self) -> dict[str, Any]:
         out = {}
@@ -137,6 +141,7 @@ class FastPath:
         self._done: set[tuple[str, int]] = set()
         self._dtype = None
         self._vae = None
+        self._engine = None
 
     @classmethod
     def preset(cls, name: str, device: str = "cpu", family: str | None = None,
@@ -171,22 +176,17 @@ class FastPath:
         shapes = DEFAULT_SHAPES.get(engine.family.name, ())
         return shapes if engine.device.startswith("cuda") else shapes[:1]
 
-    def apply(self, engine, warm_up: Callable[[int, int, int], Any] | None = None) -> FastReport:
+    def apply(self, engine, warm_up: Callable[[int, int, int], Any] | None = None,
+              progress: Callable[[str], None] | None = None) -> FastReport:
         """Apply the options to `engine`. `warm_up(width, height, batch)` runs one short call of
-        a shape, which compiles it now rather than inside a request (needed to compile ahead)."""
+        a shape, which compiles it now rather than inside a request (needed to compile ahead);
+        `progress(line)` hears about each model being converted ahead."""
         opts = self.options
         rep = self.report
         start = time.perf_counter()
+        self._engine = engine
 
-        # before any dtype change: the converted models take float32 weights
-        rep.applied["openvino"] = self._openvino(engine) if opts.openvino else "off"
-        if opts.dtype:
-            self._dtype = pick_dtype(opts.dtype, engine.device)
-            engine.convert_dtype(self._dtype)
-            rep.applied["dtype"] = str(self._dtype).removeprefix("torch.")
-        else:
-            rep.applied["dtype"] = f"off ({str(engine.dtype).removeprefix('torch.')})"
-
+        # the VAE that decodes first: it is the one converted
         if opts.tiny_vae is not None:
             self._vae = self._load_vae(engine, opts.tiny_vae, "tiny_vae", tiny=True)
             rep.applied["tiny_vae"] = _name(opts.tiny_vae)
@@ -204,6 +204,15 @@ class FastPath:
                 "skipped: the tiny VAE replaces it"
         if self._vae is not None:
             engine.replace_vae(self._vae)
+
+        # before any dtype change: the converted models take float32 weights
+        rep.applied["openvino"] = self._openvino(engine, progress) if opts.openvino else "off"
+        if opts.dtype:
+            self._dtype = pick_dtype(opts.dtype, engine.device)
+            engine.convert_dtype(self._dtype)
+            rep.applied["dtype"] = str(self._dtype).removeprefix("torch.")
+        else:
+            rep.applied["dtype"] = f"off ({str(engine.dtype).removeprefix('torch.')})"
 
         if opts.prompt_cache:
             if engine.prompt_cache is None:
@@ -246,7 +255,7 @@ class FastPath:
             rep.applied["cuda_graph_loop"] = "off"
         return rep
 
-    def _openvino(self, engine) -> str:
+    def _openvino(self, engine, progress=None) -> str:
         from .openvino import OpenVINOParts, enough_memory
 
         opts = self.options
@@ -255,17 +264,21 @@ class FastPath:
             return "skipped: no shape to build ahead"
         sizes = tuple(dict.fromkeys((w, h) for w, h, _ in shapes))
         batches = tuple(sorted({b for _, _, b in shapes})) or (1,)
-        # a replaced VAE (tiny, fp16-safe) decodes instead of the original: not converted
-        decoder = opts.tiny_vae is None and opts.fp16_vae is None
-        parts = [engine.base.unet] + ([engine.base.vae] if decoder else [])
+        # an fp16-safe VAE is for CUDA's half precision: the original VAE or the tiny one is
+        # what a CPU decodes with, and that one is converted
+        decoder = opts.fp16_vae is None or opts.tiny_vae is not None
+        parts = [engine.base.unet, engine.base.vae.decoder] + [
+            getattr(engine.base, name) for name in ("text_encoder", "text_encoder_2")
+            if opts.openvino_text and getattr(engine.base, name, None) is not None]
         fits, why = enough_memory(parts, len(sizes))
         if not fits:
             return f"skipped: {why}"
         start = time.perf_counter()
         self.openvino = OpenVINOParts(opts.openvino, sizes, batches, decoder=decoder,
+                                      text=opts.openvino_text,
                                       cache_dir=Path(opts.compile_cache_dir or
                                                      default_cache_dir()) / "openvino")
-        done = self.openvino.install(engine)
+        done = self.openvino.install(engine, build=opts.openvino_build, progress=progress)
         self.report.seconds["openvino"] = time.perf_counter() - start
         return done
 
@@ -294,8 +307,16 @@ class FastPath:
         if opts.channels_last:
             for name in ("unet", "controlnet", "adapter"):
                 module = getattr(pipe, name, None)
+                if name == "unet" and module is not None and self._lazy(module):
+                    continue  # left as loaded until torch runs it (done again at the bake)
                 if isinstance(module, torch.nn.Module) and self._first("channels_last", module):
                     module.to(memory_format=torch.channels_last)
+
+    def _lazy(self, unet) -> bool:
+        """A base UNet whose LCM-LoRA is not baked in yet: converted models serve its calls,
+        and its weights stay as loaded (mapped from the file) until torch needs them."""
+        engine = self._engine
+        return engine is not None and not engine.baked and unet is engine.base.unet
 
     def _first(self, what: str, module) -> bool:
         key = (what, id(module))

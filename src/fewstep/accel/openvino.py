@@ -117,6 +117,21 @@ class _DecoderGraph(torch.nn.Module):
         return type(self.decoder).forward(self.decoder, z)
 
 
+class _TextGraph(torch.nn.Module):
+    """A CLIP text encoder call: its first output (the last hidden state, or the projected
+    text embedding of an encoder with a projection) and the penultimate hidden state (what
+    SDXL pipelines take)."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids):
+        out = type(self.encoder).forward(self.encoder, input_ids, output_hidden_states=True,
+                                         return_dict=True)
+        return out[0], out.hidden_states[-2]
+
+
 @dataclass
 class _Converted:
     """One converted part at one size: its infer request and the input shapes it takes."""
@@ -126,97 +141,193 @@ class _Converted:
 
 
 @dataclass
+class _Wanted:
+    """A part to convert: what it is called, its cache key and size, and how to trace it."""
+
+    part: str  # "unet", "decoder", "text_encoder", "text_encoder_2"
+    key: str
+    size: tuple[int, int] | None  # (width, height); None for text encoders
+    make: Any  # () -> the module to trace
+    inputs: Any  # () -> example inputs
+    table: dict
+    slot: Any  # the key of its converted model in `table`
+    needs_bake: bool = False  # torch's weights must hold the LCM-LoRA first
+
+    @property
+    def label(self) -> str:
+        return self.part if self.size is None else f"{self.part}_{self.size[0]}x{self.size[1]}"
+
+
+@dataclass
 class OpenVINOParts:
-    """Converts the base UNet and VAE decoder, and routes the calls that fit them."""
+    """Converts the base UNet, the VAE's decoder and the text encoders, and routes the calls
+    that fit them. With `build=False` only what the cache holds is used (a one-shot command:
+    converting would not pay back within its call); `build_missing` converts the rest."""
 
     precision: str  # "f32" / "bf16"
     sizes: tuple[tuple[int, int], ...]  # (width, height) in pixels
     batches: tuple[int, ...] = (1,)  # warmed at start-up (a new batch size prepares kernels)
     cache_dir: Path | None = None
     decoder: bool = True
+    text: bool = True
     unet_models: dict[tuple[int, int], _Converted] = field(default_factory=dict)
     vae_models: dict[tuple[int, int], _Converted] = field(default_factory=dict)
-    calls: dict[str, int] = field(default_factory=lambda: {"unet": 0, "unet_torch": 0,
-                                                           "vae": 0, "vae_torch": 0})
+    text_models: dict[str, _Converted] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=lambda: {
+        "unet": 0, "unet_torch": 0, "vae": 0, "vae_torch": 0, "text": 0, "text_torch": 0})
     seconds: dict[str, float] = field(default_factory=dict)
     cached: dict[str, bool] = field(default_factory=dict)
+    missing: list = field(default_factory=list)  # the _Wanted parts not built yet
     hooks: list = field(default_factory=list)  # the modules whose calls are routed here
 
-    def install(self, engine) -> str:
-        """Convert (or load from the cache) and route the base pipeline's UNet and VAE through
-        the converted models. Returns what was done, for the FastPath report."""
+    def install(self, engine, build: bool = True, progress=None) -> str:
+        """Load what the cache holds, convert the rest when `build`, and route the base
+        pipeline's calls that fit through the converted models. Returns what was done, for
+        the FastPath report. `progress(line)` hears about each part as it is built."""
         import openvino as ov
 
-        unet, decoder = engine.base.unet, engine.base.vae.decoder
-        sdxl = engine.family.sdxl_like
-        scale = engine.base.vae_scale_factor
-        core = ov.Core()
+        self._core = ov.Core()
         cache = Path(self.cache_dir).expanduser() if self.cache_dir else None
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
             # one blob folder per precision: OpenVINO's blob cache served a float32 blob to a
             # bf16 compile of the same IR (NaN images on an AMX CPU)
-            core.set_property({"CACHE_DIR": str(cache / "blobs" / self.precision)})
-        config = {"INFERENCE_PRECISION_HINT": self.precision,
-                  # the same threads as torch: the user's setting holds for both
-                  "INFERENCE_NUM_THREADS": torch.get_num_threads()}
-        unet_key = fingerprint(unet)
-        vae_key = fingerprint(decoder) if self.decoder else None
+            self._core.set_property({"CACHE_DIR": str(cache / "blobs" / self.precision)})
+        self._cache = cache
+        self._scale = engine.base.vae_scale_factor
+        self._config = {"INFERENCE_PRECISION_HINT": self.precision,
+                        # the same threads as torch: the user's setting holds for both
+                        "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+        for wanted in self._wanted(engine):
+            if self._path(wanted).exists() or build:
+                self._build(engine, wanted, progress)
+            else:
+                self.missing.append(wanted)
+        self.hooks = self._route(engine)
+        engine.serve_without_torch(self.serves)
+        return self.describe()
+
+    def describe(self) -> str:
+        parts = ["unet"] + (["vae decoder"] if self.decoder else []) + \
+            (["text encoder"] if self.text else [])
+        sizes = ", ".join(f"{w}x{h}" for w, h in self.sizes)
+        not_yet = f"; not prepared yet: {', '.join(w.label for w in self.missing)}" \
+            if self.missing else ""
+        return f"on ({self.precision}; {' + '.join(parts)}; {sizes}; " \
+               f"cache={self._cache or 'none'}{not_yet})"
+
+    def build_missing(self, engine, progress=None) -> None:
+        """Convert and load what `install(build=False)` left out."""
+        missing, self.missing = self.missing, []
+        for wanted in missing:
+            self._build(engine, wanted, progress)
+
+    # -- what to convert ---------------------------------------------------------------------
+
+    def _wanted(self, engine) -> list[_Wanted]:
+        """Every part at every size, keyed by the weights it is converted from. The UNet's key
+        is taken from torch's weights as loaded, and the LCM-LoRA the engine bakes into them,
+        so a warm start finds the converted UNet without baking anything."""
+        base = engine.base
+        unet, decoder = base.unet, base.vae.decoder
+        sdxl = engine.family.sdxl_like
+        scale = base.vae_scale_factor
+        lcm = "" if engine.baked else f"+lcm:{engine.pending_lcm}"
+        unet_key = _digest(fingerprint(unet) + lcm)
+        wanted = []
         for width, height in self.sizes:
             latent = (height // scale, width // scale)
-            inputs = _unet_inputs(unet, latent, sdxl)
-            self.unet_models[latent] = self._part(
-                core, config, cache, "unet", unet_key, (width, height),
-                lambda: _UNetGraph(unet, sdxl), inputs)
+            wanted.append(_Wanted(
+                "unet", unet_key, (width, height), lambda: _UNetGraph(unet, sdxl),
+                lambda latent=latent: _unet_inputs(unet, latent, sdxl), self.unet_models,
+                latent, needs_bake=not engine.baked))
             if self.decoder:
-                z = (torch.zeros(1, engine.base.vae.config.latent_channels, *latent),)
-                self.vae_models[latent] = self._part(
-                    core, config, cache, "decoder", vae_key, (width, height),
-                    lambda: _DecoderGraph(decoder), z)
-        self.hooks = self._route(engine, unet, decoder)
-        parts = "unet" + (" + vae decoder" if self.decoder else "")
-        sizes = ", ".join(f"{w}x{h}" for w, h in self.sizes)
-        return f"on ({self.precision}; {parts}; {sizes}; cache={cache or 'none'})"
+                channels = base.vae.config.latent_channels
+                wanted.append(_Wanted(
+                    "decoder", fingerprint(decoder), (width, height),
+                    lambda: _DecoderGraph(decoder),
+                    lambda latent=latent: (torch.zeros(1, channels, *latent),),
+                    self.vae_models, latent))
+        if self.text:
+            for name in ("text_encoder", "text_encoder_2"):
+                encoder = getattr(base, name, None)
+                if encoder is None:
+                    continue
+                length = getattr(getattr(base, name.replace("text_encoder", "tokenizer"),
+                                         None), "model_max_length", 77)
+                wanted.append(_Wanted(
+                    name, fingerprint(encoder), None, lambda encoder=encoder:
+                    _TextGraph(encoder), lambda length=length: (
+                        torch.zeros(1, length, dtype=torch.int64),),
+                    self.text_models, name))
+        return wanted
 
-    def _part(self, core, config, cache, part, key, size, make, inputs) -> _Converted:
+    def _path(self, wanted: _Wanted) -> Path:
         import openvino as ov
 
-        name = f"{part}-{size[0]}x{size[1]}-{key}-ov{ov.__version__.split('-')[0]}"
+        version = ov.__version__.split("-")[0]
+        size = "" if wanted.size is None else f"-{wanted.size[0]}x{wanted.size[1]}"
+        name = f"{wanted.part}{size}-{wanted.key}-ov{version}.xml"
+        return (self._cache / name) if self._cache is not None else Path(os.devnull)
+
+    def _build(self, engine, wanted: _Wanted, progress) -> None:
+        import openvino as ov
+
         start = time.perf_counter()
-        path = cache / f"{name}.xml" if cache is not None else None
-        hit = path is not None and path.exists() and path.with_suffix(".bin").exists()
+        path = self._path(wanted)
+        hit = self._cache is not None and path.exists() and path.with_suffix(".bin").exists()
+        inputs = wanted.inputs()
         if hit:
             model = path
         else:
+            if progress is not None:
+                progress(f"converting the {_TITLES[wanted.part]}"
+                         + (f" for {wanted.size[0]}x{wanted.size[1]}" if wanted.size else "")
+                         + " to OpenVINO (once: kept in the cache)")
+            if wanted.needs_bake:
+                engine.bake()  # converted with the LCM-LoRA in its weights
             shapes = [ov.PartialShape([-1, *x.shape[1:]]) if x.dim() else ov.PartialShape([])
                       for x in inputs]
+            types = [ov.Type.i64 if x.dtype == torch.int64 else ov.Type.f32 for x in inputs]
             with torch.no_grad(), warnings.catch_warnings():
                 # the trace's shape branches: the size is fixed per model; the batch-dependent
                 # ones in diffusers' upsampling only choose a memory layout
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                model = ov.convert_model(make(), example_input=inputs,
-                                         input=[(s, ov.Type.f32) for s in shapes])
-            if path is not None:
+                model = ov.convert_model(wanted.make(), example_input=inputs,
+                                         input=list(zip(shapes, types)))
+            if self._cache is not None:
                 model = _save(model, path)
         # from the file's path: only then does OpenVINO reuse its compiled blob (seconds, not
-        # the half minute a UNet takes to compile)
-        compiled = core.compile_model(str(model) if isinstance(model, Path) else model, "CPU",
-                                      config)
+        # the half minute a UNet takes to compile), and the weights stay mapped from the file
+        compiled = self._core.compile_model(str(model) if isinstance(model, Path) else model,
+                                            "CPU", self._config)
         request = compiled.create_infer_request()
         converted = _Converted(request, tuple(tuple(x.shape[1:]) for x in inputs))
-        for batch in self.batches:  # the first call at a batch size prepares its kernels
+        batches = self.batches if wanted.size is not None else (1,)
+        for batch in batches:  # the first call at a batch size prepares its kernels
             request.infer([_batched(x, batch).numpy() for x in inputs])
-        label = f"{part}_{size[0]}x{size[1]}"
-        self.seconds[label] = round(time.perf_counter() - start, 2)
-        self.cached[label] = hit
-        return converted
+        wanted.table[wanted.slot] = converted
+        self.seconds[wanted.label] = round(time.perf_counter() - start, 2)
+        self.cached[wanted.label] = hit
+        if progress is not None and not hit:
+            progress(f"{_TITLES[wanted.part]} ready in {self.seconds[wanted.label]:.0f} s")
+
+    # -- which calls are served ---------------------------------------------------------
+
+    def serves(self, call) -> bool:
+        """Whether every UNet call of a planned pipeline call runs on a converted model (so
+        torch's base UNet is not run): the base model's own tasks, no LoRA stack, no
+        component, a converted size."""
+        if call.task not in ("txt2img", "img2img", "inpaint") or call.loras or call.components:
+            return False
+        return (call.height // self._scale, call.width // self._scale) in self.unet_models
 
     # -- routing ------------------------------------------------------------------------
 
-    def _route(self, engine, unet, decoder) -> list:
-        """Named hooks in diffusers' hook registry on the UNet and the VAE's decoder: a call
-        that fits a converted model runs there, any other runs the module's own forward.
-        `remove()` takes them off again."""
+    def _route(self, engine) -> list:
+        """Named hooks in diffusers' hook registry on the UNet, the VAE's decoder and the text
+        encoders: a call that fits a converted model runs there, any other runs the module's
+        own forward. `remove()` takes them off again."""
         from diffusers.hooks import HookRegistry, ModelHook
 
         parts = self
@@ -228,6 +339,9 @@ class OpenVINOParts:
                 converted = None if args else parts._unet_for(engine, sample, timestep,
                                                               encoder_hidden_states, kwargs)
                 if converted is None:
+                    if not engine.baked:  # never torch's weights without the LCM-LoRA
+                        raise RuntimeError("the base UNet ran on torch before its LCM-LoRA "
+                                           "was baked in")
                     parts.calls["unet_torch"] += 1
                     return self.fn_ref.original_forward(sample, timestep, encoder_hidden_states,
                                                         *args, **kwargs)
@@ -253,9 +367,30 @@ class OpenVINOParts:
                 parts.calls["vae"] += 1
                 return _infer(converted, [z]).to(z.dtype)
 
-        hooks = [(unet, UNetHook())]
-        if self.vae_models:
-            hooks.append((decoder, DecoderHook()))
+        def text_hook(name: str):
+            class TextHook(ModelHook):
+                def new_forward(self, module, input_ids, *args, **kwargs):
+                    converted = parts._text_for(engine, name, input_ids, args, kwargs)
+                    if converted is None:
+                        parts.calls["text_torch"] += 1
+                        return self.fn_ref.original_forward(input_ids, *args, **kwargs)
+                    parts.calls["text"] += 1
+                    first, penultimate = _infer_all(converted, [input_ids])
+                    dtype = module.dtype
+                    first, penultimate = first.to(dtype), penultimate.to(dtype)
+                    # hidden states: only the penultimate is known ([-1] would be wrong)
+                    hidden = (penultimate, None)
+                    if kwargs.get("return_dict") is False:
+                        return (first, None, hidden)
+                    return _text_output(module, first, hidden)
+
+            return TextHook()
+
+        hooks = [(engine.base.unet, UNetHook()), (engine.base.vae.decoder, DecoderHook())]
+        if self.text:
+            hooks += [(getattr(engine.base, name), text_hook(name))
+                      for name in ("text_encoder", "text_encoder_2")
+                      if getattr(engine.base, name, None) is not None]
         for module, hook in hooks:
             HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
         return [module for module, _ in hooks]
@@ -299,6 +434,18 @@ class OpenVINOParts:
             return None
         return converted if tuple(z.shape[1:]) == converted.shapes[0] else None
 
+    def _text_for(self, engine, name: str, input_ids, args, kwargs) -> _Converted | None:
+        converted = self.text_models.get(name)
+        if converted is None or args or engine.current_loras:
+            return None  # a stack may have written the text encoders' weights
+        if any(kwargs.get(k) is not None for k in ("attention_mask", "position_ids")):
+            return None
+        if kwargs.get("output_attentions"):
+            return None
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or \
+                tuple(input_ids.shape[1:]) != converted.shapes[0]:
+            return None
+        return converted
 
 def _unet_inputs(unet, latent: tuple[int, int], sdxl: bool) -> tuple[torch.Tensor, ...]:
     config = unet.config
@@ -312,14 +459,42 @@ def _unet_inputs(unet, latent: tuple[int, int], sdxl: bool) -> tuple[torch.Tenso
     return tuple(inputs)
 
 
+_TITLES = {"unet": "UNet", "decoder": "VAE decoder", "text_encoder": "text encoder",
+           "text_encoder_2": "second text encoder"}
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _text_output(module, first, hidden):
+    """What the text encoder's own forward returns, from the converted model's outputs."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    if hasattr(module, "text_projection"):  # CLIPTextModelWithProjection
+        from transformers.models.clip.modeling_clip import CLIPTextModelOutput
+
+        return CLIPTextModelOutput(text_embeds=first, hidden_states=hidden)
+    return BaseModelOutputWithPooling(last_hidden_state=first, hidden_states=hidden)
+
+
 def _batched(x: torch.Tensor, batch: int) -> torch.Tensor:
     return x if x.dim() == 0 else x.expand(batch, *x.shape[1:]).contiguous()
 
 
+def _arrays(tensors) -> list:
+    return [t.detach().contiguous().numpy() if t.dtype == torch.int64
+            else t.detach().to(torch.float32).contiguous().numpy() for t in tensors]
+
+
 def _infer(converted: _Converted, tensors) -> torch.Tensor:
-    arrays = [t.detach().to(torch.float32).contiguous().numpy() for t in tensors]
-    out = converted.request.infer(arrays)[0]
+    out = converted.request.infer(_arrays(tensors))[0]
     return torch.from_numpy(out.copy())  # the request reuses its output buffer
+
+
+def _infer_all(converted: _Converted, tensors) -> list[torch.Tensor]:
+    results = converted.request.infer(_arrays(tensors))
+    return [torch.from_numpy(results[i].copy()) for i in range(len(results))]
 
 
 def _save(model, path: Path) -> Path:
@@ -336,12 +511,26 @@ def _save(model, path: Path) -> Path:
 
 def enough_memory(modules, copies: int) -> tuple[bool, str]:
     """Whether `copies` float32 copies of `modules`' weights (plus half again for converting)
-    fit in the memory now available (Linux; elsewhere assumed)."""
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+    fit in the memory available now (Linux's MemAvailable: free memory and what the page cache
+    can give back; elsewhere assumed)."""
+    available = available_memory()
+    if available is None:
         return True, ""
     need = sum(p.numel() * 4 for m in modules for p in m.parameters()) * (copies + 0.5)
-    if free >= need:
+    if available >= need:
         return True, ""
-    return False, f"needs {need / 2**30:.1f} GiB free, {free / 2**30:.1f} GiB are"
+    return False, f"needs {need / 2**30:.1f} GiB available, {available / 2**30:.1f} GiB are"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (MemAvailable), or None where unknown.
+    Free memory (MemFree) is the wrong figure: the page cache keeps it near zero on any machine
+    that has read files for a while, and gives its pages back on demand."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
