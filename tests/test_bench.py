@@ -25,7 +25,8 @@ def smoke(tmp_path_factory):
     json_path = tmp / "bench.json"
     code = bench.main(["--tiny", "--family", "sd15", "--resolution", "32", "--steps", "2",
                        "--batch", "1,2", "--repeats", "2", "--device", "cpu",
-                       "--cold-start", "default", "--workdir", str(tmp / "work"),
+                       "--cold-start", "default", "--one-shot", "auto",
+                       "--workdir", str(tmp / "work"),
                        "--out", str(out), "--json", str(json_path), "--name", "smoke",
                        "--note", "smoke run"])
     assert code == 0
@@ -189,3 +190,17 @@ def test_ssd1b_config_has_published_sizes():
                                        + m.out_channels)
     assert 1.30e9 < params < 1.36e9
     assert 104e6 < lora < 106e6  # "105M for SSD-1B"
+
+
+def test_one_shot_commands_are_timed_to_the_file_written(smoke):
+    """The recipe as a script and `fewstep txt2img` (empty cache, then the cache its first run
+    prepared after its file), each from the process start to its output file."""
+    data, out = smoke
+    runs = data["one_shot"]
+    recipe = runs["recipe"]
+    assert recipe["process_start_to_file_s"] > 0
+    cold, warm = runs["auto"]["cold"], runs["auto"]["warm"]
+    # the first run wrote its file, then went on preparing the fast path
+    assert cold["process_end_s"] > cold["process_start_to_file_s"] > 0
+    assert "prepared after it" in cold["said"][0] and "from the cache" in warm["said"][0]
+    assert "One-shot command" in (out / "smoke.md").read_text()

@@ -94,6 +94,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--lora", help=argparse.SUPPRESS)
     p.add_argument("--taesd", help=argparse.SUPPRESS)
+    p.add_argument("--save", help=argparse.SUPPRESS)
+    p.add_argument("--one-shot", default="",
+                   help="presets whose one-shot command (`fewstep txt2img`, process start to "
+                   "file written, empty then warm cache) is timed against the recipe as a "
+                   "script, e.g. auto,fastest")
     args = p.parse_args(argv)
     if "recipe" not in args.modes and not (args.child or args.lora_switch
                                            or args.cold_start_only):
@@ -111,6 +116,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.batch is None:
         args.batch = [1, 2] if args.device == "cpu" else [4, 8, 16]
     args.cold_start = _modes(args.cold_start) if args.cold_start.strip() else []
+    args.one_shot = [m for m in _modes(args.one_shot) if m != "recipe"] \
+        if args.one_shot.strip() else []
     if args.cold_start_only:
         if not args.cold_start:
             p.error("--cold-start-only: name the modes with --cold-start")
@@ -255,5 +262,11 @@ def run(args, workdir: Path, save) -> dict[str, Any]:
         print(f"[bench] cold start: {', '.join(args.cold_start)} ...", file=sys.stderr,
               flush=True)
         data["cold_start"] = cold_starts(args, args.cold_start, model, lora, taesd, workdir)
+    if args.one_shot:
+        from .coldstart import one_shot_commands
+
+        print(f"[bench] one-shot commands: {', '.join(args.one_shot)} ...", file=sys.stderr,
+              flush=True)
+        data["one_shot"] = one_shot_commands(args, model, lora, taesd, args.one_shot, workdir)
     update(final=True)
     return data

@@ -1,7 +1,11 @@
 """Cold start: a fresh process, from its start to its first decoded image (imports, loading, LoRA
 fusing, compiling ahead, one image). A mode that compiles runs twice with the same compile cache
 folder: first empty (`cold`), then with what the first run left in it (`warm`), as a service's
-next start would find it. Engines compile the batch-1 shape only here."""
+next start would find it. Engines compile the batch-1 shape only here.
+
+One-shot commands: what a user of the command line waits, from the process start to the output
+file written, for the recipe as a script that saves its image and for `fewstep txt2img` itself
+(with an empty cache, then with the one its first run prepared after writing its image)."""
 
 from __future__ import annotations
 
@@ -38,6 +42,11 @@ def child(args) -> None:
         loaded = time.time()
         images = recipe_call(pipe, PROMPT, SEED, num_inference_steps=args.steps,
                              guidance_scale=1.0, height=args.resolution, width=args.resolution)
+        if args.save:  # the recipe as a script: its image saved as a PNG
+            from PIL import Image
+
+            Image.fromarray((np.clip(images[0], 0, 1) * 255).round().astype(np.uint8)).save(
+                args.save)
     else:
         from ..tasks import Txt2ImgRequest
 
@@ -95,3 +104,69 @@ def cold_starts(args, modes: list[str], model, lora, taesd, workdir: Path) -> di
         else:
             out[mode] = first
     return out
+
+
+def one_shot_commands(args, model, lora, taesd, modes: list[str],
+                      workdir: Path) -> dict[str, Any]:
+    """Process start to output file written, for the recipe as a script and for
+    `fewstep txt2img` per preset in `modes` (an empty cache, then the cache its first run
+    prepared after writing); also when each process ended (the first run of a preset goes on
+    preparing the fast path after its file is written)."""
+    out: dict[str, Any] = {"recipe": _timed_command(_recipe_command(args, model, lora, taesd),
+                                                    workdir / "one-shot-recipe.png")}
+    for mode in modes:
+        cache = tempfile.mkdtemp(prefix=f"one-shot-cache-{mode}-", dir=workdir)
+        runs = {}
+        for run in ("cold", "warm"):
+            target = workdir / f"one-shot-{mode}-{run}.png"
+            runs[run] = _timed_command(_fewstep_command(args, mode, model, lora, taesd, cache,
+                                                        target), target)
+        out[mode] = runs
+    return out
+
+
+def _recipe_command(args, model, lora, taesd) -> list[str]:
+    return [sys.executable, "-m", "fewstep.bench", "--child", "recipe", "--model", str(model),
+            "--lora", str(lora), "--taesd", str(taesd), "--family", args.family,
+            "--resolution", str(args.resolution), "--steps", str(args.steps),
+            "--device", args.device, "--dtype", args.dtype, "--save"]
+
+
+def _fewstep_command(args, mode, model, lora, taesd, cache: str, target: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "fewstep.cli", "txt2img", PROMPT, "--model", str(model),
+           "--lcm-lora", str(lora), "--width", str(args.resolution), "--height",
+           str(args.resolution), "--steps", str(args.steps), "--seed", str(SEED), "--device",
+           args.device, "--dtype", args.dtype, "--speed", mode, "--compile-cache", cache,
+           "--openvino", getattr(args, "openvino", "auto"), "--out", str(target),
+           "--overwrite", "--quiet"]
+    if mode == "fastest":
+        cmd += ["--tiny-vae", str(taesd)]
+    return cmd
+
+
+def _timed_command(cmd: list[str], target: Path) -> dict[str, Any]:
+    """Runs `cmd` (which writes `target`), timing when the file appears and when it ends."""
+    if cmd[-1] == "--save":
+        cmd = [*cmd, str(target)]
+    target.unlink(missing_ok=True)
+    src = str(Path(__file__).resolve().parents[2])  # this checkout's fewstep first
+    env = dict(os.environ,
+               PYTHONPATH=os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p))
+    env.pop("FEWSTEP_OPENVINO", None)  # as a user has it
+    start = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    written = None
+    while proc.poll() is None:
+        if written is None and target.exists():
+            written = time.time()
+        time.sleep(0.05)
+    ended = time.time()
+    stdout, stderr = proc.communicate()
+    if written is None and target.exists():
+        written = ended
+    if proc.returncode or written is None:
+        return {"error": (stderr or stdout)[-800:]}
+    return {"process_start_to_file_s": round(written - start, 2),
+            "process_end_s": round(ended - start, 2),
+            "said": [line for line in stderr.splitlines() if line.startswith("speed ")][:1]}

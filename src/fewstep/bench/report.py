@@ -103,6 +103,8 @@ def markdown(data: dict) -> str:
                     lines.append(f"| {mode} | {cache} | {run['process_start_to_first_image_s']}"
                                  f" | {run['import_s']} | {run['load_s']} | "
                                  f"{run['first_image_s']} |")
+    if data.get("one_shot"):
+        lines += _one_shot_table(data["one_shot"])
     wasted = {m: {b: n for b, n in r.get("images_decoded_by_batch", {}).items()
                   if n != int(b) * data["config"]["throughput_repeats"]}
               for m, r in data["results"].items()}
@@ -228,3 +230,28 @@ def write(data: dict, out: Path, name: str, json_path: Path | None = None) -> Pa
     if data["results"]:
         chart(data, out / f"{name}.png")
     return json_path
+
+
+def _one_shot_table(runs: dict) -> list[str]:
+    """One-shot commands: process start to file written, against the recipe as a script."""
+    recipe = runs.get("recipe", {}).get("process_start_to_file_s")
+    lines = ["", "One-shot command, process start to output file written (s): the recipe as a "
+             "script, `fewstep txt2img` with an empty cache (it prepares the fast path after "
+             "writing its file: the process ends later) and with the cache that left:", "",
+             "| command | cache | file written | vs recipe | process ended | runs on |",
+             "|---|---|---:|---:|---:|---|"]
+    for name, info in runs.items():
+        pairs = [("—", info)] if name == "recipe" else [("empty", info["cold"]),
+                                                         ("warm", info["warm"])]
+        for cache, run in pairs:
+            label = "recipe script" if name == "recipe" else f"fewstep --speed {name}"
+            if "error" in run:
+                lines.append(f"| {label} | {cache} | failed: "
+                             f"{run['error'].strip().splitlines()[-1][:100]} | | | |")
+                continue
+            seconds = run["process_start_to_file_s"]
+            ratio = f"{recipe / seconds:.2f}x" if recipe and name != "recipe" else "1.0x"
+            said = "; ".join(run.get("said") or []).replace("|", "/")
+            lines.append(f"| {label} | {cache} | {seconds} | {ratio} | {run['process_end_s']} "
+                         f"| {said} |")
+    return lines
