@@ -227,3 +227,27 @@ def test_not_enough_memory_skips_it(tiny, monkeypatch):
     assert engine.fast_report.applied["openvino"] == "skipped: needs 9 GiB"
     assert engine.fast_path.openvino is None
 
+
+
+def test_int8_weights_are_a_choice_and_change_the_pictures_a_little(tiny, tmp_path):
+    """`--openvino int8`: the UNet's and text encoder's weights compressed to 8 bits (NNCF),
+    kept in the cache under their own name; close to the full weights' pictures, not equal."""
+    pytest.importorskip("nncf")
+    full = _engine(tiny.sd15, tiny.lcm_sd15, speed="auto", openvino="on",
+                   compile_shapes=((SIZE, SIZE, 1),), compile_cache=str(tmp_path))
+    small = _engine(tiny.sd15, tiny.lcm_sd15, speed="auto", openvino="int8",
+                    compile_shapes=((SIZE, SIZE, 1),), compile_cache=str(tmp_path))
+    assert "int8 weights" in small.fast_report.applied["openvino"]
+    names = sorted(p.name.split("-")[0] for p in (tmp_path / "openvino").glob("*-int8-*.xml"))
+    assert names == ["text_encoder", "unet"]  # the full VAE decoder gains nothing from it
+    difference = np.abs(_txt2img(small) - _txt2img(full)).max()
+    assert 0 < difference < 0.2
+
+
+def test_int8_without_nncf_is_one_error_naming_the_option(tiny, monkeypatch):
+    from fewstep.accel import openvino
+
+    monkeypatch.setattr(openvino, "int8_available", lambda: False)
+    with pytest.raises(InvalidRequest) as info:
+        _engine(tiny.sd15, tiny.lcm_sd15, speed="auto", openvino="int8")
+    assert info.value.field == "openvino" and "fewstep[int8]" in info.value.message

@@ -384,8 +384,13 @@ def _speed_up(engine, blueprint: Blueprint, calls, fast_path, progress) -> None:
         if options.cuda_graph_loop == "on":
             extra["cuda_graph_loop"] = True
         if precision:
+            from .accel import half_dtype_for
+            from .accel.openvino import weights_for
+
             extra["openvino"] = precision
             extra["openvino_build"] = calls is None  # a one-shot command: the cache only
+            extra["openvino_weights"] = weights_for(options.openvino, options.speed,
+                                                    half_dtype_for(engine.device))
         fast_path = FastPath.preset(options.speed, engine.device, engine.family.name, **extra)
     report = fast_path.apply(engine, warm_up=_warm_up(engine), progress=progress)
     if not engine.baked and getattr(fast_path, "openvino", None) is None:

@@ -87,7 +87,7 @@ def _flag(flag: str | None = None, metavar: str | None = None, **extra) -> dict:
     return {"flag": flag, "metavar": metavar, **extra}
 
 
-OpenVINOMode = Literal["auto", "on", "off"]
+OpenVINOMode = Literal["auto", "on", "off", "int8"]
 
 
 # the engine defaults both Settings (the library's, from the environment) and EngineOptions (the
@@ -101,8 +101,9 @@ def _dtype_field():
 
 
 def _openvino_field():
-    return Field("auto", description="CPU: run the UNet and VAE decoder in OpenVINO (auto: "
-                 "with speed auto or fastest when the openvino package is installed)")
+    return Field("auto", description="CPU: run the UNet, VAE decoder and text encoders in "
+                 "OpenVINO (auto: with speed auto or fastest when the openvino package is "
+                 "installed; int8: with 8-bit weights, needs fewstep[int8])")
 
 
 class _Options(BaseSettings):

@@ -92,6 +92,7 @@ class FastOptions:
     graph_steps: tuple[int, ...] = (4,)
     openvino: str | None = None  # "f32" / "bf16": the CPU UNet, VAE decoder, text encoders
     openvino_text: bool = True  # the text encoders too
+    openvino_weights: str | None = None  # "int8": weights compressed to 8 bits (NNCF)
     # False: use what the cache holds, convert nothing now (a one-shot command, where the
     # conversion would not pay back within its call; `OpenVINOParts.build_missing` later)
     openvino_build: bool = True
@@ -275,7 +276,8 @@ class FastPath:
             return f"skipped: {why}"
         start = time.perf_counter()
         self.openvino = OpenVINOParts(opts.openvino, sizes, batches, decoder=decoder,
-                                      text=opts.openvino_text,
+                                      text=opts.openvino_text, weights=opts.openvino_weights,
+                                      tiny_decoder=opts.tiny_vae is not None,
                                       cache_dir=Path(opts.compile_cache_dir or
                                                      default_cache_dir()) / "openvino")
         done = self.openvino.install(engine, build=opts.openvino_build, progress=progress)

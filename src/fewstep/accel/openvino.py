@@ -52,7 +52,8 @@ def choose(mode: str, preset: str, device: str, half: str | None) -> tuple[str |
     """The OpenVINO precision to use (`f32` / `bf16`, or None) and why.
 
     `auto`: on a CPU, for the `auto` and `fastest` presets, when the package is installed.
-    `on`: as auto for every preset but `off`, and an error where it cannot run."""
+    `on`: as auto for every preset but `off`, and an error where it cannot run. `int8`: as
+    `on`, the weights compressed to 8 bits (`weights_for`)."""
     from ..errors import InvalidRequest
 
     if mode not in MODES:
@@ -61,18 +62,41 @@ def choose(mode: str, preset: str, device: str, half: str | None) -> tuple[str |
     if mode == "off" or preset == "off":
         return None, "off"
     if not device.startswith("cpu"):
-        if mode == "on":
+        if mode in ("on", "int8"):
             raise InvalidRequest(f"openvino: runs on a CPU only; the device is {device!r}",
                                  field="openvino")
         return None, "off (not a CPU)"
     if mode == "auto" and preset not in ("auto", "fastest"):
         return None, f"off (speed {preset})"
     if not available():
-        if mode == "on":
+        if mode in ("on", "int8"):
             raise InvalidRequest("openvino: the openvino package is not installed "
                                  "(pip install 'fewstep[openvino]')", field="openvino")
         return None, "off (package not installed)"
+    if mode == "int8" and not int8_available():
+        raise InvalidRequest("openvino int8: compressing weights needs NNCF "
+                             "(pip install 'fewstep[int8]')", field="openvino")
     return ("bf16" if preset == "fastest" and half == "bf16" else "f32"), "on"
+
+
+def int8_available() -> bool:
+    try:
+        import nncf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def weights_for(mode: str, preset: str, half: str | None) -> str | None:
+    """"int8" when the converted weights are compressed to 8 bits (NNCF, asymmetric, per
+    channel): asked for (`--openvino int8`), or the `fastest` preset on a CPU without bf16
+    (there int8 weights are the faster; with bf16, bf16 alone is, measured in the README),
+    when NNCF is installed. None: the weights as converted."""
+    if mode == "int8":
+        return "int8"
+    if preset == "fastest" and half != "bf16" and mode != "off" and int8_available():
+        return "int8"
+    return None
 
 
 def fingerprint(module: torch.nn.Module) -> str:
@@ -170,6 +194,8 @@ class OpenVINOParts:
     cache_dir: Path | None = None
     decoder: bool = True
     text: bool = True
+    weights: str | None = None  # "int8": the UNet's, text encoders' and a tiny VAE's compressed
+    tiny_decoder: bool = False  # the decoder is a tiny VAE's (compressed with `weights`)
     unet_models: dict[tuple[int, int], _Converted] = field(default_factory=dict)
     vae_models: dict[tuple[int, int], _Converted] = field(default_factory=dict)
     text_models: dict[str, _Converted] = field(default_factory=dict)
@@ -207,9 +233,16 @@ class OpenVINOParts:
         engine.serve_without_torch(self.serves)
         return self.describe()
 
+    def _compressed(self, wanted: _Wanted) -> bool:
+        if self.weights != "int8":
+            return False
+        return wanted.part != "decoder" or self.tiny_decoder  # a full VAE gains nothing
+
     def describe(self) -> str:
         parts = ["unet"] + (["vae decoder"] if self.decoder else []) + \
             (["text encoder"] if self.text else [])
+        if self.weights:
+            parts[0] = f"unet ({self.weights} weights)"
         sizes = ", ".join(f"{w}x{h}" for w, h in self.sizes)
         not_yet = f"; not prepared yet: {', '.join(w.label for w in self.missing)}" \
             if self.missing else ""
@@ -267,7 +300,8 @@ class OpenVINOParts:
 
         version = ov.__version__.split("-")[0]
         size = "" if wanted.size is None else f"-{wanted.size[0]}x{wanted.size[1]}"
-        name = f"{wanted.part}{size}-{wanted.key}-ov{version}.xml"
+        weights = "-int8" if self._compressed(wanted) else ""
+        name = f"{wanted.part}{size}-{wanted.key}{weights}-ov{version}.xml"
         return (self._cache / name) if self._cache is not None else Path(os.devnull)
 
     def _build(self, engine, wanted: _Wanted, progress) -> None:
@@ -295,6 +329,12 @@ class OpenVINOParts:
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 model = ov.convert_model(wanted.make(), example_input=inputs,
                                          input=list(zip(shapes, types)))
+            if self._compressed(wanted):
+                import nncf
+
+                # 8-bit weights, asymmetric per output channel: the least loss of NNCF's
+                # data-free modes; decompressed to the compute precision as the model runs
+                model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
             if self._cache is not None:
                 model = _save(model, path)
         # from the file's path: only then does OpenVINO reuse its compiled blob (seconds, not
