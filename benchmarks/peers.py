@@ -87,14 +87,6 @@ CONTENDERS = (
     Contender("fewstep-fastest", "fewstep build_engine(speed='fastest')", "bf16 + tiny VAE",
               "diffusers folder + LCM-LoRA (fused at load) + taesd", "main",
               "tiny VAE: not the recipe's pixels"),
-    Contender("fewstep-auto-memavailable", "fewstep build_engine(speed='auto'), free memory read as "
-              "MemAvailable", "f32", "diffusers folder + LCM-LoRA (fused at load)", "main",
-              "fewstep's OpenVINO memory check reads MemFree, which the page cache keeps low; "
-              "here it reads MemAvailable"),
-    Contender("fewstep-fastest-memavailable", "fewstep build_engine(speed='fastest'), free memory read "
-              "as MemAvailable", "bf16 + tiny VAE",
-              "diffusers folder + LCM-LoRA (fused at load) + taesd", "main",
-              "as fewstep-fastest, the memory check reading MemAvailable"),
     Contender("genai-f32", "OpenVINO GenAI Text2ImagePipeline", "f32",
               "OpenVINO IR of the fused model (optimum-cli, fp32)", "peers"),
     Contender("genai-bf16", "OpenVINO GenAI Text2ImagePipeline", "bf16",
@@ -118,8 +110,7 @@ CONTENDERS = (
 )
 BY_NAME = {c.name: c for c in CONTENDERS}
 # they keep what they built for the next start
-TWICE = ("fewstep-auto", "fewstep-fastest", "fewstep-auto-memavailable",
-         "fewstep-fastest-memavailable")
+TWICE = ("fewstep-auto", "fewstep-fastest")
 
 
 def prompt(i: int) -> str:
@@ -300,8 +291,6 @@ def _runner(args, paths: dict[str, str]):
         from fewstep.tasks import Txt2ImgRequest
 
         speed = name.split("-")[1]
-        if name.endswith("-memavailable"):
-            _read_mem_available()
         engine = build_engine(model=paths["model"], lcm_lora=paths["lora"], speed=speed,
                               device="cpu", compile_shapes=((res, res, 1),),
                               compile_cache=args.cache_dir,
@@ -364,28 +353,6 @@ def _runner(args, paths: dict[str, str]):
             return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
         return run, details
     raise SystemExit(f"error: unknown contender {name!r}")
-
-
-def _read_mem_available() -> None:
-    """Make fewstep's OpenVINO memory check count reclaimable memory (MemAvailable) as free:
-    `os.sysconf("SC_AVPHYS_PAGES")` is MemFree, which a machine's page cache keeps near zero."""
-    import fewstep.accel.openvino as fewstep_openvino
-
-    original = fewstep_openvino.enough_memory
-
-    def enough_memory(modules, copies: int):
-        try:
-            with open("/proc/meminfo") as f:
-                available = next(int(ln.split()[1]) * 1024 for ln in f
-                                 if ln.startswith("MemAvailable:"))
-        except (OSError, StopIteration):
-            return original(modules, copies)
-        need = sum(p.numel() * 4 for m in modules for p in m.parameters()) * (copies + 0.5)
-        if available >= need:
-            return True, ""
-        return False, f"needs {need / 2**30:.1f} GiB available, {available / 2**30:.1f} GiB are"
-
-    fewstep_openvino.enough_memory = enough_memory
 
 
 def child(args) -> None:
