@@ -251,3 +251,48 @@ def test_int8_without_nncf_is_one_error_naming_the_option(tiny, monkeypatch):
     with pytest.raises(InvalidRequest) as info:
         _engine(tiny.sd15, tiny.lcm_sd15, speed="auto", openvino="int8")
     assert info.value.field == "openvino" and "fewstep[int8]" in info.value.message
+
+
+def test_clean_pages_of_mapped_weight_files_are_given_back(tmp_path):
+    """What was only read from a mapped weight file leaves the resident set (the kernel reads it
+    again when touched); a mapping with a written page is left alone."""
+    import mmap
+    import os
+
+    from fewstep.accel.memory import release_clean_file_pages
+
+    def resident(buffer) -> int:
+        import ctypes
+
+        address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+        with open("/proc/self/smaps") as smaps:
+            inside = False
+            for line in smaps:
+                head = line.split()
+                if "-" in head[0] and not head[0].endswith(":"):
+                    start, end = (int(x, 16) for x in head[0].split("-"))
+                    inside = start <= address < end
+                elif inside and head[0] == "Rss:":
+                    return int(head[1]) * 1024
+        return 0
+
+    size = 8 * 2**20
+    clean, dirty = tmp_path / "clean.safetensors", tmp_path / "dirty.safetensors"
+    for path in (clean, dirty):
+        with open(path, "wb") as file:  # on disk: clean in the page cache
+            file.write(b"\1" * size)
+            file.flush()
+            os.fsync(file.fileno())
+    with open(clean, "r+b") as a, open(dirty, "r+b") as b:
+        read = mmap.mmap(a.fileno(), size, flags=mmap.MAP_PRIVATE)
+        written = mmap.mmap(b.fileno(), size, flags=mmap.MAP_PRIVATE)
+        assert sum(read[i] for i in range(0, size, 4096)) == size // 4096  # pages read
+        written[0] = 7  # one copied page
+        for i in range(0, size, 4096):
+            written[i]
+        assert resident(read) >= size and resident(written) >= size
+        assert release_clean_file_pages((".safetensors",)) >= size
+        assert resident(read) < size and resident(written) >= size
+        assert read[5] == 1 and written[0] == 7  # the data is what it was
+        read.close()
+        written.close()

@@ -205,6 +205,7 @@ class OpenVINOParts:
     cached: dict[str, bool] = field(default_factory=dict)
     missing: list = field(default_factory=list)  # the _Wanted parts not built yet
     hooks: list = field(default_factory=list)  # the modules whose calls are routed here
+    released_bytes: int = 0  # resident pages of mapped weight files given back
 
     def install(self, engine, build: bool = True, progress=None) -> str:
         """Load what the cache holds, convert the rest when `build`, and route the base
@@ -224,13 +225,16 @@ class OpenVINOParts:
         self._config = {"INFERENCE_PRECISION_HINT": self.precision,
                         # the same threads as torch: the user's setting holds for both
                         "INFERENCE_NUM_THREADS": torch.get_num_threads()}
-        for wanted in self._wanted(engine):
+        wanted_parts = self._wanted(engine)
+        self._release()  # the pages its keys were read from
+        for wanted in wanted_parts:
             if self._path(wanted).exists() or build:
                 self._build(engine, wanted, progress)
             else:
                 self.missing.append(wanted)
         self.hooks = self._route(engine)
         engine.serve_without_torch(self.serves)
+        self._release()
         return self.describe()
 
     def _compressed(self, wanted: _Wanted) -> bool:
@@ -254,6 +258,14 @@ class OpenVINOParts:
         missing, self.missing = self.missing, []
         for wanted in missing:
             self._build(engine, wanted, progress)
+        self._release()
+
+    def _release(self) -> None:
+        """The compiled models have copied their weights: the mapped blobs (and the weight
+        files read for the keys) need not stay resident."""
+        from .memory import release_clean_file_pages
+
+        self.released_bytes += release_clean_file_pages()
 
     # -- what to convert ---------------------------------------------------------------------
 
@@ -347,6 +359,7 @@ class OpenVINOParts:
         for batch in batches:  # the first call at a batch size prepares its kernels
             request.infer([_batched(x, batch).numpy() for x in inputs])
         wanted.table[wanted.slot] = converted
+        self._release()  # before the next part's weights come in: a lower peak
         self.seconds[wanted.label] = round(time.perf_counter() - start, 2)
         self.cached[wanted.label] = hit
         if progress is not None and not hit:
