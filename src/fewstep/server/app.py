@@ -123,7 +123,8 @@ def _install_error_handlers(app: FastAPI, service: Service) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        return typed_response(service, from_validation_errors(exc.errors()))
+        return typed_response(service, from_validation_errors(
+            exc.errors(), value=getattr(exc, "body", None), located=True))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

@@ -1,0 +1,79 @@
+"""What error answers and warnings say: the field a client sent, named as sent (whatever it is
+called, without pydantic's union branches), never an answer that depends on whether a guessed
+server path exists, and A1111 LoRA tags read in full."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest_server import assert_typed_error, make_app, png_b64, sample_image, tiny_env
+
+SMALL = {"width": 64, "height": 64, "steps": 1}
+
+
+@pytest.fixture(scope="module")
+def client():
+    with TestClient(make_app(queue_size=4), raise_server_exceptions=False) as c:
+        yield c
+
+
+# -- field names -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["path", "body", "query", "header", "form", "cookie", "a"])
+def test_a1111_override_settings_errors_name_the_key_as_sent(client, key):
+    """An option value of the wrong shape: the field is the option's own key, whatever it is
+    called, and none of the union's branch names (`str`, `list[...]`)."""
+    response = client.post("/sdapi/v1/txt2img", json={
+        "prompt": "x", "override_settings": {key: {"nested": 1}}, **SMALL})
+    error = assert_typed_error(response, 422)
+    assert error["field"] == f"override_settings.{key}", error
+
+
+def test_a1111_override_settings_list_items_name_their_index(client):
+    response = client.post("/sdapi/v1/txt2img", json={
+        "prompt": "x", "override_settings": {"path": [1, {"x": 2}]}, **SMALL})
+    error = assert_typed_error(response, 422)
+    assert error["field"] in ("override_settings.path", "override_settings.path.1"), error
+    assert "str" not in error["field"].split(".") and "[" not in error["field"], error
+
+
+def test_missing_and_nested_fields_keep_their_names(client):
+    error = assert_typed_error(client.post("/v1/txt2img", json={"steps": 1}), 422)
+    assert error["field"] == "prompt", error
+    error = assert_typed_error(client.post("/v1/txt2img", json={
+        "prompt": "x", "loras": [{"name": "style"}, {"weight": 1}]}), 422)
+    assert error["field"] == "loras.1.name", error
+    error = assert_typed_error(client.post("/v1/txt2img?wait=maybe", json={"prompt": "x"}), 422)
+    assert error["field"] == "wait", error
+
+
+def test_upload_params_errors_name_the_field(client):
+    image = ("i.png", _png(sample_image(64)), "image/png")
+    response = client.post("/v1/img2img/upload", files={"image": image},
+                           data={"params": json.dumps({"prompt": "x", "path": 1})})
+    assert assert_typed_error(response, 422)["field"] == "path"
+
+
+def test_field_from_loc_drops_only_the_location_and_union_branches():
+    from fewstep.server.errors import field_from_loc
+
+    body = {"body": {"path": 1}, "override_settings": {"query": {"x": 1}}}
+    assert field_from_loc(("body", "body", "path"), body, located=True) == "body.path"
+    assert field_from_loc(("body", "override_settings", "query", "str"), body,
+                          located=True) == "override_settings.query"
+    assert field_from_loc(("body", "override_settings", "query", "list[str]", 0), body,
+                          located=True) == "override_settings.query"
+    assert field_from_loc(("body", "prompt"), body, located=True, missing=True) == "prompt"
+    assert field_from_loc(("query", "wait"), body, located=True) == "wait"
+    assert field_from_loc(("path", "x")) == "path.x"  # not located, no input: all kept
+
+
+def _png(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
