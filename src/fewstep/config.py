@@ -197,6 +197,17 @@ class ServeSettings(EngineOptions, Settings):
                 raise ValueError(exc.message.removeprefix("compile_shapes: ")) from None
         return value
 
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _api_key(cls, value):
+        if value is not None:
+            from .server.auth import api_key_problem
+
+            problem = api_key_problem(str(value))
+            if problem:
+                raise ValueError(problem)
+        return value
+
     @field_validator("public_url", mode="before")
     @classmethod
     def _url(cls, value):
@@ -327,12 +338,15 @@ def _option_error(exc: ValidationError, cls, flags: dict, flag_names: dict) -> I
         where = name or "option"
     message = first["msg"].removeprefix("Value error, ")
     value = first.get("input")
-    if isinstance(value, (dict, list)):  # the message names the entry at fault
+    if isinstance(value, (dict, list)) or name in SECRET_FIELDS:  # the message says enough
         return InvalidRequest(f"{where}: {message}", field=name)
     shown = repr(value)
     if len(shown) > 80:
         shown = shown[:77] + "..."
     return InvalidRequest(f"{where}: {message} (got {shown})", field=name)
+
+
+SECRET_FIELDS = ("api_key",)  # never echoed in an error
 
 
 def _env_name(field: str) -> str:

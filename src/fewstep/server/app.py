@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import FewstepError
-from .auth import AuthMiddleware
+from .auth import AuthMiddleware, check_api_key
 from .backend import Backend
 from .catalog import Catalog
 from .errors import (
@@ -45,6 +45,7 @@ def create_app(engine=None, catalog: Catalog | None = None,
 
     catalog = catalog or Catalog()
     options = options or ServerOptions()
+    check_api_key(options.api_key)
     metrics = Metrics()
     if backend is None:
         from .service import default_max_batch

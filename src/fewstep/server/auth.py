@@ -33,21 +33,47 @@ def check_bind(host: str, api_key: str | None) -> None:
             "FEWSTEP_API_KEY), or bind 127.0.0.1", field="api_key")
 
 
+def api_key_problem(key: str) -> str | None:
+    """Why no client could ever send `key`, or None. Header values are stripped and must be
+    one line, and browsers (the studio page) and most HTTP libraries send only ASCII there:
+    a key outside printable ASCII, or with spaces around it, could never match."""
+    if not key.strip():
+        return "the API key is empty (leave the option out for no key)"
+    if key != key.strip():
+        return "the API key starts or ends with white space, which headers cannot carry"
+    if not all(" " <= c <= "~" for c in key):
+        return ("the API key must be printable ASCII (no line breaks, control or non-ASCII "
+                "characters): HTTP clients cannot send anything else in a header")
+    return None
+
+
+def check_api_key(key: str | None) -> None:
+    problem = None if key is None else api_key_problem(key)
+    if problem:
+        raise InvalidRequest(problem, field="api_key")
+
+
 def key_matches(header: str | None, api_key: str) -> bool:
+    """The key's UTF-8 bytes against the bytes the client sent, for both schemes: the header
+    arrives as latin-1 text (the raw bytes), Basic's password as base64 of the raw bytes."""
     if not header:
         return False
     scheme, _, value = header.strip().partition(" ")
     value = value.strip()
-    expected = api_key.encode()
+    expected = api_key.encode("utf-8")
     if scheme.lower() == "bearer":
-        return hmac.compare_digest(value.encode(), expected)
+        try:
+            sent = value.encode("latin-1")
+        except UnicodeEncodeError:
+            return False
+        return hmac.compare_digest(sent, expected)
     if scheme.lower() == "basic":
         try:
-            decoded = base64.b64decode(value, validate=True).decode("utf-8")
+            decoded = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             return False
-        _, sep, password = decoded.partition(":")
-        return bool(sep) and hmac.compare_digest(password.encode(), expected)
+        _, sep, password = decoded.partition(b":")
+        return bool(sep) and hmac.compare_digest(password, expected)
     return False
 
 
