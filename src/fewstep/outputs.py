@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import stat
 import tempfile
 from pathlib import Path
 
@@ -23,6 +25,7 @@ ANIMATION_SUFFIXES = (".gif", ".mp4")
 RECORD_KEY = "fewstep"  # PNG text chunk holding the record
 EXIF_IMAGE_DESCRIPTION = 0x010E
 EXIF_USER_COMMENT = 0x9286
+_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
 
 
 def check_output_path(out: str | Path, animation: bool, count: int = 1) -> Path:
@@ -203,15 +206,19 @@ def encode_output(result, index: int, suffix: str, batch_index: int | None = Non
 
 
 def write_atomically(payloads: list[tuple[Path, bytes]]) -> list[Path]:
-    """Write every payload to a temp file beside its target, then rename them all."""
+    """Write every payload to a temp file beside its target, then rename them all. A new file
+    gets the permissions the umask gives (as any tool's); an overwritten one keeps its own."""
     temps: list[tuple[Path, Path]] = []
     try:
         for target, data in payloads:
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part",
-                                       dir=target.parent)
+            fd, tmp = _create_beside(target)
+            temps.append((tmp, target))
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
-            temps.append((Path(tmp), target))
+            try:
+                os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+            except FileNotFoundError:
+                pass
         for tmp, target in temps:
             os.replace(tmp, target)
     except BaseException:
@@ -219,6 +226,18 @@ def write_atomically(payloads: list[tuple[Path, bytes]]) -> list[Path]:
             tmp.unlink(missing_ok=True)
         raise
     return [target for _, target in temps]
+
+
+def _create_beside(target: Path) -> tuple[int, Path]:
+    """A new, exclusive temporary file next to `target`, created with mode 0666 so the umask
+    applies (mkstemp's files are 0600 whatever the umask)."""
+    for _ in range(100):
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.part")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {target}")
 
 
 def save_result(result, out: str | Path) -> list[Path]:
