@@ -54,6 +54,8 @@ def make_app(**options):
     from fewstep.server.service import ServerOptions
 
     models, engine = tiny_env()
+    # TestClient's requests say `Host: testserver`
+    options.setdefault("allowed_hosts", ("testserver",))
     return create_app(engine, make_catalog(models), ServerOptions(**options))
 
 

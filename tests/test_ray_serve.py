@@ -108,7 +108,7 @@ def single_process(ray_service):
     settings = ray_service[2]
     _, engine = tiny_env()
     app = create_app(engine, Catalog.from_settings(settings, engine), server_options(settings))
-    with TestClient(app) as local:
+    with TestClient(app, base_url="http://127.0.0.1") as local:  # a loopback Host
         yield local
 
 

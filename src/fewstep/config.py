@@ -148,6 +148,11 @@ class ServeSettings(EngineOptions, Settings):
     port: int = Field(7860, ge=0, le=65535, description="TCP port (0: any free port)")
     api_key: str | None = Field(None, description="required key (Bearer, or the basic-auth "
                                 "password)", json_schema_extra=_flag(metavar="KEY"))
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="names the service answers to besides loopback (Host header: "
+        "NAME, IP or *.domain; comma-separated or repeated). Without --api-key other names are "
+        "refused; with one, names are checked only when given",
+        json_schema_extra=_flag(metavar="NAME[,NAME]", repeat=True))
     public_url: str | None = Field(None, description="base URL clients reach the service at (for "
                                    "OpenAI `url` results; default: relative URLs)",
                                    json_schema_extra=_flag(metavar="URL"))
@@ -207,6 +212,18 @@ class ServeSettings(EngineOptions, Settings):
             if problem:
                 raise ValueError(problem)
         return value
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, value):
+        from .server.hosts import normalise_host_pattern
+
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError("must be a list of host names")
+        names = [part for entry in value for part in str(entry).split(",") if part.strip()]
+        return tuple(dict.fromkeys(normalise_host_pattern(name) for name in names))
 
     @field_validator("public_url", mode="before")
     @classmethod

@@ -25,6 +25,7 @@ from .errors import (
     from_validation_errors,
     status_for,
 )
+from .hosts import HostAndOriginMiddleware
 from .metrics import Metrics
 from .middleware import BodyMiddleware, CatchAllMiddleware
 from .routes.common import ClientGone
@@ -84,11 +85,14 @@ def create_app(engine=None, catalog: Catalog | None = None,
     def count(kind):
         service.metrics.errors.labels(kind).inc()
 
-    # outermost first: the catch-all, auth, then the body (no body is read for a rejected key)
+    # outermost first: the catch-all, Host and Origin, auth, then the body (no body is read for
+    # a refused request)
     app.add_middleware(BodyMiddleware, limit=options.max_body_bytes,
                        timeout_s=options.body_timeout_s, on_reject=count)
     app.add_middleware(AuthMiddleware, api_key=options.api_key,
                        on_reject=lambda: count("unauthorized"))
+    app.add_middleware(HostAndOriginMiddleware, allowed_hosts=options.allowed_hosts,
+                       api_key=options.api_key, on_reject=count)
     app.add_middleware(CatchAllMiddleware, on_error=service.count_error)
 
     _install_error_handlers(app, service)
@@ -145,3 +149,4 @@ def _install_error_handlers(app: FastAPI, service: Service) -> None:
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, exc: ClientGone):
         return Response(status_code=499)
+

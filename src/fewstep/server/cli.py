@@ -21,9 +21,9 @@ GROUPS = {
               "animate_lcm_weight", "device", "dtype", "speed", "openvino", "tiny_vae",
               "fp16_vae", "compile_shapes", "compile_cache", "cuda_graph_loop"),
     "catalogue (requests name these)": ("lora", "controlnet", "adapter", "motion_adapter"),
-    "service": ("host", "port", "api_key", "public_url", "queue_size", "timeout", "grace",
-                "max_body_mb", "body_timeout_s", "job_retention_bytes", "max_batch",
-                "batch_wait_ms", "log_level"),
+    "service": ("host", "port", "api_key", "allowed_hosts", "public_url", "queue_size",
+                "timeout", "grace", "max_body_mb", "body_timeout_s", "job_retention_bytes",
+                "max_batch", "batch_wait_ms", "log_level"),
 }
 
 
@@ -155,7 +155,8 @@ def server_options(settings):
     from .service import ServerOptions
 
     return ServerOptions(
-        api_key=settings.api_key, queue_size=settings.queue_size,
+        api_key=settings.api_key, allowed_hosts=settings.allowed_hosts,
+        queue_size=settings.queue_size,
         max_body_bytes=int(settings.max_body_mb * 1024 * 1024),
         default_timeout_s=settings.timeout, grace_s=settings.grace,
         public_url=settings.public_url, body_timeout_s=settings.body_timeout_s,

@@ -34,6 +34,24 @@ class BodyTimeout(InvalidRequest):
     kind = "request_timeout"
 
 
+class HostNotAllowed(InvalidRequest):
+    """A Host header naming neither loopback nor a configured name (DNS rebinding)."""
+
+    kind = "host_not_allowed"
+
+
+class CrossOrigin(InvalidRequest):
+    """A write sent by a page of another origin."""
+
+    kind = "cross_origin"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    """A body of a type no route reads (JSON must say application/json)."""
+
+    kind = "unsupported_media_type"
+
+
 class QueueFull(FewstepError):
     kind = "queue_full"
 
@@ -88,9 +106,12 @@ STATUS: dict[type, int] = {
     OutOfMemory: 503,
     # the service's own
     BadBody: 400,
+    HostNotAllowed: 400,
     Unauthorized: 401,
+    CrossOrigin: 403,
     BodyTimeout: 408,
     PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
     QueueFull: 429,
     InternalError: 500,
     ShuttingDown: 503,

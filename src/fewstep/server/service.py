@@ -18,6 +18,8 @@ from .metrics import Metrics
 @dataclass
 class ServerOptions:
     api_key: str | None = None
+    # names the service answers to besides loopback (DNS rebinding; see server/hosts.py)
+    allowed_hosts: tuple[str, ...] = ()
     queue_size: int = 16
     max_body_bytes: int = 64 * 1024 * 1024
     default_timeout_s: float | None = None  # start deadline when a request gives none

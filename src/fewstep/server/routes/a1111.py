@@ -12,6 +12,7 @@ from ...errors import InvalidRequest
 from ..convert import a1111 as convert
 from ..convert.common import build_request, fields_renamed, parse_json
 from ..protocol.a1111 import A1111Response, Img2ImgPayload, Txt2ImgPayload
+from ..hosts import is_json, not_json
 from ..protocol.common import ERRORS
 from .common import counted, json_response, run_job
 
@@ -86,6 +87,8 @@ def router(service) -> APIRouter:
     @api.post("/options")
     async def set_options(request: Request):
         """Only the one model can be chosen; other options are accepted and ignored."""
+        if not is_json(request.headers.get("content-type")):
+            raise not_json(request.headers.get("content-type"))
         data = await asyncio.to_thread(parse_json, await request.body(), "body")
         if not isinstance(data, dict):
             raise InvalidRequest("options must be a JSON object", field="body")
