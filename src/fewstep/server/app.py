@@ -9,8 +9,9 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from .. import __version__
 from ..errors import FewstepError
@@ -78,6 +79,8 @@ def create_app(engine=None, catalog: Catalog | None = None,
             "AUTOMATIC1111 API subset (/sdapi/v1/...). Errors are "
             '`{"error": {"type", "message", "field"}}`.'),
         lifespan=lifespan,
+        # Starlette's redirect is built from the client's Host header: ours is relative
+        redirect_slashes=False,
     )
     app.state.service = service
     backend.start()  # also without a lifespan (some test clients skip it)
@@ -133,6 +136,10 @@ def _install_error_handlers(app: FastAPI, service: Service) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            target = _without_trailing_slash(app, request.scope)
+            if target is not None:
+                return RedirectResponse(target, status_code=307)
         if exc.status_code == 400:
             return typed_response(service, BadBody(
                 "the body could not be parsed (malformed JSON, form or encoding)", field="body"))
@@ -150,3 +157,15 @@ def _install_error_handlers(app: FastAPI, service: Service) -> None:
     async def client_gone(request: Request, exc: ClientGone):
         return Response(status_code=499)
 
+
+def _without_trailing_slash(app: FastAPI, scope) -> str | None:
+    """`/v1/jobs/` -> `/v1/jobs` (with the query) when that path is a route: a relative
+    Location, never one built from the client's Host header."""
+    path = scope.get("path", "")
+    if len(path) < 2 or not path.endswith("/"):
+        return None
+    trimmed = {**scope, "path": path.rstrip("/") or "/"}
+    if not any(route.matches(trimmed)[0] != Match.NONE for route in app.router.routes):
+        return None
+    query = scope.get("query_string", b"").decode("latin-1")
+    return trimmed["path"] + (f"?{query}" if query else "")
