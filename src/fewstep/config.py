@@ -256,8 +256,8 @@ def catalogue_entries(value: Any, option: str) -> dict[str, str]:
         if text.startswith("{"):
             try:
                 value = json.loads(text)
-            except ValueError:
-                raise ValueError("is not a valid JSON object") from None
+            except (ValueError, RecursionError):
+                raise ValueError("is not a valid JSON object (or is nested too deeply)") from None
         else:
             value = [part for part in text.split(",") if part.strip()]
     if isinstance(value, (list, tuple)):
@@ -303,6 +303,8 @@ def read_config_file(path: str, cls: type[BaseSettings] = ServeSettings) -> dict
     except (ValueError, UnicodeDecodeError, OSError) as exc:
         detail = " ".join(str(exc).split())[:200]
         raise InvalidRequest(f"config {path!r} is not valid: {detail}", field="config") from None
+    except RecursionError:
+        raise InvalidRequest(f"config {path!r} is nested too deeply", field="config") from None
     if not isinstance(data, dict):
         raise InvalidRequest(f"config {path!r} must hold a table/object", field="config")
     values = {}
