@@ -207,7 +207,7 @@ def _check_size(request, settings) -> None:
 
 def run_task(args) -> int:
     from .config import EngineOptions, Settings, given, load, pick_device
-    from .outputs import check_output_path
+    from .outputs import check_output_path, check_record_fits, draft_record
     from .tasks import REQUESTS
 
     task = args.command
@@ -222,6 +222,8 @@ def run_task(args) -> int:
     request = REQUESTS[task].build(settings=settings, **_request_values(args, task))
     out = check_output_path(args.out or TASK_OUT.get(task, DEFAULT_OUT), task == "animate",
                             request.num_images)
+    check_record_fits(out, draft_record(request, model=options.model, lcm_lora=lcm_ref,
+                                        tiny_vae=options.tiny_vae))
     _check_references(options, lcm_ref, request)
     _check_size(request, settings)
     for warning in request.warnings():
@@ -292,7 +294,7 @@ def _generate(engine, request, quiet: bool):
 
 def run_reproduce(args) -> int:
     from .config import EngineOptions, ServeSettings, given, load, pick_device
-    from .outputs import check_output_path
+    from .outputs import check_output_path, check_record_fits
     from .records import (build_request, read_record, resolve_names, same_pixels)
 
     source = Path(args.path)
@@ -320,6 +322,7 @@ def run_reproduce(args) -> int:
                           "the one given cannot be checked", highlight=False)
     out = args.out or Path.cwd() / f"{source.stem}-reproduced{source.suffix}"
     check_output_path(out, record["request"]["task"] == "animate")
+    check_record_fits(out, record)
 
     from .logs import quiet_libraries
     from .records import reproduce

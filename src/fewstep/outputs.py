@@ -26,6 +26,8 @@ RECORD_KEY = "fewstep"  # PNG text chunk holding the record
 EXIF_IMAGE_DESCRIPTION = 0x010E
 EXIF_USER_COMMENT = 0x9286
 _O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
+JPEG_EXIF_LIMIT = 65533  # one APP1 segment: 65,535 bytes less its length field
+RECORD_MARGIN = 1024  # a record's fields beyond the request and references (digests, sizes)
 
 
 def check_output_path(out: str | Path, animation: bool, count: int = 1) -> Path:
@@ -137,14 +139,48 @@ def png_info(params: dict, index: int) -> PngImagePlugin.PngInfo:
     return info
 
 
-def exif_info(params: dict, index: int):
+def exif_info(params: dict, index: int, limit: int | None = None):
     """JPEG and WebP: the record in ImageDescription, the infotext in UserComment (where
-    A1111 puts it)."""
-    exif = Image.Exif()
-    exif[EXIF_IMAGE_DESCRIPTION] = record_text(params, index)
+    A1111 puts it). Within `limit` bytes (JPEG's one segment) what fits is written: the
+    infotext, a copy for other tools, gives way to the record `reproduce` reads."""
+    exif = _record_exif(params, index)
     exif.get_ifd(ExifTags.IFD.Exif)[EXIF_USER_COMMENT] = (
         b"UNICODE\0" + a1111_parameters(params, index).encode("utf-16-be"))
+    if limit is not None and len(exif.tobytes()) > limit:
+        exif = _record_exif(params, index)
+        check_exif_fits(exif, limit)
     return exif
+
+
+def _record_exif(params: dict, index: int):
+    exif = Image.Exif()
+    exif[EXIF_IMAGE_DESCRIPTION] = record_text(params, index)
+    return exif
+
+
+def check_exif_fits(exif, limit: int = JPEG_EXIF_LIMIT, margin: int = 0,
+                    what: str = "out") -> None:
+    size = len(exif.tobytes()) + margin
+    if size > limit:
+        raise InvalidRequest(
+            f"{what}: the record of this request ({size} bytes, mostly its prompts) does not "
+            f"fit a JPEG's EXIF segment ({limit} bytes): write .png or .webp, or use shorter "
+            "prompts", field="out")
+
+
+def draft_record(request, **refs) -> dict:
+    """What the record of `request`'s outputs will hold, before the work: the request and the
+    references (`model=`, `lcm_lora=`...); the engine's other fields are short, allowed for
+    by RECORD_MARGIN."""
+    return {"request": request.record(), **{k: v for k, v in refs.items() if v}}
+
+
+def check_record_fits(out: str | Path, record: dict, margin: int = RECORD_MARGIN) -> None:
+    """A JPEG output whose record cannot fit is refused before any work (PNG, WebP, GIF and
+    MP4 hold any record)."""
+    if Path(out).suffix.lower() in (".jpg", ".jpeg"):
+        check_exif_fits(_record_exif(record, 0), JPEG_EXIF_LIMIT, margin,
+                        what=f"out {str(out)!r}")
 
 
 def encode_image(image: Image.Image, suffix: str, params: dict | None = None,
@@ -156,7 +192,7 @@ def encode_image(image: Image.Image, suffix: str, params: dict | None = None,
     if suffix == ".png":
         image.save(buffer, format="PNG", pnginfo=png_info(params, index) if params else None)
     elif suffix in (".jpg", ".jpeg"):
-        extra = {"exif": exif_info(params, index)} if params else {}
+        extra = {"exif": exif_info(params, index, JPEG_EXIF_LIMIT)} if params else {}
         image.save(buffer, format="JPEG", quality=95, **extra)
     elif suffix == ".webp":
         extra = {"exif": exif_info(params, index)} if params else {}
