@@ -77,3 +77,36 @@ def _png(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# -- A1111 LoRA tags with two weights --------------------------------------------------------
+
+@pytest.mark.parametrize("tag,weight,warned", [
+    ("<lora:style:0.5>", 0.5, False),
+    ("<lora:style:0.7:0.7>", 0.7, False),
+    ("<lora:style:0.2:0.8>", 0.8, True),
+    ("<lora:style:te=0.2:unet=0.8>", 0.8, True),
+    ("<lora:style:unet=0.6>", 0.6, True),
+    ("<lora:style:0.5:0.5:4>", 0.5, True),
+])
+def test_lora_tags_with_text_encoder_and_unet_weights(client, tag, weight, warned):
+    """One weight per LoRA here (text encoder and UNet alike): the UNet's is used, and a tag
+    that asked for more is answered with a warning, as an unknown sampler is."""
+    response = client.post("/sdapi/v1/txt2img", json={"prompt": f"a cat {tag}", "seed": 1,
+                                                      **SMALL})
+    assert response.status_code == 200, response.text
+    info = json.loads(response.json()["info"])
+    assert info["prompt"] == "a cat"
+    assert [lora["weight"] for lora in info["loras"]] == [weight]
+    header = response.headers.get("X-Fewstep-Warning", "")
+    if warned:
+        assert "style" in header and any("style" in w for w in info["warnings"]), header
+    else:
+        assert not header and info["warnings"] == []
+
+
+@pytest.mark.parametrize("tag", ["<lora:style:0.5:9>", "<lora:style:te=x>",
+                                 "<lora:style:unet=nan>"])
+def test_every_weight_of_a_tag_is_checked(client, tag):
+    assert_typed_error(client.post("/sdapi/v1/txt2img", json={"prompt": tag, **SMALL}), 422,
+                       field="prompt")
