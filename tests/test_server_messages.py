@@ -110,3 +110,62 @@ def test_lora_tags_with_text_encoder_and_unet_weights(client, tag, weight, warne
 def test_every_weight_of_a_tag_is_checked(client, tag):
     assert_typed_error(client.post("/sdapi/v1/txt2img", json={"prompt": tag, **SMALL}), 422,
                        field="prompt")
+
+
+# -- answers never depend on whether a guessed server path exists -----------------------------
+
+HIDDEN = {"model": "/srv/m/sd15", "lora": "/srv/m/style", "controlnet": "/srv/m/canny",
+          "lcm": "/srv/m/lcm"}
+
+
+@pytest.fixture(scope="module")
+def hidden_client():
+    """A catalogue with short references, which an error message could echo whole."""
+    from fewstep.server.app import create_app
+    from fewstep.server.catalog import Catalog
+    from fewstep.server.service import ServerOptions
+
+    _, engine = tiny_env()
+    catalog = Catalog(model_name="tiny-sd15", loras={"style": HIDDEN["lora"]},
+                      controlnets={"canny": HIDDEN["controlnet"]},
+                      hidden={"tiny-sd15": HIDDEN["model"], "lcm-lora": HIDDEN["lcm"]})
+    app = create_app(engine, catalog, ServerOptions(allowed_hosts=("testserver",)))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def _guesses():
+    image = png_b64(sample_image(64))
+    return [
+        ("controlnet", lambda v: ("/v1/controlnet", {"prompt": "x", "control_image": image,
+                                                     "controlnet": v, **SMALL})),
+        ("lora", lambda v: ("/v1/txt2img", {"prompt": "x", "loras": [{"name": v}]})),
+        ("lora", lambda v: ("/sdapi/v1/txt2img", {"prompt": f"x <lora:{v}:1>", **SMALL})),
+        ("model", lambda v: ("/v1/images/generations", {"prompt": "x", "model": v})),
+        ("model", lambda v: ("/sdapi/v1/txt2img", {
+            "prompt": "x", "override_settings": {"sd_model_checkpoint": v}, **SMALL})),
+        ("model", lambda v: ("/sdapi/v1/options", {"sd_model_checkpoint": v})),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_guesses())))
+def test_a_guessed_path_gets_the_same_answer_whether_it_exists_or_not(hidden_client, index):
+    kind, request = _guesses()[index]
+    answers = []
+    for guess in (HIDDEN[kind], HIDDEN[kind] + "-absent"):
+        path, body = request(guess)
+        response = hidden_client.post(path, json=body)
+        error = assert_typed_error(response)
+        answers.append((response.status_code, error["field"],
+                        error["message"].replace(guess, "<guess>")))
+    assert answers[0] == answers[1], answers
+    assert "canny" not in answers[0][2] or kind == "controlnet"
+
+
+def test_a_prompt_comes_back_as_sent(client):
+    """Prompts are the client's text: a server path in one is not rewritten in the record."""
+    models, _ = tiny_env()
+    for prompt in (f"a cat {models.sd15}", f"a cat {models.controlnet}/config.json"):
+        response = client.post("/v1/txt2img", json={"prompt": prompt, "seed": 1, **SMALL})
+        assert response.status_code == 200, response.text
+        assert response.json()["params"]["request"]["prompt"] == prompt

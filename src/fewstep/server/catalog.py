@@ -43,6 +43,9 @@ def parse_entry(text: str, option: str) -> tuple[str, str]:
     return check_name(name.strip(), option), ref.strip()
 
 
+# fields of a record's request that are the client's own text, never a server reference
+CLIENT_TEXT = ("prompt", "negative_prompt")
+
 LCM_NAME = "lcm-lora"  # the LCM-LoRA's name in records (it is not a requestable LoRA)
 TINY_VAE_NAME = "tiny-vae"  # the fast path's tiny VAE, when one was given
 
@@ -163,6 +166,9 @@ class Catalog:
     def redact_record(self, record: dict) -> dict:
         record = {**self.record_extra, **record}
         redacted = {k: self.redact_obj(v) for k, v in record.items()}
+        for key in CLIENT_TEXT:  # the client's own text: as sent (see errors.about_input)
+            if key in record["request"]:
+                redacted["request"][key] = record["request"][key]
         names = []
         for path, kind in record_refs(record):
             name = self._name_of(kind, _get(record, path))

@@ -130,7 +130,18 @@ def error_payload(kind: str, message: str, field: str | None = None) -> dict:
     return {"error": {"type": kind, "message": message, "field": field}}
 
 
+def about_input(exc: FewstepError) -> FewstepError:
+    """Marks an error raised while reading a request (before any work): its message holds only
+    the client's own values and catalogue names, and is sent as it is. Redacting it would
+    turn a guessed server path that is a catalogue reference into that entry's name, and so
+    answer differently when the guess exists."""
+    exc.about_input = True
+    return exc
+
+
 def error_body(exc: FewstepError, redact=None) -> dict:
+    if getattr(exc, "about_input", False):
+        redact = None
     message = exc.message if redact is None else redact(exc.message)
     return error_payload(exc.kind, message, exc.field)
 
@@ -192,18 +203,18 @@ def from_validation_errors(errors, root: str = "body", value=_UNKNOWN, *,
     locations start with FastAPI's `body`/`query`/... element."""
     errors = list(errors)
     if not errors:
-        return InvalidRequest("invalid request", field=root)
+        return about_input(InvalidRequest("invalid request", field=root))
     first = errors[0]
     if first.get("type") == "json_invalid":
-        return BadBody(f"{root} is not valid JSON", field=root)
+        return about_input(BadBody(f"{root} is not valid JSON", field=root))
     missing = first.get("type") == "missing"
     field = field_from_loc(first.get("loc", ()), value, located=located,
                            missing=missing) or root
     if missing:
-        return InvalidRequest(f"{field}: field required", field=field)
-    return InvalidRequest(
+        return about_input(InvalidRequest(f"{field}: field required", field=field))
+    return about_input(InvalidRequest(
         f"{field}: {first.get('msg', 'invalid value')} (got {shown(first.get('input'))})",
-        field=field)
+        field=field))
 
 
 def shown(value) -> str:

@@ -8,13 +8,14 @@ import asyncio
 
 from fastapi import APIRouter, Request
 
-from ...errors import InvalidRequest
+from ...errors import FewstepError, InvalidRequest
 from ..convert import a1111 as convert
 from ..convert.common import build_request, fields_renamed, parse_json
 from ..protocol.a1111 import A1111Response, Img2ImgPayload, Txt2ImgPayload
 from ..hosts import is_json, not_json
 from ..protocol.common import ERRORS
-from .common import counted, json_response, run_job
+from ..errors import about_input
+from .common import converted, counted, json_response, run_job
 
 WARNING_HEADER = "X-Fewstep-Warning"
 
@@ -31,7 +32,7 @@ def router(service) -> APIRouter:
     async def respond(request: Request, body, build):
         """`build() -> (workflow, core request, warnings)` runs in a worker thread."""
         with fields_renamed(convert.rename_field):
-            workflow, core, warnings = await asyncio.to_thread(build)
+            workflow, core, warnings = await converted(build)
             async with counted(service, workflow) as outcome:
                 view = await run_job(service, request, workflow, core, body.timeout_s)
                 outcome["status"] = "ok"
@@ -93,7 +94,10 @@ def router(service) -> APIRouter:
         if not isinstance(data, dict):
             raise InvalidRequest("options must be a JSON object", field="body")
         if "sd_model_checkpoint" in data:
-            catalog.check_model(data["sd_model_checkpoint"], "sd_model_checkpoint")
+            try:
+                catalog.check_model(data["sd_model_checkpoint"], "sd_model_checkpoint")
+            except FewstepError as exc:
+                raise about_input(exc) from None
         return None
 
     @api.get("/progress")
