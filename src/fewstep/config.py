@@ -75,6 +75,11 @@ class Settings(_Options):
     """Limits (per request) and the default device and dtype."""
 
     max_pixels: int = Field(2048 * 2048, ge=64, description="width x height of one image")
+    # the work of one denoising step (what a cancel or a shutdown waits for): a side, and the
+    # pixels of all the images or frames one call makes
+    max_side: int = Field(4096, ge=8, description="width or height of one image")
+    max_step_pixels: int = Field(16 * 1024 * 1024, ge=64, description="width x height x "
+                                 "images (x frames) of one call, made at each step")
     max_steps: int = Field(50, ge=1, description="denoising steps per request")
     max_num_images: int = Field(16, ge=1, description="images per request")
     max_frames: int = Field(64, ge=1, description="frames per animation")
