@@ -173,6 +173,8 @@ class GracefulServer:
 
         import uvicorn
 
+        from .shutdown import STOP_MARGIN_S, exit_after
+
         class _Server(uvicorn.Server):
             async def startup(self, sockets=None):
                 await super().startup(sockets=sockets)
@@ -188,6 +190,7 @@ class GracefulServer:
                     log.warning("second signal: stopping now")
                     self.should_exit = True
                     self.force_exit = True
+                    exit_after(STOP_MARGIN_S, log)
                     return
                 self._draining = True
                 grace = float(self._grace)
@@ -198,7 +201,8 @@ class GracefulServer:
                 def finish():
                     if not service.queue.wait_idle(grace):
                         log.warning("grace period over: cancelling what is left")
-                        service.queue.stop(timeout=5.0)
+                        exit_after(STOP_MARGIN_S, log)  # a step that cannot stop cannot hold it
+                        service.queue.stop(timeout=STOP_MARGIN_S)
                     self.should_exit = True
 
                 threading.Thread(target=finish, name="fewstep-drain", daemon=True).start()
