@@ -172,6 +172,11 @@ class ServeSettings(EngineOptions, Settings):
     body_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False, description="seconds a "
                                   "client may take to send a request body",
                                   json_schema_extra=_flag(metavar="S"))
+    header_timeout_s: float = Field(20.0, gt=0, allow_inf_nan=False, description="seconds a "
+                                    "client may take to send a request's headers",
+                                    json_schema_extra=_flag(metavar="S"))
+    max_connections: int = Field(512, ge=1, description="connections open at once (more are "
+                                 "answered 503)", json_schema_extra=_flag(metavar="N"))
     job_retention_bytes: int = Field(256 * 1024 * 1024, ge=0, description="bytes of finished "
                                      "jobs' outputs kept for clients to fetch",
                                      json_schema_extra=_flag(metavar="BYTES"))

@@ -22,8 +22,9 @@ GROUPS = {
               "fp16_vae", "compile_shapes", "compile_cache", "cuda_graph_loop"),
     "catalogue (requests name these)": ("lora", "controlnet", "adapter", "motion_adapter"),
     "service": ("host", "port", "api_key", "allowed_hosts", "public_url", "queue_size",
-                "timeout", "grace", "max_body_mb", "body_timeout_s", "job_retention_bytes",
-                "max_batch", "batch_wait_ms", "log_level"),
+                "timeout", "grace", "max_body_mb", "body_timeout_s", "header_timeout_s",
+                "max_connections", "job_retention_bytes", "max_batch", "batch_wait_ms",
+                "log_level"),
 }
 
 
@@ -160,6 +161,7 @@ def server_options(settings):
         max_body_bytes=int(settings.max_body_mb * 1024 * 1024),
         default_timeout_s=settings.timeout, grace_s=settings.grace,
         public_url=settings.public_url, body_timeout_s=settings.body_timeout_s,
+        header_timeout_s=settings.header_timeout_s, max_connections=settings.max_connections,
         job_retention_bytes=settings.job_retention_bytes, max_batch=settings.max_batch,
         batch_wait_ms=settings.batch_wait_ms)
 
@@ -250,12 +252,11 @@ def _checked_serve(args: argparse.Namespace) -> int:
 def _serve(settings, sock) -> int:
     import logging
 
-    import uvicorn
-
     from ..engine import Engine
     from ..logs import configure_logging, quiet_libraries
     from .app import create_app
     from .catalog import Catalog
+    from .connections import uvicorn_config
 
     quiet_libraries()
     log = configure_logging(settings.log_level)
@@ -268,7 +269,7 @@ def _serve(settings, sock) -> int:
     catalog = Catalog.from_settings(settings, engine)
     check_catalogue(engine, catalog)
     app = create_app(engine, catalog, server_options(settings))
-    config = uvicorn.Config(app, log_level=settings.log_level, timeout_graceful_shutdown=5)
+    config = uvicorn_config(app, log_level=settings.log_level, timeout_graceful_shutdown=5)
     if settings.log_level not in ("debug", "trace"):
         # uvicorn's own life-cycle lines say what ours say; its errors still show
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)

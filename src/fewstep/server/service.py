@@ -30,6 +30,8 @@ class ServerOptions:
     file_ttl_s: float = 3600.0
     public_url: str | None = None  # base of OpenAI `url` results; relative URLs without it
     body_timeout_s: float = 30.0  # a request body must have arrived within this
+    header_timeout_s: float = 20.0  # ... and its headers within this (server/connections.py)
+    max_connections: int = 512  # open at once; more are answered 503 and closed
     max_batch: int | None = None  # jobs run as one pipeline call; None: 8 on CUDA, 4 elsewhere
     batch_wait_ms: float = 0.0  # how long the worker waits for companions of a lone job
 
