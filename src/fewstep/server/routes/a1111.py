@@ -10,11 +10,12 @@ from fastapi import APIRouter, Request
 
 from ...errors import FewstepError, InvalidRequest
 from ..convert import a1111 as convert
-from ..convert.common import build_request, fields_renamed, parse_json
-from ..protocol.a1111 import A1111Response, Img2ImgPayload, Txt2ImgPayload
-from ..hosts import is_json, not_json
-from ..protocol.common import ERRORS
+from ..convert.common import build_request, fields_renamed
 from ..errors import about_input
+from ..hosts import is_json, not_json
+from ..json_limits import SCOPE_KEY, ParsedJsonRoute
+from ..protocol.a1111 import A1111Response, Img2ImgPayload, Txt2ImgPayload
+from ..protocol.common import ERRORS
 from .common import converted, counted, json_response, run_job
 
 WARNING_HEADER = "X-Fewstep-Warning"
@@ -26,7 +27,7 @@ def header_text(text: str) -> str:
 
 
 def router(service) -> APIRouter:
-    api = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
+    api = APIRouter(prefix="/sdapi/v1", tags=["a1111"], route_class=ParsedJsonRoute)
     backend, catalog, settings = service.backend, service.catalog, service.settings
 
     async def respond(request: Request, body, build):
@@ -90,7 +91,9 @@ def router(service) -> APIRouter:
         """Only the one model can be chosen; other options are accepted and ignored."""
         if not is_json(request.headers.get("content-type")):
             raise not_json(request.headers.get("content-type"))
-        data = await asyncio.to_thread(parse_json, await request.body(), "body")
+        if SCOPE_KEY not in request.scope:  # no body: parsed by BodyMiddleware otherwise
+            raise InvalidRequest("options must be a JSON object", field="body")
+        data = request.scope[SCOPE_KEY]
         if not isinstance(data, dict):
             raise InvalidRequest("options must be a JSON object", field="body")
         if "sd_model_checkpoint" in data:

@@ -7,6 +7,7 @@ from ...errors import InvalidRequest
 from ...tasks import REQUESTS
 from ..convert.common import build_request
 from ..convert.native import generation_result, job_info, upload_values
+from ..json_limits import ParsedJsonRoute
 from ..protocol.common import ERRORS
 from ..protocol.native import (
     BODY_MODELS,
@@ -24,7 +25,7 @@ WAIT = Query(True, description=(
 
 
 def router(service) -> APIRouter:
-    api = APIRouter(tags=["native"])
+    api = APIRouter(tags=["native"], route_class=ParsedJsonRoute)
     backend, catalog, settings = service.backend, service.catalog, service.settings
 
     async def generate(http_request: Request, workflow: str, build, wait: bool):

@@ -9,13 +9,14 @@ from fastapi import APIRouter, Request
 from ...errors import InvalidRequest
 from ..convert import openai as convert
 from ..convert.common import build_request, fields_renamed
+from ..json_limits import ParsedJsonRoute
 from ..protocol.common import ERRORS
 from ..protocol.openai import EditsForm, GenerationsBody, ImagesResponse
 from .common import converted, counted, json_response, read_form, run_job
 
 
 def router(service) -> APIRouter:
-    api = APIRouter(tags=["openai"])
+    api = APIRouter(tags=["openai"], route_class=ParsedJsonRoute)
     catalog, settings = service.catalog, service.settings
 
     async def respond(request: Request, workflow: str, body, build):
