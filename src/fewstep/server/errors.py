@@ -163,8 +163,6 @@ async def send_error(send, exc: FewstepError, *, close: bool = False, redact=Non
     await send({"type": "http.response.body", "body": body})
 
 
-# FastAPI's first location element: where the value came from, not a field of it
-LOCATIONS = ("body", "query", "path", "header", "cookie")
 _UNKNOWN = object()
 
 

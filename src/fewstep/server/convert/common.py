@@ -17,7 +17,6 @@ from ...images import load_image
 from ...tasks import REQUESTS, LoraRequest
 from ...tasks.base import invalid_from_pydantic
 from ..backend import JobOutput
-from ..errors import BadBody
 from ..protocol.native import COMPONENT_FIELDS
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=-]+)*;base64,", re.I)
