@@ -109,7 +109,7 @@ def single_process(ray_service):
     _, engine = tiny_env()
     app = create_app(engine, Catalog.from_settings(settings, engine),
                      ServerOptions.from_settings(settings))
-    with TestClient(app) as local:
+    with TestClient(app, base_url="http://127.0.0.1") as local:  # a loopback Host
         yield local
 
 

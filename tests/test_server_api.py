@@ -307,5 +307,6 @@ def test_models_lists_the_workflows_this_model_and_catalogue_can_run():
     with TestClient(make_app()) as client:
         assert client.get("/v1/models").json()["workflows"] == [
             "txt2img", "img2img", "inpaint", "controlnet", "t2i-adapter", "animate"]
-    with TestClient(create_app(engine, Catalog(model_name="tiny-sd15"))) as client:  # no components: the tasks that need them are not offered
+    with TestClient(create_app(engine, Catalog(model_name="tiny-sd15")),
+                    base_url="http://127.0.0.1") as client:  # no components: the tasks that need them are not offered
         assert client.get("/v1/models").json()["workflows"] == ["txt2img", "img2img", "inpaint"]

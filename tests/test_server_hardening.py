@@ -342,13 +342,16 @@ def test_canny_thresholds_name_their_field(client):
 
 def test_openai_urls_never_come_from_the_host_header():
     body = {"prompt": "x", "size": "64x64", "steps": 1, "response_format": "url"}
-    with TestClient(make_app(), raise_server_exceptions=False) as c:
+    # a name the service answers to (--allowed-hosts): its URLs still never come from it
+    hosts = ("testserver", "evil.example")
+    with TestClient(make_app(allowed_hosts=hosts), raise_server_exceptions=False) as c:
         url = c.post("/v1/images/generations", json=body,
                      headers={"Host": "evil.example"}).json()["data"][0]["url"]
         assert url.startswith("/v1/files/") and url.endswith(".png")
         assert c.get(url).headers["content-type"] == "image/png"
     public = "https://images.example.org/fewstep"
-    with TestClient(make_app(public_url=public + "/"), raise_server_exceptions=False) as c:
+    with TestClient(make_app(public_url=public + "/", allowed_hosts=hosts),
+                    raise_server_exceptions=False) as c:
         url = c.post("/v1/images/generations", json=body,
                      headers={"Host": "evil.example"}).json()["data"][0]["url"]
         assert url.startswith(public + "/v1/files/") and "evil" not in url
@@ -360,7 +363,7 @@ def test_a_stalled_body_gets_408_and_the_connection_closes():
     with live_server(app) as url:
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=WAIT) as sock:
-            sock.sendall(b"POST /v1/txt2img HTTP/1.1\r\nHost: x\r\n"
+            sock.sendall(b"POST /v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                          b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
                          b'{"prompt": ')
             received = b""

@@ -54,7 +54,8 @@ def swept():
     app = create_app(QuickEngine(engine), make_catalog(models),
                      ServerOptions(queue_size=64, max_body_bytes=4 * 1024 * 1024,
                                    max_batch=1))
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with TestClient(app, raise_server_exceptions=False,
+                    base_url="http://127.0.0.1") as client:  # a loopback Host
         yield app, client
 
 

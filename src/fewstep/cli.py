@@ -216,6 +216,7 @@ def run_task(args) -> int:
     from .build import build_engine, inspect
     from .config import EngineOptions, Settings, given, load
     from .logs import quiet_libraries
+    from .outputs import check_record_fits, draft_record
     from .tasks import REQUESTS
 
     task = args.command
@@ -225,6 +226,8 @@ def run_task(args) -> int:
     request = REQUESTS[task].build(settings=settings, **_request_values(args, task))
     out = _output(args.out, TASK_OUT.get(task, DEFAULT_OUT), args.overwrite,
                   task == "animate", request.num_images)
+    check_record_fits(out, draft_record(request, model=options.model,
+                                        lcm_lora=options.lcm_lora, tiny_vae=options.tiny_vae))
     for warning in request.warnings():
         warn(warning)
     quiet_libraries()
@@ -314,6 +317,7 @@ def _run(engine, call, quiet: bool):
 
 def run_reproduce(args) -> int:
     from .config import EngineOptions, ServeSettings, given, load
+    from .outputs import check_record_fits
     from .records import read_record, same_pixels
     from .reproduce import prepare, run
 
@@ -341,6 +345,7 @@ def run_reproduce(args) -> int:
             warn(f"the record holds no digest of its {name}: the one given cannot be checked")
     out = _output(args.out, Path.cwd() / f"{source.stem}-reproduced{source.suffix}",
                   args.overwrite, prepared.record.task == "animate")
+    check_record_fits(out, prepared.record)
 
     from .logs import quiet_libraries
 

@@ -28,6 +28,7 @@ from pydantic_settings import (BaseSettings, NoDecode, PydanticBaseSettingsSourc
                                SettingsConfigDict, SettingsError)
 
 from .errors import InvalidRequest
+from .names import api_key_problem, normalise_host_pattern
 
 ENV_PREFIX = "FEWSTEP_"
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
@@ -116,6 +117,11 @@ class Settings(_Options):
     """Limits (per request) and the default device and dtype."""
 
     max_pixels: int = Field(2048 * 2048, ge=64, description="width x height of one image")
+    # the work of one denoising step (what a cancel or a shutdown waits for): a side, and the
+    # pixels of all the images or frames one call makes
+    max_side: int = Field(4096, ge=8, description="width or height of one image")
+    max_step_pixels: int = Field(16 * 1024 * 1024, ge=64, description="width x height x "
+                                 "images (x frames) of one call, made at each step")
     max_steps: int = Field(50, ge=1, description="denoising steps per request")
     max_num_images: int = Field(16, ge=1, description="images per request")
     max_frames: int = Field(64, ge=1, description="frames per animation")
@@ -203,6 +209,11 @@ class ServeSettings(EngineOptions, Settings):
     port: int = Field(7860, ge=0, le=65535, description="TCP port (0: any free port)")
     api_key: str | None = Field(None, description="required key (Bearer, or the basic-auth "
                                 "password)", json_schema_extra=_flag(metavar="KEY"))
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="names the service answers to besides loopback (Host header: "
+        "NAME, IP or *.domain; comma-separated or repeated). Without --api-key other names are "
+        "refused; with one, names are checked only when given",
+        json_schema_extra=_flag(metavar="NAME[,NAME]", repeat=True))
     public_url: str | None = Field(None, description="base URL clients reach the service at (for "
                                    "OpenAI `url` results; default: relative URLs)",
                                    json_schema_extra=_flag(metavar="URL"))
@@ -217,6 +228,11 @@ class ServeSettings(EngineOptions, Settings):
     body_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False, description="seconds a "
                                   "client may take to send a request body",
                                   json_schema_extra=_flag(metavar="S"))
+    header_timeout_s: float = Field(20.0, gt=0, allow_inf_nan=False, description="seconds a "
+                                    "client may take to send a request's headers",
+                                    json_schema_extra=_flag(metavar="S"))
+    max_connections: int = Field(512, ge=1, description="connections open at once (more are "
+                                 "answered 503)", json_schema_extra=_flag(metavar="N"))
     job_retention_bytes: int = Field(256 * 1024 * 1024, ge=0, description="bytes of finished "
                                      "jobs' outputs kept for clients to fetch",
                                      json_schema_extra=_flag(metavar="BYTES"))
@@ -228,6 +244,25 @@ class ServeSettings(EngineOptions, Settings):
                                  json_schema_extra=_flag(metavar="MS"))
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="log level of the service")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _api_key(cls, value):
+        if value is not None:
+            problem = api_key_problem(str(value))
+            if problem:
+                raise ValueError(problem)
+        return value
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, value):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError("must be a list of host names")
+        names = [part for entry in value for part in str(entry).split(",") if part.strip()]
+        return tuple(dict.fromkeys(normalise_host_pattern(name) for name in names))
 
     @field_validator("public_url", mode="before")
     @classmethod
@@ -263,8 +298,8 @@ def catalogue_entries(value: Any, option: str) -> dict[str, str]:
         if text.startswith("{"):
             try:
                 value = json.loads(text)
-            except ValueError:
-                raise ValueError("is not a valid JSON object") from None
+            except (ValueError, RecursionError):
+                raise ValueError("is not a valid JSON object (or is nested too deeply)") from None
         else:
             value = [part for part in text.split(",") if part.strip()]
     if isinstance(value, (list, tuple)):
@@ -310,6 +345,8 @@ def read_config_file(path: str, cls: type[BaseSettings] = ServeSettings) -> dict
     except (ValueError, UnicodeDecodeError, OSError) as exc:
         detail = " ".join(str(exc).split())[:200]
         raise InvalidRequest(f"config {path!r} is not valid: {detail}", field="config") from None
+    except RecursionError:
+        raise InvalidRequest(f"config {path!r} is nested too deeply", field="config") from None
     if not isinstance(data, dict):
         raise InvalidRequest(f"config {path!r} must hold a table/object", field="config")
     values = {}
@@ -362,7 +399,7 @@ def _option_error(exc: ValidationError, cls, flags: dict, flag_names: dict) -> I
         where = name or "option"
     message = first["msg"].removeprefix("Value error, ")
     value = first.get("input")
-    if isinstance(value, (dict, list)):  # the message names the entry at fault
+    if isinstance(value, (dict, list)) or name in SECRET_FIELDS:  # the message says enough
         return InvalidRequest(f"{where}: {message}", field=name)
     if "got " in message:  # the message shows the value already
         return InvalidRequest(f"{where}: {message}", field=name)
@@ -370,6 +407,9 @@ def _option_error(exc: ValidationError, cls, flags: dict, flag_names: dict) -> I
     if len(shown) > 80:
         shown = shown[:77] + "..."
     return InvalidRequest(f"{where}: {message} (got {shown})", field=name)
+
+
+SECRET_FIELDS = ("api_key",)  # never echoed in an error
 
 
 def _env_name(field: str) -> str:

@@ -1,6 +1,11 @@
 """Reading input images safely: only PNG, JPEG, WebP and GIF (its first frame) are decoded;
 other formats, unreadable, truncated and decompression-bomb files are refused with an error
-naming the field."""
+naming the field.
+
+An image is read as a browser shows it (what the studio page sizes masks from, and what people
+see): the EXIF orientation of a JPEG or PNG applied (Chromium leaves WebP's as stored), and
+16-bit greyscale scaled to 8 bits as libpng does (Pillow's conversions clip it: a mid grey
+became white)."""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ import io
 import warnings
 from pathlib import Path
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 from .errors import InvalidRequest
 
@@ -38,7 +44,8 @@ def load_image(source: str | Path | bytes, field: str, max_pixels: int = 4096 * 
                         field=field,
                     )
                 probe.seek(0)  # an animation: its first frame
-                image = probe.convert(mode)  # decodes everything: truncation shows here
+                probe.load()  # decodes everything: truncation shows here
+                image = as_shown(probe, probe.format).convert(mode)
     except InvalidRequest:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -47,6 +54,30 @@ def load_image(source: str | Path | bytes, field: str, max_pixels: int = 4096 * 
         raise InvalidRequest(f"{field} is not a readable PNG, JPEG, WebP or GIF image (or is "
                              "truncated)", field=field) from exc
     return image
+
+
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greyscale PNGs open as these
+ORIENTED_FORMATS = ("JPEG", "PNG")  # whose EXIF orientation browsers apply
+
+
+def as_shown(image: Image.Image, format: str | None) -> Image.Image:
+    """A decoded image as a browser shows it: upright, and in 8 bits."""
+    if format in ORIENTED_FORMATS:
+        image = _upright(image)
+    if image.mode in WIDE_MODES:
+        # the high byte, as libpng's strip_16 (browsers) and Pillow's 16-bit colour reading
+        wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        image = Image.fromarray((wide >> 8).astype(np.uint8), "L")
+    return image
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied. A broken EXIF block is ignored, as browsers do: the image is
+    shown as stored."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - Pillow's EXIF parsing raises many kinds for bad blocks
+        return image
 
 
 def image_digest(image) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import stat
 import tempfile
 from pathlib import Path
 
@@ -21,6 +23,9 @@ from .records import EXIF_IMAGE_DESCRIPTION, EXIF_USER_COMMENT, RECORD_KEY, Reco
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 ANIMATION_SUFFIXES = (".gif", ".mp4")
+_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
+JPEG_EXIF_LIMIT = 65533  # one APP1 segment: 65,535 bytes less its length field
+RECORD_MARGIN = 1024  # a record's fields beyond the request and references (digests, sizes)
 
 
 def check_output_path(out: str | Path, animation: bool, count: int = 1) -> Path:
@@ -151,14 +156,50 @@ def png_info(record: Record, index: int) -> PngImagePlugin.PngInfo:
     return info
 
 
-def exif_info(record: Record, index: int):
+def exif_info(record: Record, index: int, limit: int | None = None):
     """JPEG and WebP: the record in ImageDescription, the infotext in UserComment (where
-    A1111 puts it)."""
-    exif = Image.Exif()
-    exif[EXIF_IMAGE_DESCRIPTION] = record_text(record, index)
+    A1111 puts it). Within `limit` bytes (JPEG's one segment) what fits is written: the
+    infotext, a copy for other tools, gives way to the record `reproduce` reads."""
+    exif = _text_exif(record_text(record, index))
     exif.get_ifd(ExifTags.IFD.Exif)[EXIF_USER_COMMENT] = (
         b"UNICODE\0" + a1111_parameters(record, index).encode("utf-16-be"))
+    if limit is not None and len(exif.tobytes()) > limit:
+        exif = _text_exif(record_text(record, index))
+        check_exif_fits(exif, limit)
     return exif
+
+
+def _text_exif(text: str):
+    exif = Image.Exif()
+    exif[EXIF_IMAGE_DESCRIPTION] = text
+    return exif
+
+
+def check_exif_fits(exif, limit: int = JPEG_EXIF_LIMIT, margin: int = 0,
+                    what: str = "out") -> None:
+    size = len(exif.tobytes()) + margin
+    if size > limit:
+        raise InvalidRequest(
+            f"{what}: the record of this request ({size} bytes, mostly its prompts) does not "
+            f"fit a JPEG's EXIF segment ({limit} bytes): write .png or .webp, or use shorter "
+            "prompts", field="out")
+
+
+def draft_record(request, **refs) -> dict:
+    """The bulk of what the record of `request`'s outputs will hold, before the work: the
+    request and the references (`model=`, `lcm_lora=`...), to size it; the engine's other
+    fields are short, allowed for by RECORD_MARGIN."""
+    return {"request": request.record(), **{k: v for k, v in refs.items() if v}}
+
+
+def check_record_fits(out: str | Path, record: Record | dict,
+                      margin: int = RECORD_MARGIN) -> None:
+    """A JPEG output whose record cannot fit is refused before any work (PNG, WebP, GIF and
+    MP4 hold any record)."""
+    if Path(out).suffix.lower() in (".jpg", ".jpeg"):
+        text = record.at(0).to_json() if isinstance(record, Record) else \
+            json.dumps(record, sort_keys=True)
+        check_exif_fits(_text_exif(text), JPEG_EXIF_LIMIT, margin, what=f"out {str(out)!r}")
 
 
 def encode_image(image: Image.Image, suffix: str, record: Record | None = None,
@@ -170,7 +211,7 @@ def encode_image(image: Image.Image, suffix: str, record: Record | None = None,
     if suffix == ".png":
         image.save(buffer, format="PNG", pnginfo=png_info(record, index) if record else None)
     elif suffix in (".jpg", ".jpeg"):
-        extra = {"exif": exif_info(record, index)} if record else {}
+        extra = {"exif": exif_info(record, index, JPEG_EXIF_LIMIT)} if record else {}
         image.save(buffer, format="JPEG", quality=95, **extra)
     elif suffix == ".webp":
         extra = {"exif": exif_info(record, index)} if record else {}
@@ -220,15 +261,19 @@ def encode_output(result, index: int, suffix: str, batch_index: int | None = Non
 
 
 def write_atomically(payloads: list[tuple[Path, bytes]]) -> list[Path]:
-    """Write every payload to a temp file beside its target, then rename them all."""
+    """Write every payload to a temp file beside its target, then rename them all. A new file
+    gets the permissions the umask gives (as any tool's); an overwritten one keeps its own."""
     temps: list[tuple[Path, Path]] = []
     try:
         for target, data in payloads:
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part",
-                                       dir=target.parent)
+            fd, tmp = _create_beside(target)
+            temps.append((tmp, target))
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
-            temps.append((Path(tmp), target))
+            try:
+                os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+            except FileNotFoundError:
+                pass
         for tmp, target in temps:
             os.replace(tmp, target)
     except BaseException:
@@ -236,6 +281,18 @@ def write_atomically(payloads: list[tuple[Path, bytes]]) -> list[Path]:
             tmp.unlink(missing_ok=True)
         raise
     return [target for _, target in temps]
+
+
+def _create_beside(target: Path) -> tuple[int, Path]:
+    """A new, exclusive temporary file next to `target`, created with mode 0666 so the umask
+    applies (mkstemp's files are 0600 whatever the umask)."""
+    for _ in range(100):
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.part")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {target}")
 
 
 def save_result(result, out: str | Path) -> list[Path]:

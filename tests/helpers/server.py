@@ -54,6 +54,8 @@ def make_app(**options):
     from fewstep.server.service import ServerOptions
 
     models, engine = tiny_env()
+    # TestClient's requests say `Host: testserver`
+    options.setdefault("allowed_hosts", ("testserver",))
     return create_app(engine, make_catalog(models), ServerOptions(**options))
 
 
@@ -65,14 +67,17 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def live_server(app):
-    """A real uvicorn server on 127.0.0.1 (random port) in a thread; yields its base URL."""
+    """A real uvicorn server on 127.0.0.1 (random port) in a thread, configured as `fewstep
+    serve` configures it (header timeout, connection bound); yields its base URL."""
     import uvicorn
+
+    from fewstep.server.connections import uvicorn_config
 
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     end = time.monotonic() + WAIT

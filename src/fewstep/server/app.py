@@ -9,12 +9,13 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..version import __version__
 from ..errors import FewstepError
-from .auth import AuthMiddleware
+from .auth import AuthMiddleware, check_api_key
 from .backend import Backend
 from .catalog import Catalog
 from .errors import (
@@ -25,6 +26,7 @@ from .errors import (
     from_validation_errors,
     status_for,
 )
+from .hosts import HostAndOriginMiddleware
 from .metrics import Metrics
 from .middleware import BodyMiddleware, CatchAllMiddleware
 from .routes.common import ClientGone
@@ -45,6 +47,7 @@ def create_app(engine=None, catalog: Catalog | None = None,
 
     catalog = catalog or Catalog()
     options = options or ServerOptions()
+    check_api_key(options.api_key)
     metrics = Metrics()
     if backend is None:
         from .service import default_max_batch
@@ -78,6 +81,8 @@ def create_app(engine=None, catalog: Catalog | None = None,
         lifespan=lifespan,
         docs_url=None,  # /docs is api_docs' page, with its assets from the package (offline)
         redoc_url=None,  # ReDoc would load from a CDN: blank offline
+        # Starlette's redirect is built from the client's Host header: ours is relative
+        redirect_slashes=False,
     )
     app.state.service = service
     backend.start()  # also without a lifespan (some test clients skip it)
@@ -85,11 +90,14 @@ def create_app(engine=None, catalog: Catalog | None = None,
     def count(kind):
         service.metrics.errors.labels(kind).inc()
 
-    # outermost first: the catch-all, auth, then the body (no body is read for a rejected key)
+    # outermost first: the catch-all, Host and Origin, auth, then the body (no body is read for
+    # a refused request)
     app.add_middleware(BodyMiddleware, limit=options.max_body_bytes,
                        timeout_s=options.body_timeout_s, on_reject=count)
     app.add_middleware(AuthMiddleware, api_key=options.api_key,
                        on_reject=lambda: count("unauthorized"))
+    app.add_middleware(HostAndOriginMiddleware, allowed_hosts=options.allowed_hosts,
+                       api_key=options.api_key, on_reject=count)
     app.add_middleware(CatchAllMiddleware, on_error=service.count_error)
 
     _install_error_handlers(app, service)
@@ -127,10 +135,15 @@ def _install_error_handlers(app: FastAPI, service: Service) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        return typed_response(service, from_validation_errors(exc.errors()))
+        return typed_response(service, from_validation_errors(
+            exc.errors(), value=getattr(exc, "body", None), located=True))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            target = _without_trailing_slash(app, request.scope)
+            if target is not None:
+                return RedirectResponse(target, status_code=307)
         if exc.status_code == 400:
             return typed_response(service, BadBody(
                 "the body could not be parsed (malformed JSON, form or encoding)", field="body"))
@@ -147,3 +160,16 @@ def _install_error_handlers(app: FastAPI, service: Service) -> None:
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, exc: ClientGone):
         return Response(status_code=499)
+
+
+def _without_trailing_slash(app: FastAPI, scope) -> str | None:
+    """`/v1/jobs/` -> `/v1/jobs` (with the query) when that path is a route: a relative
+    Location, never one built from the client's Host header."""
+    path = scope.get("path", "")
+    if len(path) < 2 or not path.endswith("/"):
+        return None
+    trimmed = {**scope, "path": path.rstrip("/") or "/"}
+    if not any(route.matches(trimmed)[0] != Match.NONE for route in app.router.routes):
+        return None
+    query = scope.get("query_string", b"").decode("latin-1")
+    return trimmed["path"] + (f"?{query}" if query else "")

@@ -9,6 +9,7 @@ import hmac
 import ipaddress
 
 from ..errors import InvalidRequest
+from ..names import api_key_problem
 from .errors import Unauthorized, send_error
 
 OPEN_PATHS = ("/healthz", "/readyz", "/")  # "/": the studio page, which then asks for the key
@@ -33,21 +34,33 @@ def check_bind(host: str, api_key: str | None) -> None:
             "FEWSTEP_API_KEY), or bind 127.0.0.1", field="api_key")
 
 
+def check_api_key(key: str | None) -> None:
+    problem = None if key is None else api_key_problem(key)
+    if problem:
+        raise InvalidRequest(problem, field="api_key")
+
+
 def key_matches(header: str | None, api_key: str) -> bool:
+    """The key's UTF-8 bytes against the bytes the client sent, for both schemes: the header
+    arrives as latin-1 text (the raw bytes), Basic's password as base64 of the raw bytes."""
     if not header:
         return False
     scheme, _, value = header.strip().partition(" ")
     value = value.strip()
-    expected = api_key.encode()
+    expected = api_key.encode("utf-8")
     if scheme.lower() == "bearer":
-        return hmac.compare_digest(value.encode(), expected)
+        try:
+            sent = value.encode("latin-1")
+        except UnicodeEncodeError:
+            return False
+        return hmac.compare_digest(sent, expected)
     if scheme.lower() == "basic":
         try:
-            decoded = base64.b64decode(value, validate=True).decode("utf-8")
+            decoded = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             return False
-        _, sep, password = decoded.partition(":")
-        return bool(sep) and hmac.compare_digest(password.encode(), expected)
+        _, sep, password = decoded.partition(b":")
+        return bool(sep) and hmac.compare_digest(password, expected)
     return False
 
 

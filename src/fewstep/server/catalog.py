@@ -31,6 +31,9 @@ def parse_entry(text: str, option: str) -> tuple[str, str]:
     return check_name(name.strip(), option), ref.strip()
 
 
+# fields of a record's request that are the client's own text, never a server reference
+CLIENT_TEXT = ("prompt", "negative_prompt")
+
 LCM_NAME = "lcm-lora"  # the LCM-LoRA's name in records (it is not a requestable LoRA)
 TINY_VAE_NAME = "tiny-vae"  # the fast path's tiny VAE, when one was given
 
@@ -160,14 +163,19 @@ class Catalog:
 
     def redact_record(self, record: Record) -> Record:
         """The record as it leaves the service: every reference it holds replaced by its
-        catalogue name, listed in `catalog_names`, and any other path shortened."""
+        catalogue name, listed in `catalog_names`, and any other path shortened; the client's
+        own text (its prompts) as sent."""
         names = {}
         for path, kind in record.references():
             name = self._name_of(kind, record.value(path))
             if name is not None:
                 names[path] = name
-        redacted = parse_record(self.redact_obj(record.to_dict()))
-        return redacted.with_values(names, catalog_names=list(names))
+        data = record.to_dict()
+        redacted = self.redact_obj(data)
+        for key in CLIENT_TEXT:  # the client's own text: as sent (see errors.about_input)
+            if key in data["request"]:
+                redacted["request"][key] = data["request"][key]
+        return parse_record(redacted).with_values(names, catalog_names=list(names))
 
     def restore_record(self, record: Record) -> Record:
         """The inverse of `redact_record`: catalogue names back to references. A name this

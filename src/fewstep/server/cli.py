@@ -21,9 +21,10 @@ GROUPS = {
               "animate_lcm_weight", "device", "dtype", "speed", "openvino", "tiny_vae",
               "fp16_vae", "compile_shapes", "compile_cache", "cuda_graph_loop"),
     "catalogue (requests name these)": ("lora", "controlnet", "adapter", "motion_adapter"),
-    "service": ("host", "port", "api_key", "public_url", "queue_size", "timeout", "grace",
-                "max_body_mb", "body_timeout_s", "job_retention_bytes", "max_batch",
-                "batch_wait_ms", "log_level"),
+    "service": ("host", "port", "api_key", "allowed_hosts", "public_url", "queue_size",
+                "timeout", "grace", "max_body_mb", "body_timeout_s", "header_timeout_s",
+                "max_connections", "job_retention_bytes", "max_batch", "batch_wait_ms",
+                "log_level"),
 }
 
 
@@ -64,6 +65,8 @@ class GracefulServer:
 
         import uvicorn
 
+        from .shutdown import STOP_MARGIN_S, exit_after
+
         class _Server(uvicorn.Server):
             async def startup(self, sockets=None):
                 await super().startup(sockets=sockets)
@@ -79,6 +82,7 @@ class GracefulServer:
                     log.warning("second signal: stopping now")
                     self.should_exit = True
                     self.force_exit = True
+                    exit_after(STOP_MARGIN_S, log)
                     return
                 self._draining = True
                 grace = float(self._grace)
@@ -89,7 +93,8 @@ class GracefulServer:
                 def finish():
                     if not service.queue.wait_idle(grace):
                         log.warning("grace period over: cancelling what is left")
-                        service.queue.stop(timeout=5.0)
+                        exit_after(STOP_MARGIN_S, log)  # a step that cannot stop cannot hold it
+                        service.queue.stop(timeout=STOP_MARGIN_S)
                     self.should_exit = True
 
                 threading.Thread(target=finish, name="fewstep-drain", daemon=True).start()
@@ -142,12 +147,11 @@ def _checked_serve(args: argparse.Namespace) -> int:
 def _serve(settings, blueprint, catalog, sock) -> int:
     import logging
 
-    import uvicorn
-
     from ..build import build_engine
     from ..logs import configure_logging, quiet_libraries
     from .app import create_app
     from .catalog import Catalog
+    from .connections import uvicorn_config
     from .service import ServerOptions
 
     quiet_libraries()
@@ -160,7 +164,7 @@ def _serve(settings, blueprint, catalog, sock) -> int:
             log.info("speed %s: %s %s", engine.speed, technique, done)
     catalog = Catalog.from_settings(settings, engine)
     app = create_app(engine, catalog, ServerOptions.from_settings(settings))
-    config = uvicorn.Config(app, log_level=settings.log_level, timeout_graceful_shutdown=5)
+    config = uvicorn_config(app, log_level=settings.log_level, timeout_graceful_shutdown=5)
     if settings.log_level not in ("debug", "trace"):
         # uvicorn's own life-cycle lines say what ours say; its errors still show
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)

@@ -34,6 +34,24 @@ class BodyTimeout(InvalidRequest):
     kind = "request_timeout"
 
 
+class HostNotAllowed(InvalidRequest):
+    """A Host header naming neither loopback nor a configured name (DNS rebinding)."""
+
+    kind = "host_not_allowed"
+
+
+class CrossOrigin(InvalidRequest):
+    """A write sent by a page of another origin."""
+
+    kind = "cross_origin"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    """A body of a type no route reads (JSON must say application/json)."""
+
+    kind = "unsupported_media_type"
+
+
 class QueueFull(FewstepError):
     kind = "queue_full"
 
@@ -98,9 +116,12 @@ STATUS: dict[type, int] = {
     OutOfMemory: 503,
     # the service's own
     BadBody: 400,
+    HostNotAllowed: 400,
     Unauthorized: 401,
+    CrossOrigin: 403,
     BodyTimeout: 408,
     PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
     QueueFull: 429,
     InternalError: 500,
     ShuttingDown: 503,
@@ -120,7 +141,18 @@ def error_payload(kind: str, message: str, field: str | None = None) -> dict:
     return {"error": {"type": kind, "message": message, "field": field}}
 
 
+def about_input(exc: FewstepError) -> FewstepError:
+    """Marks an error raised while reading a request (before any work): its message holds only
+    the client's own values and catalogue names, and is sent as it is. Redacting it would
+    turn a guessed server path that is a catalogue reference into that entry's name, and so
+    answer differently when the guess exists."""
+    exc.about_input = True
+    return exc
+
+
 def error_body(exc: FewstepError, redact=None) -> dict:
+    if getattr(exc, "about_input", False):
+        redact = None
     message = exc.message if redact is None else redact(exc.message)
     return error_payload(exc.kind, message, exc.field)
 
@@ -142,27 +174,56 @@ async def send_error(send, exc: FewstepError, *, close: bool = False, redact=Non
     await send({"type": "http.response.body", "body": body})
 
 
-def field_from_loc(loc) -> str | None:
-    """pydantic/FastAPI error location -> dotted field name (without the 'body' prefix)."""
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
-    return ".".join(parts) or None
+_UNKNOWN = object()
 
 
-def from_validation_errors(errors, root: str = "body") -> FewstepError:
+def field_from_loc(loc, value=_UNKNOWN, *, located: bool = False,
+                   missing: bool = False) -> str | None:
+    """pydantic's error location -> the dotted name of the client's field, as sent.
+
+    `located`: the first element is FastAPI's location (`body`, `query`, ...), dropped; only
+    that one, so fields called `path` or `body` keep their names. With the input `value`
+    (the body), elements that are not a key or an index of it are dropped: they name a
+    union's branch (`str`, `list[...]`) or a key's validator, not anything the client sent.
+    `missing`: the last element is a required field the input lacks (kept)."""
+    parts = list(loc)
+    if located and parts:
+        if parts.pop(0) != "body":
+            value = _UNKNOWN  # a query or header parameter: its name is all there is
+    names = []
+    for i, part in enumerate(parts):
+        if value is not _UNKNOWN:
+            if isinstance(value, dict) and part in value:
+                value = value[part]
+            elif isinstance(value, list) and isinstance(part, int) \
+                    and 0 <= part < len(value):
+                value = value[part]
+            elif not (missing and i == len(parts) - 1):
+                continue  # a branch or validator name
+        names.append(str(part))
+    return ".".join(names) or None
+
+
+def from_validation_errors(errors, root: str = "body", value=_UNKNOWN, *,
+                           located: bool = False) -> FewstepError:
     """pydantic's (or FastAPI's RequestValidationError's) error list -> one typed error naming
-    the first field; `root` names the whole value (the body, or a form field's JSON)."""
+    the first field; `root` names the whole value (the body, or a form field's JSON), `value`
+    is that input (to tell its fields from pydantic's branch names), `located` says the
+    locations start with FastAPI's `body`/`query`/... element."""
     errors = list(errors)
     if not errors:
-        return InvalidRequest("invalid request", field=root)
+        return about_input(InvalidRequest("invalid request", field=root))
     first = errors[0]
     if first.get("type") == "json_invalid":
-        return BadBody(f"{root} is not valid JSON", field=root)
-    field = field_from_loc(first.get("loc", ())) or root
-    if first.get("type") == "missing":
-        return InvalidRequest(f"{field}: field required", field=field)
-    return InvalidRequest(
+        return about_input(BadBody(f"{root} is not valid JSON", field=root))
+    missing = first.get("type") == "missing"
+    field = field_from_loc(first.get("loc", ()), value, located=located,
+                           missing=missing) or root
+    if missing:
+        return about_input(InvalidRequest(f"{field}: field required", field=field))
+    return about_input(InvalidRequest(
         f"{field}: {first.get('msg', 'invalid value')} (got {shown(first.get('input'))})",
-        field=field)
+        field=field))
 
 
 def shown(value) -> str:

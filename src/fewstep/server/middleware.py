@@ -1,13 +1,17 @@
 """Pure ASGI middlewares: the request body read whole up front, bounded in bytes (413, before
-anything decodes it) and in time (408: a stalled or trickling upload cannot hold a connection);
-and the one catch for the unexpected, which answers a generic 500 and keeps the connection."""
+anything decodes it), in time (408: a stalled or trickling upload cannot hold a connection) and,
+for JSON, in values (413: see `json_limits`); and the one catch for the unexpected, which
+answers a generic 500 and keeps the connection."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
+from ..errors import FewstepError
 from .errors import BodyTimeout, InternalError, PayloadTooLarge, send_error
+from .hosts import is_json
+from .json_limits import BodyParser
 
 log = logging.getLogger("fewstep.server")
 
@@ -17,18 +21,20 @@ NO_BODY_METHODS = ("GET", "HEAD", "OPTIONS")
 class BodyMiddleware:
     """The body is buffered (it is bounded) and replayed to the app; later `receive` calls pass
     through, so a disconnect is still seen by the handler. A refused body closes the
-    connection: what is left of it is never read."""
+    connection: what is left of it is never read. A JSON body is parsed here, in steps, and
+    its value left for the routes (`json_limits`)."""
 
     def __init__(self, app, limit: int, timeout_s: float, on_reject=None):
         self.app = app
         self.limit = limit
         self.timeout_s = timeout_s
         self.on_reject = on_reject
+        self.parser = BodyParser()
 
-    async def _reject(self, send, error) -> None:
+    async def _reject(self, send, error, close: bool = True) -> None:
         if self.on_reject is not None:
             self.on_reject(error.kind)
-        await send_error(send, error, close=True)
+        await send_error(send, error, close=close)
 
     def _too_large(self):
         return PayloadTooLarge(f"the body is over the limit of {self.limit} bytes", field="body")
@@ -62,13 +68,26 @@ class BodyMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        replayed = False
+        chunks = [chunk for chunk in chunks if chunk] or [b""]
+        content_type = next((v for k, v in scope.get("headers", ()) if k == b"content-type"),
+                            b"").decode("latin-1")
+        if size and is_json(content_type):
+            try:
+                await self.parser.parse_into(scope, chunks)
+            except FewstepError as error:  # the body was read whole: the connection can stay
+                return await self._reject(send, error, close=False)
+        replayed = 0
 
         async def replay():
+            """The body as it came, a chunk at a time, letting others run between two (a
+            64 MB form is parsed in steps, not in one stretch)."""
             nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            if replayed < len(chunks):
+                if replayed:
+                    await asyncio.sleep(0)
+                replayed += 1
+                return {"type": "http.request", "body": chunks[replayed - 1],
+                        "more_body": replayed < len(chunks)}
             return await receive()
 
         await self.app(scope, replay, send)

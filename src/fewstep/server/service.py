@@ -28,6 +28,8 @@ class ServerOptions:
     from them. The defaults are the options' own."""
 
     api_key: str | None = None
+    # names the service answers to besides loopback (DNS rebinding; see server/hosts.py)
+    allowed_hosts: tuple[str, ...] = _serve_default("allowed_hosts")
     queue_size: int = _serve_default("queue_size")
     max_body_bytes: int = int(_serve_default("max_body_mb") * 1024 * 1024)
     default_timeout_s: float | None = _serve_default("timeout")  # start deadline by default
@@ -38,13 +40,18 @@ class ServerOptions:
     file_ttl_s: float = 3600.0
     public_url: str | None = None  # base of OpenAI `url` results; relative URLs without it
     body_timeout_s: float = _serve_default("body_timeout_s")  # a body must arrive within this
+    # ... and its headers within this (server/connections.py)
+    header_timeout_s: float = _serve_default("header_timeout_s")
+    max_connections: int = _serve_default("max_connections")  # open at once; more get 503
     max_batch: int | None = None  # jobs run as one pipeline call; None: 8 on CUDA, 4 elsewhere
     batch_wait_ms: float = _serve_default("batch_wait_ms")  # waiting for a lone job's companions
 
     @classmethod
     def from_settings(cls, settings) -> "ServerOptions":
         return cls(
-            api_key=settings.api_key, queue_size=settings.queue_size,
+            api_key=settings.api_key, allowed_hosts=settings.allowed_hosts,
+            queue_size=settings.queue_size, header_timeout_s=settings.header_timeout_s,
+            max_connections=settings.max_connections,
             max_body_bytes=int(settings.max_body_mb * 1024 * 1024),
             default_timeout_s=settings.timeout, grace_s=settings.grace,
             public_url=settings.public_url, body_timeout_s=settings.body_timeout_s,

@@ -22,13 +22,13 @@ class AnimateRequest(Request):
             raise InvalidRequest(f"num_frames must be at most {settings.max_frames}, got "
                                  f"{self.num_frames}", field="num_frames")
 
+    def images_per_call(self):
+        return self.num_images * self.num_frames, "num_frames"
+
     def describe(self, model):
         width = self.width or model.native_size
         height = self.height or model.native_size
-        self.check_size(width, height, 8, model.settings)
-        if width * height * self.num_frames * self.num_images > model.settings.max_pixels * 16:
-            raise InvalidRequest("num_frames x num_images x width x height is over the limit",
-                                 field="num_frames")
+        self.check_size(width, height, 8, model.settings)  # frames too: images_per_call
         return self.pipeline_call(
             "animate", width, height, components=(("motion_adapter", self.motion_adapter),),
             batch_arg="num_videos_per_prompt", output="frames",

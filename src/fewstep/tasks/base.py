@@ -132,10 +132,23 @@ class Request(BaseModel):
             if value % multiple:
                 raise InvalidRequest(
                     f"{name} must be a multiple of {multiple}, got {value}", field=name)
+            if value > settings.max_side:
+                raise InvalidRequest(f"{name} is {value}, over the limit of {settings.max_side} "
+                                     "pixels a side", field=name)
         if width * height > settings.max_pixels:
             raise InvalidRequest(
                 f"width x height is {width}x{height} = {width * height} pixels, over the limit "
                 f"of {settings.max_pixels}", field="width")
+        count, field = self.images_per_call()
+        if width * height * count > settings.max_step_pixels:
+            raise InvalidRequest(
+                f"{width}x{height} x {count} {field.removeprefix('num_')} is "
+                f"{width * height * count} pixels a step, over the limit of "
+                f"{settings.max_step_pixels}", field=field)
+
+    def images_per_call(self) -> tuple[int, str]:
+        """(images one pipeline call makes at each step, the field that sets their count)."""
+        return self.num_images, "num_images"
 
     def warnings(self) -> list[str]:
         if self.negative_prompt and self.guidance <= 1.0:

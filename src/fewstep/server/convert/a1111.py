@@ -28,10 +28,11 @@ def rename_field(field: str) -> str:
     return FIELDS.get(field, field)
 
 
-def split_loras(prompt: str, catalog, field: str = "prompt",
-                max_loras: int | None = None) -> tuple[str, list[dict]]:
+def split_loras(prompt: str, catalog, field: str = "prompt", max_loras: int | None = None,
+                warnings: list[str] | None = None) -> tuple[str, list[dict]]:
     """`<lora:name:weight>` tags -> a LoRA stack; the tags leave the prompt. One pass over the
-    text: each character is looked at a bounded number of times, whatever the tags."""
+    text: each character is looked at a bounded number of times, whatever the tags. What a
+    tag asks for that cannot be done here is said in `warnings`."""
     loras, kept, pos = [], [], 0
     while True:
         start = _TAG_START.search(prompt, pos)
@@ -41,17 +42,11 @@ def split_loras(prompt: str, catalog, field: str = "prompt",
         if end < 0:  # nothing closes a tag from here on
             break
         kept.append(prompt[pos:start.start()])
-        parts = prompt[start.end():end].split(":")
-        name = check_name(parts[0].strip(), field)
-        text = parts[1].strip() if len(parts) > 1 else "1"
-        try:
-            weight = float(text)
-        except ValueError:
-            weight = math.nan
-        if not math.isfinite(weight) or abs(weight) > MAX_LORA_WEIGHT:
-            raise InvalidRequest(
-                f"{field}: <lora:{name}:{text[:20]}> needs a weight within "
-                f"±{MAX_LORA_WEIGHT:g}", field=field)
+        name, *args = prompt[start.end():end].split(":")
+        name = check_name(name.strip(), field)
+        weight, problem = _tag_weight(name, args, field)
+        if problem and warnings is not None:
+            warnings.append(problem)
         catalog.resolve("lora", name, field)
         loras.append({"name": name, "weight": weight})
         if max_loras is not None and len(loras) > max_loras:
@@ -61,6 +56,44 @@ def split_loras(prompt: str, catalog, field: str = "prompt",
     return " ".join("".join(kept).split()), loras
 
 
+def _tag_weight(name: str, args: list[str], field: str) -> tuple[float, str | None]:
+    """A tag's arguments, as A1111 reads them (`te:unet:dyn`, or `te=`, `unet=`, `dyn=`) ->
+    (the weight used, a warning or None). A LoRA has one weight here, for the text encoder and
+    the UNet alike: the UNet's, which shapes the picture."""
+    positional, named = [], {}
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if eq:
+            named[key.strip().lower()] = value
+        else:
+            positional.append(arg)
+    te = _weight(named.get("te", positional[0] if positional else "1"), name, field)
+    unet = _weight(named.get("unet", positional[1] if len(positional) > 1 else str(te)),
+                   name, field)
+    ignored = [a.strip()[:20] for a in positional[2:]] + [
+        f"{k[:20]}=" for k in named if k not in ("te", "unet")]
+    notes = []
+    if te != unet:
+        notes.append(f"text encoder {te:g} and UNet {unet:g}: one weight per LoRA here, the "
+                     f"UNet's {unet:g} was used for both")
+    if ignored:
+        notes.append(f"{', '.join(ignored)} ignored")
+    return unet, (f"<lora:{name}:...>: {'; '.join(notes)}" if notes else None)
+
+
+def _weight(text: str, name: str, field: str) -> float:
+    text = text.strip()
+    try:
+        weight = float(text)
+    except ValueError:
+        weight = math.nan
+    if not math.isfinite(weight) or abs(weight) > MAX_LORA_WEIGHT:
+        raise InvalidRequest(
+            f"{field}: <lora:{name}:{text[:20]}> needs a weight within "
+            f"±{MAX_LORA_WEIGHT:g}", field=field)
+    return weight
+
+
 def values_from(body: A1111Payload, catalog, settings) -> tuple[dict, list[str]]:
     """(core values, warnings for the client)."""
     check_prompt_length(body.prompt, "prompt", settings)  # before the tags are parsed
@@ -68,13 +101,13 @@ def values_from(body: A1111Payload, catalog, settings) -> tuple[dict, list[str]]
     if body.batch_size * body.n_iter > settings.max_num_images:
         raise InvalidRequest(f"batch_size x n_iter must be at most {settings.max_num_images}",
                              field="batch_size")
-    prompt, loras = split_loras(body.prompt, catalog, "prompt", settings.max_loras)
+    warnings: list[str] = []
+    prompt, loras = split_loras(body.prompt, catalog, "prompt", settings.max_loras, warnings)
     negative, _ = split_loras(body.negative_prompt or "", catalog, "negative_prompt",
                               settings.max_loras)
     checkpoint = (body.override_settings or {}).get("sd_model_checkpoint")
     if checkpoint is not None:
         catalog.check_model(checkpoint, "override_settings.sd_model_checkpoint")
-    warnings = []
     if body.sampler_name is not None and body.sampler_name.upper() not in SAMPLERS:
         warnings.append(f"sampler_name {body.sampler_name[:64]!r} is not available here: "
                         "LCM ran instead")

@@ -17,23 +17,36 @@ from ...images import load_image
 from ...tasks import REQUESTS, LoraRequest
 from ...tasks.base import invalid_from_pydantic
 from ..backend import JobOutput
-from ..errors import BadBody
 from ..protocol.native import COMPONENT_FIELDS
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=-]+)*;base64,", re.I)
+
+
+# characters decoded per call: each call holds the interpreter lock, so tens of megabytes of
+# base64 are decoded in short steps between which the event loop runs
+B64_CHUNK = 1 << 20
 
 
 def decode_base64(text: str, field: str) -> bytes:
     if not isinstance(text, str):
         raise InvalidRequest(f"{field} must be a base64 string", field=field)
     match = _DATA_URL.match(text[:200])
-    if match:
-        text = text[match.end():]
-    text = "".join(text.split())  # line breaks are common in base64 from tools
+    start = match.end() if match else 0
+    decoded, carry = bytearray(), ""
     try:
-        return base64.b64decode(text, validate=True)
+        for i in range(start, len(text), B64_CHUNK):
+            # line breaks are common in base64 from tools
+            piece = carry + "".join(text[i:i + B64_CHUNK].split())
+            whole = len(piece) - len(piece) % 4
+            if "=" in piece[:whole] and i + B64_CHUNK < len(text):
+                raise ValueError("padding before the end")
+            decoded += base64.b64decode(piece[:whole], validate=True)
+            carry = piece[whole:]
+        if carry:
+            raise ValueError("a truncated last group")
     except (binascii.Error, ValueError):
         raise InvalidRequest(f"{field} is not valid base64", field=field) from None
+    return bytes(decoded)
 
 
 def image_from_bytes(data: bytes, field: str, settings, mode: str = "RGB"):
@@ -47,12 +60,11 @@ def decode_image(text: str, field: str, settings, mode: str = "RGB"):
 
 
 def parse_json(text: str | bytes, field: str):
-    """JSON text from a form field or a raw body; malformed or absurdly nested -> BadBody."""
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        raise BadBody(f"{field} is not valid JSON (or is nested too deeply)",
-                      field=field) from None
+    """JSON text from a form field or a raw body; malformed or absurdly nested -> BadBody,
+    holding more values than any request needs -> PayloadTooLarge (see `json_limits`)."""
+    from ..json_limits import parse_bounded
+
+    return parse_bounded(text, field)
 
 
 def check_text(value: str | None, field: str) -> None:

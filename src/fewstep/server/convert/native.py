@@ -21,10 +21,11 @@ def upload_values(params_model, image_fields, fields: dict, files: dict, setting
     if not isinstance(text, str):
         raise InvalidRequest(f"params: a JSON text form field is required; {hint}",
                              field="params")
+    params = parse_json(text, "params")
     try:
-        values = params_model.model_validate(parse_json(text, "params")).model_dump()
+        values = params_model.model_validate(params).model_dump()
     except ValidationError as exc:
-        raise from_validation_errors(exc.errors(), "params") from None
+        raise from_validation_errors(exc.errors(), "params", params) from None
     images = {}
     for name in image_fields:
         if name not in files:

@@ -57,7 +57,7 @@ def edit_request(fields: dict, files: dict, catalog, settings):
     try:
         body = EditsForm.model_validate(fields)
     except ValidationError as exc:
-        raise from_validation_errors(exc.errors(), "body") from None
+        raise from_validation_errors(exc.errors(), "body", fields) from None
     if "image" not in files:
         raise InvalidRequest("image: a file upload is required", field="image")
     values = values_from(body, catalog)

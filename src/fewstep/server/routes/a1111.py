@@ -8,12 +8,15 @@ import asyncio
 
 from fastapi import APIRouter, Request
 
-from ...errors import InvalidRequest
+from ...errors import FewstepError, InvalidRequest
 from ..convert import a1111 as convert
-from ..convert.common import build_request, fields_renamed, parse_json
+from ..convert.common import build_request, fields_renamed
+from ..errors import about_input
+from ..hosts import is_json, not_json
+from ..json_limits import SCOPE_KEY, ParsedJsonRoute
 from ..protocol.a1111 import A1111Response, Img2ImgPayload, Txt2ImgPayload
 from ..protocol.common import ERRORS
-from .common import counted, json_response, run_job
+from .common import converted, counted, json_response, run_job
 
 WARNING_HEADER = "X-Fewstep-Warning"
 
@@ -24,13 +27,13 @@ def header_text(text: str) -> str:
 
 
 def router(service) -> APIRouter:
-    api = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
+    api = APIRouter(prefix="/sdapi/v1", tags=["a1111"], route_class=ParsedJsonRoute)
     backend, catalog, settings = service.backend, service.catalog, service.settings
 
     async def respond(request: Request, body, build):
         """`build() -> (workflow, core request, warnings)` runs in a worker thread."""
         with fields_renamed(convert.rename_field):
-            workflow, core, warnings = await asyncio.to_thread(build)
+            workflow, core, warnings = await converted(build)
             async with counted(service, workflow) as outcome:
                 view = await run_job(service, request, workflow, core, body.timeout_s)
                 outcome["status"] = "ok"
@@ -86,11 +89,18 @@ def router(service) -> APIRouter:
     @api.post("/options")
     async def set_options(request: Request):
         """Only the one model can be chosen; other options are accepted and ignored."""
-        data = await asyncio.to_thread(parse_json, await request.body(), "body")
+        if not is_json(request.headers.get("content-type")):
+            raise not_json(request.headers.get("content-type"))
+        if SCOPE_KEY not in request.scope:  # no body: parsed by BodyMiddleware otherwise
+            raise InvalidRequest("options must be a JSON object", field="body")
+        data = request.scope[SCOPE_KEY]
         if not isinstance(data, dict):
             raise InvalidRequest("options must be a JSON object", field="body")
         if "sd_model_checkpoint" in data:
-            catalog.check_model(data["sd_model_checkpoint"], "sd_model_checkpoint")
+            try:
+                catalog.check_model(data["sd_model_checkpoint"], "sd_model_checkpoint")
+            except FewstepError as exc:
+                raise about_input(exc) from None
         return None
 
     @api.get("/progress")

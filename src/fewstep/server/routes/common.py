@@ -11,9 +11,10 @@ import time
 from fastapi import Request
 from fastapi.responses import Response
 
+from ...errors import FewstepError
 from ..backend import JobView
 from ..convert.common import json_bytes
-from ..errors import BadBody
+from ..errors import BadBody, about_input
 
 
 class ClientGone(Exception):
@@ -63,6 +64,15 @@ async def counted(service, workflow: str):
     finally:
         service.metrics.requests.labels(workflow, outcome["status"]).inc()
         service.metrics.request_seconds.labels(workflow).observe(time.perf_counter() - started)
+
+
+async def converted(convert, *args):
+    """`convert(*args)` -- a request's parsing, checks and conversion -- in a worker thread.
+    Its errors are about the client's own values (see `errors.about_input`)."""
+    try:
+        return await asyncio.to_thread(convert, *args)
+    except FewstepError as exc:
+        raise about_input(exc) from None
 
 
 async def json_response(payload, status_code: int = 200, headers: dict | None = None,

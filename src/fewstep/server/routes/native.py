@@ -1,14 +1,13 @@
 """The native API: one endpoint per workflow, JSON with base64 images or multipart uploads;
 `wait=false` answers 202 with a job to follow at /v1/jobs/{id}."""
 
-import asyncio
-
 from fastapi import APIRouter, Query, Request
 
 from ...errors import InvalidRequest
 from ...tasks import REQUESTS
 from ..convert.common import build_request
 from ..convert.native import generation_result, job_info, upload_values
+from ..json_limits import ParsedJsonRoute
 from ..protocol.common import ERRORS
 from ..protocol.native import (
     BODY_MODELS,
@@ -18,7 +17,7 @@ from ..protocol.native import (
     GenerationResponse,
     JobInfo,
 )
-from .common import counted, json_response, read_form, run_job
+from .common import converted, counted, json_response, read_form, run_job
 
 WAIT = Query(True, description=(
     "false: return 202 with a job at once; follow it at /v1/jobs/{id} and "
@@ -26,13 +25,13 @@ WAIT = Query(True, description=(
 
 
 def router(service) -> APIRouter:
-    api = APIRouter(tags=["native"])
+    api = APIRouter(tags=["native"], route_class=ParsedJsonRoute)
     backend, catalog, settings = service.backend, service.catalog, service.settings
 
     async def generate(http_request: Request, workflow: str, build, wait: bool):
         """`build() -> (core request, timeout_s)` runs in a worker thread."""
         async with counted(service, workflow) as outcome:
-            core, timeout_s = await asyncio.to_thread(build)
+            core, timeout_s = await converted(build)
             if not wait:
                 view = await backend.submit(workflow, core, timeout_s=service.timeout(timeout_s))
                 outcome["status"] = "accepted"

@@ -4,27 +4,26 @@ inpaint; without a mask -> img2img), `response_format` b64_json or url (served h
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Request
 
 from ...errors import InvalidRequest
 from ..convert import openai as convert
 from ..convert.common import build_request, fields_renamed
+from ..json_limits import ParsedJsonRoute
 from ..protocol.common import ERRORS
 from ..protocol.openai import EditsForm, GenerationsBody, ImagesResponse
-from .common import counted, json_response, read_form, run_job
+from .common import converted, counted, json_response, read_form, run_job
 
 
 def router(service) -> APIRouter:
-    api = APIRouter(tags=["openai"])
+    api = APIRouter(tags=["openai"], route_class=ParsedJsonRoute)
     catalog, settings = service.catalog, service.settings
 
     async def respond(request: Request, workflow: str, body, build):
         """`build() -> core request` runs in a worker thread."""
         async with counted(service, workflow) as outcome:
             with fields_renamed(convert.rename_field):
-                core = await asyncio.to_thread(build)
+                core = await converted(build)
                 view = await run_job(service, request, workflow, core, body.timeout_s)
             outcome["status"] = "ok"
             payload = convert.images_response(view, body, service.files.put,
@@ -64,7 +63,7 @@ def router(service) -> APIRouter:
         for name, parts in files.items():
             if len(parts) > 1:
                 raise InvalidRequest(f"{name}: one file only", field=name)
-        body, workflow, values, images = await asyncio.to_thread(
+        body, workflow, values, images = await converted(
             convert.edit_request, fields, {k: v[0] for k, v in files.items()}, catalog,
             settings)
         return await respond(request, workflow, body, lambda: build_request(

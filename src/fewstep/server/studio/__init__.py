@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 from fastapi import APIRouter, Request
@@ -17,6 +19,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import InvalidRequest, NotFound
+from ..errors import QueueFull
+from ..json_limits import ParsedJsonRoute
 
 STATIC_PREFIX = "/studio/"
 
@@ -62,19 +66,45 @@ def _static_files() -> dict[str, tuple[bytes, str, str]]:
     return files
 
 
-def _edge_map(text: str, low: int, high: int, settings) -> str:
-    """Decode (bounded by the input-pixel limit), run the engine's canny, encode as PNG."""
+def _edge_map(text: str, low: int, high: int, settings) -> bytes:
+    """Decode (bounded by the input-pixel limit), run the engine's canny, encode as PNG: the
+    whole JSON answer. The edges are the engine's, as one grey channel (the engine's three
+    are equal): a third of the bytes to encode and send."""
     from ...control import canny
-    from ..convert.common import b64, decode_image
+    from ..convert.common import b64, decode_image, json_bytes
 
     image = decode_image(text, "image", settings)
     buffer = io.BytesIO()
-    canny(image, low, high).save(buffer, format="PNG")
-    return b64(buffer.getvalue())
+    canny(image, low, high, channels=1).save(buffer, format="PNG")
+    return json_bytes({"image": b64(buffer.getvalue())})
+
+
+class PreviewSlots:
+    """Edge maps of large images take seconds and hundreds of megabytes each: at most
+    `running` are made at once (in this pool of threads) and `waiting` more wait their turn;
+    beyond that a typed 429. A thread-safe count, so no event loop is bound."""
+
+    def __init__(self, running: int = 2, waiting: int = 4):
+        self.pool = ThreadPoolExecutor(running, thread_name_prefix="fewstep-preview")
+        self.limit = running + waiting
+        self.admitted = 0
+        self._lock = threading.Lock()
+
+    async def run(self, fn, *args):
+        with self._lock:
+            if self.admitted >= self.limit:
+                raise QueueFull(f"the edge-map preview is busy ({self.limit} at once at most); "
+                                "try again shortly")
+            self.admitted += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        finally:
+            with self._lock:
+                self.admitted -= 1
 
 
 def router(service) -> APIRouter:
-    api = APIRouter()
+    api = APIRouter(route_class=ParsedJsonRoute)
     files = _static_files()
     security = {"Content-Security-Policy": CONTENT_SECURITY_POLICY,
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
@@ -97,6 +127,8 @@ def router(service) -> APIRouter:
     async def static(name: str, request: Request):
         return serve(name, request)
 
+    previews = PreviewSlots()
+
     @api.post("/v1/control/canny", tags=["control"], response_model=CannyResponse)
     async def canny_preview(body: CannyBody):
         """The canny edge map ControlNet and T2I-Adapter requests would use for this image and
@@ -104,8 +136,8 @@ def router(service) -> APIRouter:
         if body.low > body.high:
             raise InvalidRequest(f"low ({body.low}) must not exceed high ({body.high})",
                                  field="low")
-        image = await asyncio.to_thread(_edge_map, body.image, body.low, body.high,
-                                        service.settings)
-        return {"image": image}
+        answer = await previews.run(_edge_map, body.image, body.low, body.high,
+                                    service.settings)
+        return Response(answer, media_type="application/json")
 
     return api
