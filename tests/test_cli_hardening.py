@@ -67,7 +67,7 @@ def test_cli_outputs_follow_the_umask(tiny, tmp_path, umask):
     assert main(["txt2img", "a cat", *_base(tiny), "--out", str(out)]) == 0
     assert _mode(out) == 0o644
     os.chmod(out, 0o664)
-    assert main(["txt2img", "a cat", *_base(tiny), "--out", str(out)]) == 0  # overwrite
+    assert main(["txt2img", "a cat", *_base(tiny), "--out", str(out), "--overwrite"]) == 0
     assert _mode(out) == 0o664
     assert [p.name for p in tmp_path.iterdir()] == ["cat.png"]  # no temporary file left
 
@@ -96,16 +96,18 @@ def test_a_jpeg_keeps_its_record_when_the_infotext_cannot_fit(tiny, tmp_path):
     assert main(["txt2img", prompt, *_base(tiny), "--negative", "\U0001F436" * 2400,
                  "--out", str(out)]) == 0
     record = read_record(out)
-    assert record["request"]["prompt"] == prompt
+    assert record.request["prompt"] == prompt
     with Image.open(out) as image:
         assert image.getexif().get_ifd(0x8769).get(outputs.EXIF_USER_COMMENT) is None
 
 
 def test_a_jpeg_with_room_keeps_both(tmp_path):
-    params = {"request": {"prompt": "a cat", "steps": 1, "guidance": 1.0, "seed": 1,
-                          "task": "txt2img"}, "model": "m", "fewstep": "0", "width": 8,
-              "height": 8}
-    data = outputs.encode_image(Image.new("RGB", (8, 8)), ".jpg", params)
+    from fewstep.records import Record
+
+    record = Record(request={"prompt": "a cat", "steps": 1, "guidance": 1.0, "seed": 1,
+                             "task": "txt2img"}, model="m", family="sd15", fewstep="0",
+                    width=8, height=8)
+    data = outputs.encode_image(Image.new("RGB", (8, 8)), ".jpg", record)
     path = tmp_path / "x.jpg"
     path.write_bytes(data)
     with Image.open(path) as image:

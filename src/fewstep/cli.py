@@ -414,8 +414,8 @@ def in_flags(exc: FewstepError) -> FewstepError:
         flag = FLAGS.get(field)
     if flag is None:
         return exc
-    exc.message = re.sub(rf"^{re.escape(field)}\b:?", flag + ("" if field == "out" else ":"),
-                         exc.message, count=1) if exc.message.startswith(field) else exc.message
+    # "num_images: must be at most 16" reads "error (--num-images): must be at most 16"
+    exc.message = re.sub(rf"^{re.escape(field)}\b:?\s*", "", exc.message, count=1)
     exc.field = flag
     return exc
 
