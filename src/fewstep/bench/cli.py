@@ -79,9 +79,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--half", default=None, choices=("bf16", "fp16", "none"),
                    help="fastest mode precision (default: the preset's: fp16 on GPU, bf16 on "
                         "a CPU with AMX or AVX512-BF16)")
-    p.add_argument("--openvino", default="auto", choices=("auto", "on", "off"),
-                   help="CPU: the UNet and VAE decoder in OpenVINO (auto: in auto and fastest "
-                        "when the package is installed)")
+    p.add_argument("--openvino", default="auto", choices=("auto", "on", "off", "int8"),
+                   help="CPU: the UNet, VAE decoder and text encoders in OpenVINO (auto: in "
+                        "auto and fastest when the package is installed; int8: with 8-bit "
+                        "weights, needs fewstep[int8])")
     p.add_argument("--compile-cache-dir", default=None,
                    help="compile cache of the main run (default: in --workdir)")
     p.add_argument("--cold-start-only", action="store_true",
