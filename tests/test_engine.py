@@ -6,9 +6,11 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from fewstep.build import build_engine
 from fewstep.config import Settings
+from fewstep.engine import out_of_memory
 from fewstep.errors import Cancelled, InvalidRequest, ModelError
 from fewstep.selftest import sample_image
 from fewstep.tasks import T2IAdapterRequest, Txt2ImgRequest
@@ -123,3 +125,15 @@ def test_validate_checks_without_running(sd15_engine, tiny):
     finally:
         handle.remove()
     assert calls == []  # no model ran
+
+
+@pytest.mark.parametrize("exc, expected", [
+    (torch.OutOfMemoryError("CUDA out of memory"), True),
+    (MemoryError(), True),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"), True),
+    (RuntimeError("std::bad_alloc"), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+    (ValueError("DefaultCPUAllocator: can't allocate memory"), False),
+])
+def test_failed_allocations_are_recognised_on_every_device(exc, expected):
+    assert out_of_memory(exc) is expected

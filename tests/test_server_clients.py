@@ -27,16 +27,31 @@ def server():
         yield url
 
 
+@pytest.fixture(scope="module")
+def keyless():
+    """The default service: no key, so the Host, Origin and content-type rules guard it."""
+    app = make_app(queue_size=3, allowed_hosts=())
+    with live_server(app) as url:
+        yield url
+
+
+@pytest.fixture(params=["key", "keyless"])
+def service(request, server, keyless):
+    """(url, key): the clients must work both with a key and under the keyless rules."""
+    return (server, KEY) if request.param == "key" else (keyless, None)
+
+
 def _png(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def test_openai_sdk_generate_and_edit(server):
+def test_openai_sdk_generate_and_edit(service):
     import base64
 
-    client = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+    server, key = service
+    client = openai.OpenAI(base_url=server + "/v1", api_key=key or "unused", max_retries=0)
     result = client.images.generate(model="tiny-sd15", prompt="a fox", n=2, size="64x64",
                                     response_format="b64_json",
                                     extra_body={"seed": 4, "steps": 2})
@@ -66,14 +81,18 @@ def test_openai_sdk_generate_and_edit(server):
         client.images.generate(model="dall-e-3", prompt="x", size="64x64")
     with pytest.raises(openai.UnprocessableEntityError):
         client.images.generate(model="tiny-sd15", prompt="x", size="big")
+    if key is None:
+        return
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).images.generate(
             prompt="x", size="64x64")
 
 
-def test_webuiapi_client(server):
+def test_webuiapi_client(service):
+    server, key = service
+    logins = {"username": "any", "password": key} if key else {}
     api = webuiapi.WebUIApi(host="127.0.0.1", port=int(server.rsplit(":", 1)[1]),
-                            username="any", password=KEY, sampler="LCM", steps=2)
+                            sampler="LCM", steps=2, **logins)
     assert [m["model_name"] for m in api.get_sd_models()] == ["tiny-sd15"]
     assert {lo["name"] for lo in api.get_loras()} == {"motion", "style", "style-peft"}
     assert api.get_options()["sd_model_checkpoint"] == "tiny-sd15"

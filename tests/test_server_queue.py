@@ -32,7 +32,9 @@ SMALL = {"width": 64, "height": 64, "steps": 2}
 
 @pytest.fixture(scope="module")
 def server():
-    app = make_app(queue_size=2)
+    # one job per pipeline call: a batch's pixels agree with each job alone within a level
+    # (test_server_batching), and the LoRA test below compares pixels exactly
+    app = make_app(queue_size=2, max_batch=1)
     with live_server(app) as url:
         yield url, app.state.service
 
@@ -162,10 +164,22 @@ def test_disconnect_cancels_queued_and_running_jobs(server):
     assert post(url, {"prompt": "after", **SMALL}).status_code == 200
 
 
-def test_out_of_memory_is_503_and_the_worker_goes_on(server):
+# What each device raises when an allocation fails: CUDA's typed error, and on a CPU a plain
+# RuntimeError from torch's allocator (which once answered 500 internal_error).
+FAILED_ALLOCATIONS = {
+    "cuda": lambda: torch.OutOfMemoryError("CUDA out of memory (injected)"),
+    "cpu": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                                "can't allocate memory: you tried to allocate 1073741824 bytes "
+                                "(injected)"),
+    "python": lambda: MemoryError("injected"),
+}
+
+
+@pytest.mark.parametrize("device", sorted(FAILED_ALLOCATIONS))
+def test_out_of_memory_is_503_and_the_worker_goes_on(server, device):
     url, _ = server
     _, engine = tiny_env()
-    with unet_raises(engine, lambda: torch.OutOfMemoryError("CUDA out of memory (injected)")):
+    with unet_raises(engine, FAILED_ALLOCATIONS[device]):
         response = post(url, {"prompt": "big", **SMALL})
     error = assert_typed_error(response, 503, kind="out_of_memory")
     assert "injected" not in error["message"]
