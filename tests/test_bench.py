@@ -203,4 +203,8 @@ def test_one_shot_commands_are_timed_to_the_file_written(smoke):
     # the first run wrote its file, then went on preparing the fast path
     assert cold["process_end_s"] > cold["process_start_to_file_s"] > 0
     assert "prepared after it" in cold["said"][0] and "from the cache" in warm["said"][0]
-    assert "One-shot command" in (out / "smoke.md").read_text()
+    # each process's own peak memory: at least the torch it imported, below the machine's
+    for run in (recipe, cold, warm):
+        assert 100 < run["peak_rss_mb"] < 64 * 1024, run
+    table = (out / "smoke.md").read_text()
+    assert "One-shot command" in table and f"| {recipe['peak_rss_mb']} |" in table

@@ -156,11 +156,16 @@ def _timed_command(cmd: list[str], target: Path) -> dict[str, Any]:
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
-    written = None
-    while proc.poll() is None:
+    written, usage = None, None
+    while usage is None:
         if written is None and target.exists():
             written = time.time()
-        time.sleep(0.05)
+        # wait4: this child's own peak resident memory, which poll() would not give
+        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode, usage = os.waitstatus_to_exitcode(status), rusage
+        else:
+            time.sleep(0.05)
     ended = time.time()
     stdout, stderr = proc.communicate()
     if written is None and target.exists():
@@ -169,4 +174,5 @@ def _timed_command(cmd: list[str], target: Path) -> dict[str, Any]:
         return {"error": (stderr or stdout)[-800:]}
     return {"process_start_to_file_s": round(written - start, 2),
             "process_end_s": round(ended - start, 2),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
             "said": [line for line in stderr.splitlines() if line.startswith("speed ")][:1]}

@@ -238,8 +238,9 @@ def _one_shot_table(runs: dict) -> list[str]:
     lines = ["", "One-shot command, process start to output file written (s): the recipe as a "
              "script, `fewstep txt2img` with an empty cache (it prepares the fast path after "
              "writing its file: the process ends later) and with the cache that left:", "",
-             "| command | cache | file written | vs recipe | process ended | runs on |",
-             "|---|---|---:|---:|---:|---|"]
+             "| command | cache | file written | vs recipe | process ended | peak memory (MB) "
+             "| runs on |",
+             "|---|---|---:|---:|---:|---:|---|"]
     for name, info in runs.items():
         pairs = [("—", info)] if name == "recipe" else [("empty", info["cold"]),
                                                          ("warm", info["warm"])]
@@ -247,11 +248,11 @@ def _one_shot_table(runs: dict) -> list[str]:
             label = "recipe script" if name == "recipe" else f"fewstep --speed {name}"
             if "error" in run:
                 lines.append(f"| {label} | {cache} | failed: "
-                             f"{run['error'].strip().splitlines()[-1][:100]} | | | |")
+                             f"{run['error'].strip().splitlines()[-1][:100]} | | | | |")
                 continue
             seconds = run["process_start_to_file_s"]
             ratio = f"{recipe / seconds:.2f}x" if recipe and name != "recipe" else "1.0x"
             said = "; ".join(run.get("said") or []).replace("|", "/")
             lines.append(f"| {label} | {cache} | {seconds} | {ratio} | {run['process_end_s']} "
-                         f"| {said} |")
+                         f"| {run.get('peak_rss_mb', '—')} | {said} |")
     return lines
