@@ -16,6 +16,12 @@ from .json_limits import BodyParser
 log = logging.getLogger("fewstep.server")
 
 NO_BODY_METHODS = ("GET", "HEAD", "OPTIONS")
+# Bodies over LARGE_BODY bytes (or of unknown length) are read one at a time; the
+# others wait unread, their senders held back by TCP. Reading twenty 40 MB uploads at once
+# left every turn of the event loop with twenty sockets to drain: /healthz, a handful of
+# turns, took 300 ms although no single turn was long.
+LARGE_BODY = 1 << 20
+LARGE_READS = 1
 
 
 class BodyMiddleware:
@@ -30,6 +36,13 @@ class BodyMiddleware:
         self.timeout_s = timeout_s
         self.on_reject = on_reject
         self.parser = BodyParser()
+        self._loop = self._large_reads = None
+
+    def _large_slot(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()  # one per loop (test clients run several)
+        if loop is not self._loop:
+            self._loop, self._large_reads = loop, asyncio.Semaphore(LARGE_READS)
+        return self._large_reads
 
     async def _reject(self, send, error, close: bool = True) -> None:
         if self.on_reject is not None:
@@ -42,6 +55,7 @@ class BodyMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in NO_BODY_METHODS:
             return await self.app(scope, receive, send)
+        declared = None
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
@@ -50,32 +64,13 @@ class BodyMiddleware:
                     declared = -1
                 if declared > self.limit:
                     return await self._reject(send, self._too_large())
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout_s
-        chunks, size = [], 0
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
-                return await self._reject(send, BodyTimeout(
-                    f"the body did not arrive within {self.timeout_s:g} s", field="body"))
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                return await self._reject(send, self._too_large())
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        chunks = [chunk for chunk in chunks if chunk] or [b""]
-        content_type = next((v for k, v in scope.get("headers", ()) if k == b"content-type"),
-                            b"").decode("latin-1")
-        if size and is_json(content_type):
-            try:
-                await self.parser.parse_into(scope, chunks)
-            except FewstepError as error:  # the body was read whole: the connection can stay
-                return await self._reject(send, error, close=False)
+        if declared is not None and 0 <= declared <= LARGE_BODY:
+            chunks = await self._read(scope, receive, send)
+        else:
+            async with self._large_slot():  # read and parsed; the app runs after, freed
+                chunks = await self._read(scope, receive, send)
+        if chunks is None:  # refused or gone
+            return
         replayed = 0
 
         async def replay():
@@ -91,6 +86,40 @@ class BodyMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _read(self, scope, receive, send) -> list[bytes] | None:
+        """The body's chunks, its JSON value left in the scope; None when it was refused (the
+        answer sent) or the client left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        chunks, size = [], 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                await self._reject(send, BodyTimeout(
+                    f"the body did not arrive within {self.timeout_s:g} s", field="body"))
+                return None
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._reject(send, self._too_large())
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        chunks = [chunk for chunk in chunks if chunk] or [b""]
+        content_type = next((v for k, v in scope.get("headers", ()) if k == b"content-type"),
+                            b"").decode("latin-1")
+        if size and is_json(content_type):
+            try:
+                await self.parser.parse_into(scope, chunks)
+            except FewstepError as error:  # the body was read whole: the connection can stay
+                await self._reject(send, error, close=False)
+                return None
+        return chunks
 
 
 class CatchAllMiddleware:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -84,7 +85,9 @@ class PreviewSlots:
     `running` are made at once (in this pool of threads) and `waiting` more wait their turn;
     beyond that a typed 429. A thread-safe count, so no event loop is bound."""
 
-    def __init__(self, running: int = 2, waiting: int = 4):
+    def __init__(self, running: int | None = None, waiting: int = 4):
+        if running is None:  # a core stays free for the event loop and the engine
+            running = max(1, min(2, (os.cpu_count() or 1) - 1))
         self.pool = ThreadPoolExecutor(running, thread_name_prefix="fewstep-preview")
         self.limit = running + waiting
         self.admitted = 0
