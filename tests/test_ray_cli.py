@@ -76,7 +76,10 @@ def test_sigterm_drains_and_leaves_no_ray_process(served):
     assert any(p.name() == "raylet" for p in seen), seen
     session = session_of(seen)
     assert session, seen
-    client = httpx.Client(base_url=url, timeout=WAIT)
+    # a new connection per request: an idle kept-alive one may be closed by the server (its
+    # keep-alive timeout) just as the next request goes out, a reset no client retries
+    client = httpx.Client(base_url=url, timeout=WAIT,
+                          limits=httpx.Limits(max_keepalive_connections=0))
     first = client.post("/v1/txt2img", json={"prompt": "x", "seed": 1, "width": 64,
                                              "height": 64, "steps": 2})
     assert first.status_code == 200 and first.headers["X-Fewstep-Replica"]

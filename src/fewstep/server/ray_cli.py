@@ -188,7 +188,9 @@ def run_ray_serve(args: argparse.Namespace) -> int:
                 if not ray.is_initialized():
                     print("error: the Ray instance went away", file=sys.stderr)
                     return 1
-        if not deploy.is_alive():  # deployed: drain it (else it is still starting: stop it)
+        # deployed: drain it (else it is still starting: stop it). serve.run may not have
+        # returned yet while the application already serves: its status says
+        if not deploy.is_alive() or _app_running(serve):
             _drain(serve, settings.grace, signals, log)
         status = 0
         return status
@@ -210,6 +212,13 @@ def _deploy(serve, app) -> None:
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     except Exception as exc:  # noqa: BLE001 - Ray's deployment failure: its last line says why
         me.error = _last_line(str(exc))
+
+
+def _app_running(serve) -> bool:
+    try:
+        return str(serve.status().applications[APP_NAME].status).endswith("RUNNING")
+    except Exception:  # noqa: BLE001 - not deployed (yet), or Serve is going away
+        return False
 
 
 def _drain(serve, grace: float, signals: list, log) -> None:
