@@ -210,8 +210,8 @@ def test_large_images_never_stall_the_loop(server, big_png):
 
 
 def test_a_crowd_of_previews_is_bounded(server, big_png, monkeypatch, tmp_path):
-    """20 previews of 16 megapixels at once: two are made at a time, a few wait, the rest are
-    told to come back (429 with Retry-After)."""
+    """20 previews of 16 megapixels at once: at most two are made at a time (one on two
+    cores), a few wait, the rest are told to come back (429 with Retry-After)."""
     from fewstep.server import studio
 
     data = json.dumps({"image": base64.b64encode(big_png).decode()}).encode()

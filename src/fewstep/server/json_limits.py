@@ -28,6 +28,7 @@ from fastapi import Request
 from fastapi.routing import APIRoute
 
 from .errors import BadBody, PayloadTooLarge
+from .per_loop import PerLoop
 
 MAX_VALUES = 4096  # keys, array items and scalars of one JSON document
 MAX_SEPARATORS = 16 * MAX_VALUES  # beyond this the body is not parsed at all
@@ -173,18 +174,12 @@ class BodyParser:
     """Parses JSON bodies for the routes (see the module's docstring), one at a time."""
 
     def __init__(self):
-        self._loop = self._turn = None
-
-    def _lock(self) -> asyncio.Lock:
-        loop = asyncio.get_running_loop()  # one lock per loop (test clients run several)
-        if loop is not self._loop:
-            self._loop, self._turn = loop, asyncio.Lock()
-        return self._turn
+        self._turn = PerLoop(asyncio.Lock)
 
     async def parse_into(self, scope, chunks: list[bytes]) -> None:
         """Leaves the value of the body in `chunks` in the scope, and the body itself; raises
         PayloadTooLarge or BadBody."""
-        async with self._lock():
+        async with self._turn.get():
             body, value = await asyncio.to_thread(_assemble_and_parse, chunks)
         scope[BODY_KEY], scope[SCOPE_KEY] = body, value
 

@@ -12,6 +12,7 @@ from ..errors import FewstepError
 from .errors import BodyTimeout, InternalError, PayloadTooLarge, send_error
 from .hosts import is_json
 from .json_limits import BodyParser
+from .per_loop import PerLoop
 
 log = logging.getLogger("fewstep.server")
 
@@ -36,13 +37,7 @@ class BodyMiddleware:
         self.timeout_s = timeout_s
         self.on_reject = on_reject
         self.parser = BodyParser()
-        self._loop = self._large_reads = None
-
-    def _large_slot(self) -> asyncio.Semaphore:
-        loop = asyncio.get_running_loop()  # one per loop (test clients run several)
-        if loop is not self._loop:
-            self._loop, self._large_reads = loop, asyncio.Semaphore(LARGE_READS)
-        return self._large_reads
+        self._large_reads = PerLoop(lambda: asyncio.Semaphore(LARGE_READS))
 
     async def _reject(self, send, error, close: bool = True) -> None:
         if self.on_reject is not None:
@@ -67,7 +62,7 @@ class BodyMiddleware:
         if declared is not None and 0 <= declared <= LARGE_BODY:
             chunks = await self._read(scope, receive, send)
         else:
-            async with self._large_slot():  # read and parsed; the app runs after, freed
+            async with self._large_reads.get():  # read and parsed; the app runs after, freed
                 chunks = await self._read(scope, receive, send)
         if chunks is None:  # refused or gone
             return
