@@ -31,8 +31,19 @@ def pair(tiny):
     """A plain engine and one with the default fast path, on the same tiny SD1.5 weights."""
     plain = _engine(tiny)
     fast = _engine(tiny)
-    report = FastPath.preset("default", "cpu").apply(fast)
+    # the exact techniques, channels_last included (the CPU presets leave it off in float32)
+    report = FastPath(FastOptions()).apply(fast)
     return plain, fast, report
+
+
+def test_cpu_presets_keep_float32_weights_in_their_order():
+    """NHWC weights run slower in float32 on a CPU (and copying them costs seconds): only the
+    half-precision preset and other devices get them."""
+    for preset in ("default", "auto"):
+        assert FastPath.preset(preset, "cpu").options.channels_last is False
+        assert FastPath.preset(preset, "cuda").options.channels_last is True
+    fastest = FastPath.preset("fastest", "cpu").options
+    assert fastest.channels_last is (fastest.dtype is not None)
 
 
 def _image(engine, **kw):

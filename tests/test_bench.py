@@ -91,7 +91,7 @@ def test_exact_presets_match_the_recipe_and_outputs_are_written(smoke):
     assert data["agreement"]["fastest"] > 1e-3  # a random-weight tiny VAE: other pixels
     cold = data["cold_start"]["default"]
     assert cold["process_start_to_first_image_s"] > 0 and cold["finite"]
-    assert cold["compiles"] is False
+    assert cold["compiles"] is False and 100 < cold["peak_rss_mb"] < 64 * 1024
     assert data["load_average"]["start"] and "smoke run" in data["notes"]
     text = (out / "smoke.md").read_text()
     for row in ("| recipe |", "| auto |", "Host syncs and compiles", "Cold start"):
@@ -208,3 +208,25 @@ def test_one_shot_commands_are_timed_to_the_file_written(smoke):
         assert 100 < run["peak_rss_mb"] < 64 * 1024, run
     table = (out / "smoke.md").read_text()
     assert "One-shot command" in table and f"| {recipe['peak_rss_mb']} |" in table
+
+
+def test_a_commands_peak_memory_is_its_own_not_the_benchmarks(tmp_path):
+    """The benchmark process holds far more memory than a small command it starts: the
+    command's figure must not inherit the benchmark's high-water mark over the fork and exec
+    (wait4's ru_maxrss does)."""
+    import sys
+
+    from fewstep.bench.coldstart import _timed_command
+
+    held = bytearray(1200 * 2**20)  # touched: resident in this process
+    for i in range(0, len(held), 4096):
+        held[i] = 1
+    target = tmp_path / "out.txt"
+    cmd = [sys.executable, "-c", "import sys, time; b = bytearray(150 * 2**20); "
+           "b[::4096] = b'x' * len(b[::4096]); open(sys.argv[1], 'w').write('done'); "
+           "time.sleep(0.3)", str(target)]
+    run = _timed_command(cmd, target)
+    del held
+    assert target.read_text() == "done"
+    assert 150 < run["peak_rss_mb"] < 600, run
+    assert run["process_end_s"] >= run["process_start_to_file_s"] > 0

@@ -211,6 +211,26 @@ def test_a_command_runs_on_torch_then_prepares_the_next_run(tiny, tmp_path, conv
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second)))
 
 
+def test_the_fastest_preset_runs_then_prepares_from_float32_weights(tiny, tmp_path, converted,
+                                                                   capsys):
+    """Its torch run would be in half precision; the converted models are made from the
+    float32 weights after it (tracing half weights with float32 inputs failed), their compiled
+    blobs written for the next run, which starts from the cache."""
+    common = ["txt2img", "a cat", *model_flags(tiny), "--steps", "2", "--seed", "3",
+              "--speed", "fastest", "--tiny-vae", str(tiny.tiny_vae), "--width", "32",
+              "--height", "32"]
+    assert main([*common, "--out", str(tmp_path / "a.png")]) == 0
+    err = capsys.readouterr().err
+    assert "fast path ready" in err and converted() == [
+        "decoder-32x32", "text_encoder", "unet-32x32"], err
+    blobs = tmp_path / "cache" / "fewstep" / "compile" / "openvino" / "blobs"
+    assert len(list(blobs.rglob("*.blob"))) == 3  # compiled now, imported next time
+    assert main([*common, "--out", str(tmp_path / "b.png")]) == 0
+    err = capsys.readouterr().err
+    assert "from the cache" in err and "preparing" not in err
+    assert np.isfinite(np.asarray(Image.open(tmp_path / "b.png"), dtype=float)).all()
+
+
 def test_prepare_builds_ahead_for_a_model_and_sizes(tiny, converted, capsys):
     assert main(["prepare", *model_flags(tiny)[:-1], "--size", "64x48", "--size",
                  "32x32"]) == 0

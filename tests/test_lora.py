@@ -188,3 +188,31 @@ def test_hub_lora_repo_with_one_differently_named_file(monkeypatch, tiny):
     with pytest.raises(NotFound) as info:
         lora_module.resolve_lora_file("org/many")
     assert "a.safetensors, b.safetensors" in info.value.message
+
+
+@pytest.mark.parametrize("which, weight", [("lcm_sd15", 1.0), ("style_sd15", 0.7),
+                                           ("style_sd15_peft", -0.4)])
+def test_baking_writes_what_diffusers_fuse_writes(tiny, which, weight):
+    """The bake merges each layer into a new tensor (loaded weights are mapped from the file:
+    writing into them is slow); the weights must be what diffusers' own fuse gives, for
+    convolution and linear layers, text-encoder parts, any weight."""
+    from diffusers import StableDiffusionPipeline
+
+    from fewstep.lora import bake_lora, read_lora
+
+    lora = read_lora(str(getattr(tiny, which)))
+    ours = StableDiffusionPipeline.from_pretrained(str(tiny.sd15), safety_checker=None)
+    theirs = StableDiffusionPipeline.from_pretrained(str(tiny.sd15), safety_checker=None)
+    before = {k: v.clone() for k, v in ours.unet.state_dict().items()}
+    bake_lora(ours, lora, weight)
+    theirs.load_lora_weights(dict(lora.raw), adapter_name="x")
+    theirs.fuse_lora(adapter_names=["x"], lora_scale=weight)
+    theirs.unload_lora_weights()
+    changed = 0
+    for model in ("unet", "text_encoder"):
+        mine, reference = getattr(ours, model).state_dict(), getattr(theirs, model).state_dict()
+        assert mine.keys() == reference.keys(), model  # no adapter layer left behind
+        for key, value in reference.items():
+            torch.testing.assert_close(mine[key], value, rtol=0, atol=1e-6, msg=key)
+            changed += model == "unet" and not torch.equal(before[key], mine[key])
+    assert changed > 10  # the LoRA did change the weights

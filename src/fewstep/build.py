@@ -292,14 +292,16 @@ def build_engine(options: EngineOptions | Blueprint | None = None, /, *,
     return engine
 
 
-def prepare_next(engine, progress: Callable[[str], None] | None = None) -> list[str]:
+def prepare_next(engine, progress: Callable[[str], None] | None = None,
+                 load: bool = True) -> list[str]:
     """Convert what a one-shot build left out (the cache did not hold it), so that the next
-    start finds it. Returns what was converted (none: nothing was missing)."""
+    start finds it. Returns what was converted (none: nothing was missing). `load=False`:
+    into the cache only, when this engine runs nothing more (a command's last step)."""
     parts = getattr(engine.fast_path, "openvino", None)
     if parts is None or not parts.missing:
         return []
     labels = [wanted.label for wanted in parts.missing]
-    parts.build_missing(engine, progress)
+    parts.build_missing(engine, progress, load=load)
     return labels
 
 

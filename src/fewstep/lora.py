@@ -259,11 +259,49 @@ def check_fits(lora: LoraFile, pipeline_cls, models: dict[str, torch.nn.Module],
 def bake_lora(pipe, lora: LoraFile, weight: float) -> None:
     """Add `weight` x the LoRA into the base weights for good (used for the LCM-LoRA): the
     model runs at plain speed afterwards, with no adapter layers in the way."""
-    pipe.load_lora_weights(dict(lora.raw), adapter_name="fs_bake")
+    from peft.tuners.lora import LoraLayer
+
+    name = "fs_bake"
+    pipe.load_lora_weights(dict(lora.raw), adapter_name=name)
     try:
-        pipe.fuse_lora(adapter_names=["fs_bake"], lora_scale=weight)
+        for model in lora_models(pipe, pipe.unet).values():
+            for module in model.modules():
+                if isinstance(module, LoraLayer) and name in module.lora_A:
+                    _merge_into_new_weight(module, name, weight)
     finally:
         pipe.unload_lora_weights()
+
+
+def _merge_into_new_weight(layer, name: str, weight: float) -> None:
+    """`W + weight x scaling x (B @ A)` into a new tensor that becomes the layer's weight (what
+    peft's merge computes, in one matrix multiply-add). peft adds into the loaded weight in
+    place: loaded weights are mapped from the file, and writing them copies them a page at a
+    time (11 s against 2 s for the SD1.5 UNet on 2 cores). Other kinds of adapter (DoRA, a
+    LoRA with a bias, a factorised kernel) are merged by peft."""
+    base = layer.get_base_layer()
+    lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    plain = (isinstance(base, (torch.nn.Linear, torch.nn.Conv2d))
+             and not layer.use_dora.get(name, False)
+             and not getattr(layer, "lora_bias", {}).get(name, False)
+             and not getattr(layer, "fan_in_fan_out", False)
+             and name not in getattr(layer, "lora_variant", {})
+             and lora_b.dim() in (2, 4) and lora_b[0].numel() == lora_b.shape[1]  # B: 1x1
+             and lora_a.shape[1:] == base.weight.shape[1:])
+    if not plain:
+        layer.scale_layer(weight)
+        layer.merge(adapter_names=[name])
+        return
+    old = base.weight
+    with torch.no_grad():
+        merged = torch.addmm(old.reshape(old.shape[0], -1),
+                             lora_b.reshape(lora_b.shape[0], -1).to(old.dtype),
+                             lora_a.reshape(lora_a.shape[0], -1).to(old.dtype),
+                             alpha=layer.scaling[name] * weight)
+    merged = merged.view(old.shape)
+    if old.dim() == 4 and not old.is_contiguous() and \
+            old.is_contiguous(memory_format=torch.channels_last):
+        merged = merged.contiguous(memory_format=torch.channels_last)  # as it was
+    base.weight = torch.nn.Parameter(merged, requires_grad=old.requires_grad)
 
 
 @dataclass

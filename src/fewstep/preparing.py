@@ -54,8 +54,9 @@ def estimate(engine, missing) -> str:
 
 
 def prepare_after(engine, say, ask_skip: bool = True) -> None:
-    """Convert what the run found missing, telling each part; Ctrl-C stops it cleanly (what is
-    half written is never read: files are renamed into place when complete)."""
+    """Convert what the run found missing into the cache, telling each part, as the command's
+    last step (nothing is loaded: the engine runs nothing more); Ctrl-C stops it cleanly (what
+    is half written is never read: files are renamed into place when complete)."""
     from .build import missing_parts, prepare_next
 
     missing = missing_parts(engine)
@@ -67,7 +68,7 @@ def prepare_after(engine, say, ask_skip: bool = True) -> None:
         f"(once, {estimate(engine, parts.missing)}{skip})")
     began = time.perf_counter()
     try:
-        prepare_next(engine, progress=say)
+        prepare_next(engine, progress=say, load=False)
     except KeyboardInterrupt:
         say("skipped: a later run prepares it (or `fewstep prepare`)")
         return

@@ -19,7 +19,8 @@ prompt_cache       reuse the prompt embeddings of a prompt seen before (key:    
 static_scheduler   the LCM scheduler with every per-step scalar and all the     exact (bitwise)
                    noise prepared before the loop: no host sync inside it
 channels_last      UNet / ControlNet / adapter weights in NHWC memory order      1e-4 (conv order)
-                   (not the VAE: its GroupNorms run slower in NHWC)
+                   (not the VAE: its GroupNorms run slower in NHWC; on a CPU
+                   with bf16 only: float32 runs slower there)
 sdpa               every attention processor on `F.scaled_dot_product_attention` 1e-4
                    (diffusers 0.42 already does this; checked, set if not)
 dtype              run the whole engine in bf16 (CPU with AMX / AVX512-BF16) or  no: half precision
@@ -152,16 +153,22 @@ class FastPath:
         precision where it pays, the family's tiny VAE (a download unless `tiny_vae=` names a
         local one) and, on CUDA, the compiled UNet."""
         cuda = device.startswith("cuda")
+        # NHWC weights: on a CPU they pay in bf16 only; float32 steps there ran 11 % slower
+        # (SD1.5 UNet, 256x256, 2-core Xeon), after a 3.4 GB copy of the weights
+        cpu_float = device.startswith("cpu")
         if name == "off":
             options = FastOptions(prompt_cache=False, static_scheduler=False,
                                   channels_last=False, sdpa=False)
         elif name == "default":
-            options = FastOptions()
+            options = FastOptions(channels_last=not cpu_float)
         elif name == "auto":
-            options = FastOptions(compile_unet=cuda, compile_mode="reduce-overhead")
+            options = FastOptions(compile_unet=cuda, compile_mode="reduce-overhead",
+                                  channels_last=not cpu_float)
         elif name == "fastest":
-            options = FastOptions(dtype=half_dtype_for(device),
-                                  tiny_vae=TINY_VAE.get(family or "sd15"), compile_unet=cuda,
+            half = half_dtype_for(device)
+            options = FastOptions(dtype=half, tiny_vae=TINY_VAE.get(family or "sd15"),
+                                  compile_unet=cuda,
+                                  channels_last=half is not None or not cpu_float,
                                   compile_mode="reduce-overhead" if cuda else None)
         else:
             raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
@@ -208,7 +215,12 @@ class FastPath:
 
         # before any dtype change: the converted models take float32 weights
         rep.applied["openvino"] = self._openvino(engine, progress) if opts.openvino else "off"
-        if opts.dtype:
+        if opts.dtype and self.openvino is not None and self.openvino.missing:
+            # the converted models are made from float32 weights after this run (a one-shot
+            # command); its own call runs in float32 on torch
+            rep.applied["dtype"] = "off this run (float32: OpenVINO is prepared from these " \
+                                   "weights after it)"
+        elif opts.dtype:
             self._dtype = pick_dtype(opts.dtype, engine.device)
             engine.convert_dtype(self._dtype)
             rep.applied["dtype"] = str(self._dtype).removeprefix("torch.")
@@ -275,6 +287,8 @@ class FastPath:
         if not fits:
             return f"skipped: {why}"
         start = time.perf_counter()
+        if not opts.openvino_build:
+            batches = ()  # a one-shot command: its first call prepares the kernels it uses
         self.openvino = OpenVINOParts(opts.openvino, sizes, batches, decoder=decoder,
                                       text=opts.openvino_text, weights=opts.openvino_weights,
                                       tiny_decoder=opts.tiny_vae is not None,

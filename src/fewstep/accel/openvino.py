@@ -162,6 +162,7 @@ class _Converted:
 
     request: Any
     shapes: tuple  # per input: the shape without the batch dimension
+    ran: bool = False  # its first call (which copies the weights into OpenVINO's layouts) done
 
 
 @dataclass
@@ -190,7 +191,9 @@ class OpenVINOParts:
 
     precision: str  # "f32" / "bf16"
     sizes: tuple[tuple[int, int], ...]  # (width, height) in pixels
-    batches: tuple[int, ...] = (1,)  # warmed at start-up (a new batch size prepares kernels)
+    # warmed at start-up (a first call at a batch size prepares its kernels); none for a
+    # one-shot command: its own first call does that, and a warm-up call would be one more
+    batches: tuple[int, ...] = (1,)
     cache_dir: Path | None = None
     decoder: bool = True
     text: bool = True
@@ -204,6 +207,7 @@ class OpenVINOParts:
     seconds: dict[str, float] = field(default_factory=dict)
     cached: dict[str, bool] = field(default_factory=dict)
     missing: list = field(default_factory=list)  # the _Wanted parts not built yet
+    prepared: list = field(default_factory=list)  # written to the cache only, for the next start
     hooks: list = field(default_factory=list)  # the modules whose calls are routed here
     released_bytes: int = 0  # resident pages of mapped weight files given back
 
@@ -253,11 +257,13 @@ class OpenVINOParts:
         return f"on ({self.precision}; {' + '.join(parts)}; {sizes}; " \
                f"cache={self._cache or 'none'}{not_yet})"
 
-    def build_missing(self, engine, progress=None) -> None:
-        """Convert and load what `install(build=False)` left out."""
+    def build_missing(self, engine, progress=None, load: bool = True) -> None:
+        """Convert and load what `install(build=False)` left out. `load=False`: only write
+        the cache (the converted model and its compiled blob) for the next process, as a
+        one-shot command does after its output: nothing is kept in memory or run."""
         missing, self.missing = self.missing, []
         for wanted in missing:
-            self._build(engine, wanted, progress)
+            self._build(engine, wanted, progress, load=load)
         self._release()
 
     def _release(self) -> None:
@@ -316,7 +322,7 @@ class OpenVINOParts:
         name = f"{wanted.part}{size}-{wanted.key}{weights}-ov{version}.xml"
         return (self._cache / name) if self._cache is not None else Path(os.devnull)
 
-    def _build(self, engine, wanted: _Wanted, progress) -> None:
+    def _build(self, engine, wanted: _Wanted, progress, load: bool = True) -> None:
         import openvino as ov
 
         start = time.perf_counter()
@@ -353,17 +359,43 @@ class OpenVINOParts:
         # the half minute a UNet takes to compile), and the weights stay mapped from the file
         compiled = self._core.compile_model(str(model) if isinstance(model, Path) else model,
                                             "CPU", self._config)
+        if not load:  # compiling from the file wrote the blob: the next start imports it
+            del compiled, model
+            self.prepared.append(wanted.label)
+            self._release()
+            self.seconds[wanted.label] = round(time.perf_counter() - start, 2)
+            if progress is not None:
+                progress(f"{_TITLES[wanted.part]} ready in {self.seconds[wanted.label]:.0f} s")
+            return
         request = compiled.create_infer_request()
         converted = _Converted(request, tuple(tuple(x.shape[1:]) for x in inputs))
-        batches = self.batches if wanted.size is not None else (1,)
-        for batch in batches:  # the first call at a batch size prepares its kernels
+        batches = self.batches if wanted.size is not None else self.batches[:1]
+        for batch in batches:
             request.infer([_batched(x, batch).numpy() for x in inputs])
+            converted.ran = True
         wanted.table[wanted.slot] = converted
         self._release()  # before the next part's weights come in: a lower peak
         self.seconds[wanted.label] = round(time.perf_counter() - start, 2)
         self.cached[wanted.label] = hit
         if progress is not None and not hit:
             progress(f"{_TITLES[wanted.part]} ready in {self.seconds[wanted.label]:.0f} s")
+
+    # -- running ------------------------------------------------------------------------
+
+    def _results(self, converted: _Converted, tensors):
+        results = converted.request.infer(_arrays(tensors))
+        if not converted.ran:  # not warmed up (a one-shot command): its first call just
+            converted.ran = True  # copied the weights; their mapped pages are not read again
+            self._release()
+        return results
+
+    def _infer(self, converted: _Converted, tensors) -> torch.Tensor:
+        out = self._results(converted, tensors)[0]
+        return torch.from_numpy(out.copy())  # the request reuses its output buffer
+
+    def _infer_all(self, converted: _Converted, tensors) -> list[torch.Tensor]:
+        results = self._results(converted, tensors)
+        return [torch.from_numpy(results[i].copy()) for i in range(len(results))]
 
     # -- which calls are served ---------------------------------------------------------
 
@@ -403,7 +435,7 @@ class OpenVINOParts:
                 if sdxl:
                     added = kwargs["added_cond_kwargs"]
                     feed += [added["text_embeds"], added["time_ids"]]
-                out = _infer(converted, feed).to(sample.dtype)
+                out = parts._infer(converted, feed).to(sample.dtype)
                 if kwargs.get("return_dict", True):
                     from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
@@ -418,7 +450,7 @@ class OpenVINOParts:
                     parts.calls["vae_torch"] += 1
                     return self.fn_ref.original_forward(z, *args, **kwargs)
                 parts.calls["vae"] += 1
-                return _infer(converted, [z]).to(z.dtype)
+                return parts._infer(converted, [z]).to(z.dtype)
 
         def text_hook(name: str):
             class TextHook(ModelHook):
@@ -428,7 +460,7 @@ class OpenVINOParts:
                         parts.calls["text_torch"] += 1
                         return self.fn_ref.original_forward(input_ids, *args, **kwargs)
                     parts.calls["text"] += 1
-                    first, penultimate = _infer_all(converted, [input_ids])
+                    first, penultimate = parts._infer_all(converted, [input_ids])
                     dtype = module.dtype
                     first, penultimate = first.to(dtype), penultimate.to(dtype)
                     # hidden states: only the penultimate is known ([-1] would be wrong)
@@ -540,14 +572,6 @@ def _arrays(tensors) -> list:
             else t.detach().to(torch.float32).contiguous().numpy() for t in tensors]
 
 
-def _infer(converted: _Converted, tensors) -> torch.Tensor:
-    out = converted.request.infer(_arrays(tensors))[0]
-    return torch.from_numpy(out.copy())  # the request reuses its output buffer
-
-
-def _infer_all(converted: _Converted, tensors) -> list[torch.Tensor]:
-    results = converted.request.infer(_arrays(tensors))
-    return [torch.from_numpy(results[i].copy()) for i in range(len(results))]
 
 
 def _save(model, path: Path) -> Path:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,16 +81,17 @@ def _spawn(args, mode: str, model, lora, taesd, cache_dir: str) -> dict[str, Any
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir,
                PYTHONPATH=os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p))
     start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)), None)
-    if proc.returncode or line is None:
-        return {"error": (proc.stderr or proc.stdout)[-800:]}
+    run = _watched(cmd, env)
+    line = next((ln for ln in run.stdout.splitlines() if ln.startswith(MARK)), None)
+    if run.returncode or line is None:
+        return {"error": (run.stderr or run.stdout)[-800:]}
     info = json.loads(line[len(MARK):])
     return {"process_start_to_first_image_s": round(info["first_image_at"] - start, 2),
             "import_s": round(info["imported_at"] - start, 2),
             "load_s": round(info["loaded_at"] - info["imported_at"], 2),
             "first_image_s": round(info["first_image_at"] - info["loaded_at"], 2),
-            "compiles": info["compiles"], "finite": info["finite"]}
+            "compiles": info["compiles"], "finite": info["finite"],
+            "peak_rss_mb": run.peak_mb}
 
 
 def cold_starts(args, modes: list[str], model, lora, taesd, workdir: Path) -> dict[str, Any]:
@@ -154,25 +156,53 @@ def _timed_command(cmd: list[str], target: Path) -> dict[str, Any]:
                PYTHONPATH=os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p))
     env.pop("FEWSTEP_OPENVINO", None)  # as a user has it
     start = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
-    written, usage = None, None
-    while usage is None:
-        if written is None and target.exists():
-            written = time.time()
-        # wait4: this child's own peak resident memory, which poll() would not give
-        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            proc.returncode, usage = os.waitstatus_to_exitcode(status), rusage
-        else:
+    run = _watched(cmd, env, target)
+    if run.returncode or run.written is None:
+        return {"error": (run.stderr or run.stdout)[-800:]}
+    return {"process_start_to_file_s": round(run.written - start, 2),
+            "process_end_s": round(run.ended - start, 2), "peak_rss_mb": run.peak_mb,
+            "said": [line for line in run.stderr.splitlines() if line.startswith("speed ")][:1]}
+
+
+@dataclass
+class _Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    ended: float
+    written: float | None  # when `target` appeared
+    peak_mb: float | None  # the process's own peak resident memory
+
+
+def _watched(cmd: list[str], env: dict, target: Path | None = None) -> _Run:
+    """Runs `cmd`, watching for `target` to appear and reading its peak memory as it runs."""
+    # its output goes to files: a pipe nobody reads while it runs could fill and stall it
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        written, peak_kib = None, 0
+        while proc.poll() is None:
+            if written is None and target is not None and target.exists():
+                written = time.time()
+            # the child's own high-water mark, read while it runs: wait4's ru_maxrss would
+            # carry this (forked) process's peak over the exec
+            peak_kib = max(peak_kib, _high_water_kib(proc.pid))
             time.sleep(0.05)
-    ended = time.time()
-    stdout, stderr = proc.communicate()
-    if written is None and target.exists():
-        written = ended
-    if proc.returncode or written is None:
-        return {"error": (stderr or stdout)[-800:]}
-    return {"process_start_to_file_s": round(written - start, 2),
-            "process_end_s": round(ended - start, 2),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
-            "said": [line for line in stderr.splitlines() if line.startswith("speed ")][:1]}
+        ended = time.time()
+        if written is None and target is not None and target.exists():
+            written = ended
+        out.seek(0), err.seek(0)
+        return _Run(proc.returncode, out.read(), err.read(), ended, written,
+                    round(peak_kib / 1024, 1) if peak_kib else None)
+
+
+def _high_water_kib(pid: int) -> int:
+    """A live process's peak resident memory (VmHWM, KiB); 0 where unknown (not Linux, or the
+    process is ending)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0

@@ -90,19 +90,20 @@ def markdown(data: dict) -> str:
         lines += _mode_tables(data, modes, batches)
     if data.get("cold_start"):
         lines += ["", "Cold start, process start to first image (s):", "",
-                  "| mode | compile cache | total | import | load (with compiling) | first image |",
-                  "|---|---|---:|---:|---:|---:|"]
+                  "| mode | compile cache | total | import | load (with compiling) | first image "
+                  "| peak memory (MB) |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
         for mode, info in data["cold_start"].items():
             runs = [("empty", info["cold"]), ("warm", info["warm"])] if "cold" in info \
                 else [("—", info)]
             for cache, run in runs:
                 if "error" in run:
                     lines.append(f"| {mode} | {cache} | failed: "
-                                 f"{run['error'].strip().splitlines()[-1][:120]} | | | |")
+                                 f"{run['error'].strip().splitlines()[-1][:120]} | | | | |")
                 else:
                     lines.append(f"| {mode} | {cache} | {run['process_start_to_first_image_s']}"
                                  f" | {run['import_s']} | {run['load_s']} | "
-                                 f"{run['first_image_s']} |")
+                                 f"{run['first_image_s']} | {run.get('peak_rss_mb') or '—'} |")
     if data.get("one_shot"):
         lines += _one_shot_table(data["one_shot"])
     wasted = {m: {b: n for b, n in r.get("images_decoded_by_batch", {}).items()
