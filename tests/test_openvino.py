@@ -175,6 +175,24 @@ def test_torch_weights_stay_as_loaded_until_torch_runs_them(tiny, tmp_path):
     assert np.abs(_txt2img(warm) - _txt2img(plain)).max() <= TOL
 
 
+def test_a_half_precision_engine_leaves_the_served_unet_as_loaded(tiny, tmp_path):
+    """`fastest` runs torch in bf16: a base UNet the converted models serve is not copied to
+    bf16 at start-up (1.7 GB for SD1.5), only once torch is to run it (after the bake)."""
+    options = dict(speed="fastest", openvino="on", tiny_vae=str(tiny.tiny_vae),
+                   compile_shapes=((SIZE, SIZE, 1),), compile_cache=str(tmp_path))
+    _engine(tiny.sd15, tiny.lcm_sd15, **options)  # converts into the cache
+    warm = _engine(tiny.sd15, tiny.lcm_sd15, **options)
+    if warm.dtype != torch.bfloat16:
+        pytest.skip("this CPU has no bf16: fastest stays in float32")
+    assert not warm.baked and warm.base.unet.dtype == torch.float32
+    assert warm.base.text_encoder.dtype == torch.bfloat16  # the rest converted at once
+    assert np.isfinite(_txt2img(warm)).all() and warm.base.unet.dtype == torch.float32
+    styled = Txt2ImgRequest(prompt="a lighthouse", seed=4, steps=4, width=SIZE, height=SIZE,
+                            loras=[LoraRequest(ref=str(tiny.style_sd15), weight=0.8)])
+    assert np.isfinite(warm.generate(styled).images).all()
+    assert warm.baked and warm.base.unet.dtype == torch.bfloat16
+
+
 def test_available_memory_is_memavailable_not_memfree():
     from fewstep.accel import openvino
 

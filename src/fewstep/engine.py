@@ -203,10 +203,15 @@ class Engine:
         graph of the models stays valid when the stack changes)."""
         return self._fused is not None
 
-    def convert_dtype(self, dtype) -> None:
-        """Run every model in `dtype` from now on (components loaded later too)."""
+    def convert_dtype(self, dtype, later: tuple = ()) -> None:
+        """Run every model in `dtype` from now on (components loaded later too). The modules in
+        `later` are left as they are for now: a speed technique converts them when torch
+        first runs them (a base UNet that converted models serve)."""
         for pipe in self.pipelines():
-            pipe.to(dtype=dtype)
+            for module in pipe.components.values():
+                if isinstance(module, torch.nn.Module) and \
+                        not any(module is other for other in later):
+                    module.to(dtype=dtype)
         for module in self._components.values():
             module.to(dtype=dtype)
         if self._vae is not self.original_vae:
