@@ -314,3 +314,24 @@ def test_clean_pages_of_mapped_weight_files_are_given_back(tmp_path):
         assert read[5] == 1 and written[0] == 7  # the data is what it was
         read.close()
         written.close()
+
+
+def test_pages_of_a_weight_file_just_written_are_given_back_too(tmp_path):
+    """A blob another process has just written is dirty in the page cache until it reaches the
+    disk: mapped privately and only read, its pages can be given back all the same (the next
+    command right after the one that prepared the cache peaked 1.4 GB higher)."""
+    import mmap
+
+    from fewstep.accel.memory import release_clean_file_pages
+
+    size = 8 * 2**20
+    path = tmp_path / "fresh.blob"
+    path.write_bytes(b"\2" * size)  # no fsync: dirty in the page cache for a while
+    with open(path, "rb") as file:
+        # OpenVINO maps its blobs shared and read-only; a private mapping is the same case
+        for flags in (mmap.MAP_SHARED, mmap.MAP_PRIVATE):
+            read = mmap.mmap(file.fileno(), size, flags=flags, prot=mmap.PROT_READ)
+            assert sum(read[i] for i in range(0, size, 4096)) == 2 * (size // 4096)
+            assert release_clean_file_pages((".blob",)) >= size, flags
+            assert read[7] == 2
+            read.close()

@@ -51,15 +51,22 @@ def _clean_mappings(suffixes: tuple[str, ...]) -> list[tuple[int, int, int]]:
                     found.append(current)
                 path = head[5] if len(head) > 5 else ""
                 start, end = (int(x, 16) for x in head[0].split("-"))
+                # a mapping this process cannot write through: read-only or private (whose
+                # written pages are its own copies, counted as Anonymous)
                 current = {"range": (start, end), "keep": path.endswith(suffixes),
-                           "rss": 0}
+                           "rss": 0, "unwritten": head[1][1] != "w" or head[1].endswith("p")}
             elif current is not None:
                 key = head[0].rstrip(":")
                 if key == "Rss":
                     current["rss"] = int(head[1]) * 1024
-                elif key in ("Private_Dirty", "Shared_Dirty", "Anonymous") and \
-                        int(head[1]) > 0:
-                    current["keep"] = False  # a written page: dropping it would lose data
+                elif key == "Anonymous" and int(head[1]) > 0:
+                    current["keep"] = False  # a page this process wrote: dropping it loses it
+                elif key in ("Private_Dirty", "Shared_Dirty") and int(head[1]) > 0 and \
+                        not current["unwritten"]:
+                    # dirty pages of a mapping this process cannot write are the file's own,
+                    # written by another process and not on disk yet (a blob just cached):
+                    # they stay in the page cache; a writable shared mapping's may be ours
+                    current["keep"] = False
     if current is not None and current["keep"]:
         found.append(current)
     return [(m["range"][0], m["range"][1], m["rss"]) for m in found if m["rss"]]
