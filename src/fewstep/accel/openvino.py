@@ -207,7 +207,6 @@ class OpenVINOParts:
     seconds: dict[str, float] = field(default_factory=dict)
     cached: dict[str, bool] = field(default_factory=dict)
     missing: list = field(default_factory=list)  # the _Wanted parts not built yet
-    prepared: list = field(default_factory=list)  # written to the cache only, for the next start
     hooks: list = field(default_factory=list)  # the modules whose calls are routed here
     released_bytes: int = 0  # resident pages of mapped weight files given back
 
@@ -361,7 +360,6 @@ class OpenVINOParts:
                                             "CPU", self._config)
         if not load:  # compiling from the file wrote the blob: the next start imports it
             del compiled, model
-            self.prepared.append(wanted.label)
             self._release()
             self.seconds[wanted.label] = round(time.perf_counter() - start, 2)
             if progress is not None:
@@ -570,8 +568,6 @@ def _batched(x: torch.Tensor, batch: int) -> torch.Tensor:
 def _arrays(tensors) -> list:
     return [t.detach().contiguous().numpy() if t.dtype == torch.int64
             else t.detach().to(torch.float32).contiguous().numpy() for t in tensors]
-
-
 
 
 def _save(model, path: Path) -> Path:
