@@ -358,23 +358,19 @@ class OpenVINOParts:
         # the half minute a UNet takes to compile), and the weights stay mapped from the file
         compiled = self._core.compile_model(str(model) if isinstance(model, Path) else model,
                                             "CPU", self._config)
-        if not load:  # compiling from the file wrote the blob: the next start imports it
-            del compiled, model
-            self._release()
-            self.seconds[wanted.label] = round(time.perf_counter() - start, 2)
-            if progress is not None:
-                progress(f"{_TITLES[wanted.part]} ready in {self.seconds[wanted.label]:.0f} s")
-            return
-        request = compiled.create_infer_request()
-        converted = _Converted(request, tuple(tuple(x.shape[1:]) for x in inputs))
-        batches = self.batches if wanted.size is not None else self.batches[:1]
-        for batch in batches:
-            request.infer([_batched(x, batch).numpy() for x in inputs])
-            converted.ran = True
-        wanted.table[wanted.slot] = converted
+        if load:
+            request = compiled.create_infer_request()
+            converted = _Converted(request, tuple(tuple(x.shape[1:]) for x in inputs))
+            batches = self.batches if wanted.size is not None else self.batches[:1]
+            for batch in batches:
+                request.infer([_batched(x, batch).numpy() for x in inputs])
+                converted.ran = True
+            wanted.table[wanted.slot] = converted
+            self.cached[wanted.label] = hit
+        # else compiling from the file wrote the blob, which the next start imports
+        del compiled, model
         self._release()  # before the next part's weights come in: a lower peak
         self.seconds[wanted.label] = round(time.perf_counter() - start, 2)
-        self.cached[wanted.label] = hit
         if progress is not None and not hit:
             progress(f"{_TITLES[wanted.part]} ready in {self.seconds[wanted.label]:.0f} s")
 
