@@ -32,7 +32,7 @@ def pair(tiny):
     plain = _engine(tiny)
     fast = _engine(tiny)
     # the exact techniques, channels_last included (the CPU presets leave it off in float32)
-    report = FastPath(FastOptions()).apply(fast)
+    report = FastPath(FastOptions(channels_last_vae=True)).apply(fast)
     return plain, fast, report
 
 
@@ -44,6 +44,15 @@ def test_cpu_presets_keep_float32_weights_in_their_order():
         assert FastPath.preset(preset, "cuda").options.channels_last is True
     fastest = FastPath.preset("fastest", "cpu").options
     assert fastest.channels_last is (fastest.dtype is not None)
+
+
+def test_cpu_presets_decode_in_nhwc():
+    """The VAE decodes 15 % faster in NHWC on a CPU (the tiny one 3x in bf16); CUDA's
+    GroupNorms run slower that way."""
+    for preset in ("default", "auto", "fastest"):
+        assert FastPath.preset(preset, "cpu").options.channels_last_vae is True
+        assert FastPath.preset(preset, "cuda").options.channels_last_vae is False
+    assert FastPath.preset("off", "cpu").options.channels_last_vae is False
 
 
 def _image(engine, **kw):
@@ -59,6 +68,9 @@ def test_default_fast_path_equals_plain(pair):
     assert report.applied["prompt_cache"] == "on"
     assert report.applied["channels_last"] == "on"
     assert fast.base.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert report.applied["channels_last_vae"] == "on"
+    assert fast.base.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not fast.base.vae.decoder.conv_in.weight.is_contiguous()
     a, b = _image(plain), _image(fast)
     assert a.shape == b.shape == (1, 64, 64, 3)
     assert np.abs(a - b).max() <= EXACT_TOL
