@@ -216,3 +216,75 @@ def test_baking_writes_what_diffusers_fuse_writes(tiny, which, weight):
             torch.testing.assert_close(mine[key], value, rtol=0, atol=1e-6, msg=key)
             changed += model == "unet" and not torch.equal(before[key], mine[key])
     assert changed > 10  # the LoRA did change the weights
+
+
+def _one_shot(tiny, request):
+    """An engine built as a one-shot command builds it: for the calls it will run."""
+    from fewstep.build import build_engine, inspect
+
+    blueprint = inspect(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu",
+                        openvino="off")
+    return build_engine(blueprint, calls=[blueprint.plan(request)])
+
+
+def _lcm_layers(engine):
+    lora = engine.lora(engine.lcm_ref, "lcm_lora")
+    return {key.split(".")[0].removeprefix("lora_unet_") for key in lora.raw}
+
+
+def test_a_one_shot_call_merges_only_the_layers_that_pay(tiny, sd15_engine, monkeypatch):
+    """A one-shot command's call does not bake the whole LCM-LoRA first: the layers where an
+    adapter would cost more over the call's steps than a merge are merged, the rest run beside
+    (as the recipe runs them). Same picture as a baked engine; the bake a later call needs
+    completes it without adding any layer twice, and no adapter is left switched on."""
+    import fewstep.engine
+
+    # the tiny model's layers all pay (the test below checks the choice on real sizes): here
+    # the down blocks are merged and the rest run beside
+    monkeypatch.setattr(fewstep.engine, "merge_pays",
+                        lambda name, *args: name.startswith("down_blocks."))
+    request = Txt2ImgRequest(prompt="a boat", seed=11, steps=4)
+    engine = _one_shot(tiny, request)
+    assert not engine.baked
+    loaded = unet_fingerprint(engine.base.unet)
+    image = engine.generate(request).images
+    np.testing.assert_allclose(image, sd15_engine.generate(request).images, atol=1e-4)
+    merged = engine._lcm_merged
+    assert 0 < len(merged) < len(_lcm_layers(engine)), merged
+    assert not engine.baked and not torch.equal(loaded, unet_fingerprint(engine.base.unet))
+    np.testing.assert_allclose(engine.generate(request).images, image, atol=1e-6)
+    # a LoRA stack bakes the rest, then the base model again: the LCM-LoRA once, not twice
+    styled = Txt2ImgRequest(prompt="a boat", seed=11, steps=4,
+                            loras=[LoraRequest(ref=str(tiny.style_sd15), weight=0.8)])
+    np.testing.assert_allclose(engine.generate(styled).images,
+                               sd15_engine.generate(styled).images, atol=1e-4)
+    assert engine.baked
+    np.testing.assert_allclose(engine.generate(request).images, image, atol=1e-4)
+
+
+def test_merging_pays_where_an_adapter_sees_many_tokens():
+    """The choice per layer: a layer at the latent's full resolution is merged (its adapter
+    would run over every position at every step), a wide layer at the lowest resolution runs
+    beside unless the call is long; cross-attention keys see the prompt's 77 tokens."""
+    from types import SimpleNamespace
+
+    from fewstep.lora import _unet_tokens, merge_pays
+
+    def layer(size, rank=64):
+        base = torch.nn.Linear(size, size, bias=False)
+        return SimpleNamespace(get_base_layer=lambda: base,
+                               lora_A={"a": torch.nn.Linear(size, rank, bias=False)})
+
+    narrow, wide = layer(320), layer(1280)
+    latent = (32, 32)  # SD1.5 at 256x256, four resolutions
+    assert merge_pays("down_blocks.0.attentions.0.proj_in", narrow, "a", latent, 4, runs=4)
+    assert not merge_pays("mid_block.attentions.0.proj_in", wide, "a", latent, 4, runs=4)
+    assert merge_pays("mid_block.attentions.0.proj_in", wide, "a", latent, 4, runs=100)
+    assert not merge_pays("down_blocks.0.attentions.0.proj_in", narrow, "a", latent, 4, runs=0)
+    assert _unet_tokens("down_blocks.1.resnets.0.conv1", (64, 64), 4) == 32 * 32
+    assert _unet_tokens("down_blocks.1.downsamplers.0.conv", (64, 64), 4) == 16 * 16
+    assert _unet_tokens("up_blocks.1.upsamplers.0.conv", (64, 64), 4) == 32 * 32
+    assert _unet_tokens("up_blocks.3.attentions.2.proj_out", (64, 48), 4) == 64 * 48
+    assert _unet_tokens("mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+                        (64, 64), 4) == 77
+    assert _unet_tokens("down_blocks.2.resnets.1.time_emb_proj", (64, 64), 4) == 1

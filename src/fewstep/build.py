@@ -282,7 +282,8 @@ def build_engine(options: EngineOptions | Blueprint | None = None, /, *,
             blueprint.check_lora(ref, f"loras.{i}")
         for name, ref in call.components:
             blueprint.check_component(name, ref, name)
-    engine = _load(blueprint, defer_bake=_defers_bake(blueprint))
+    engine = _load(blueprint, defer_bake=_defers_bake(blueprint, calls))
+    engine.lcm_beside = calls is not None and blueprint.device.startswith("cpu")
     for field, ref in loras.items():
         engine.preload_lora(ref, field)
     for kind, table in tables.items():
@@ -311,12 +312,16 @@ def missing_parts(engine) -> list[str]:
     return [wanted.label for wanted in parts.missing] if parts is not None else []
 
 
-def _defers_bake(blueprint: Blueprint) -> bool:
+def _defers_bake(blueprint: Blueprint, calls: Sequence[PipelineCall] | None = None) -> bool:
     """Whether the LCM-LoRA's bake waits until torch runs the base UNet: when OpenVINO may
-    serve every base call (torch's weights then stay as loaded, mapped from the file) and the
-    LoRA touches the UNet only (converted text encoders come from torch's as they are)."""
+    serve every base call (torch's weights then stay as loaded, mapped from the file), or for
+    a one-shot command on a CPU (its call merges only the layers where that pays:
+    `Engine.lcm_beside`); and the LoRA touches the UNet only (converted text encoders come
+    from torch's as they are)."""
     lcm = blueprint.lcm
-    if lcm.ref is None or blueprint.openvino[0] is None:
+    if lcm.ref is None:
+        return False
+    if blueprint.openvino[0] is None and not (calls and blueprint.device.startswith("cpu")):
         return False
     lora = blueprint.lora(lcm.ref, "lcm_lora")
     return not any(key.startswith(("lora_te", "text_encoder", "te_")) for key in lora.raw)
@@ -395,7 +400,7 @@ def _speed_up(engine, blueprint: Blueprint, calls, fast_path, progress) -> None:
                                                     half_dtype_for(engine.device))
         fast_path = FastPath.preset(options.speed, engine.device, engine.family.name, **extra)
     report = fast_path.apply(engine, warm_up=_warm_up(engine), progress=progress)
-    if not engine.baked and getattr(fast_path, "openvino", None) is None:
+    if not engine.baked and getattr(fast_path, "openvino", None) is None and calls is None:
         engine.bake()  # OpenVINO was skipped after all: torch runs every call
     if not fast_path.options.openvino:
         report.applied["openvino"] = why  # why not ("off (package not installed)", ...)

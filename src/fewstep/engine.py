@@ -33,7 +33,10 @@ from .lora import (
     bake_lora,
     check_fits,
     lora_models,
+    merge_pays,
     read_lora,
+    run_beside,
+    slot_name,
 )
 from .prompts import PromptCache, encode_prompts
 from .records import Record
@@ -142,6 +145,13 @@ class Engine:
         self.fast_report = None
         self._unbaked = model.unbaked
         self._served: Callable[[PipelineCall], bool] | None = None
+        # a torch call runs the deferred LCM-LoRA partly beside the layers (as the recipe
+        # does) instead of baking it first: each layer merged only where that costs less than
+        # the adapter does over the call's steps. For a one-shot command (the builder sets
+        # it), whose one call would not pay back the whole bake.
+        self.lcm_beside = False
+        self._lcm_merged: set[str] = set()  # UNet layers whose weights hold it already
+        self._lcm_beside_now = False  # the call running now has it beside the layers
 
     # -- the seam for speed techniques (fewstep.accel uses these and nothing private) ----------
 
@@ -183,6 +193,31 @@ class Engine:
         """Whether the LCM-LoRA is in torch's base weights (it may be deferred)."""
         return self._unbaked is None
 
+    @property
+    def lcm_applied(self) -> bool:
+        """Whether torch's base UNet runs with its LCM-LoRA now: baked in, or beside the
+        layers for the call running now."""
+        return self._unbaked is None or self._lcm_beside_now
+
+    def _runs_lcm_beside(self, call: PipelineCall) -> bool:
+        """Whether `call` runs the deferred LCM-LoRA beside the layers rather than baking it
+        first: on a one-shot engine, a call with no LoRA stack of its own, on the base UNet
+        as loaded (in the engine's dtype)."""
+        if not self.lcm_beside or call.loras or call.task == "animate":
+            return False
+        if self._fused is not None and self._fused.pristine:
+            return False  # a stack is fused into the weights: only the bake starts clean
+        return self.base.unet.dtype == self.dtype
+
+    def _merge_pays(self, call: PipelineCall, jobs: int) -> Callable[[str, Any], bool]:
+        """For `run_beside`: whether merging a UNet layer pays for this call."""
+        scale = self.base.vae_scale_factor
+        latent = (call.height // scale, call.width // scale)
+        levels = len(self.base.unet.config.block_out_channels)
+        runs = call.steps * call.count * jobs
+        adapter = slot_name(self._unbaked, self._slots_for(self.base).tag)
+        return lambda name, layer: merge_pays(name, layer, adapter, latent, levels, runs)
+
     def bake(self) -> None:
         """Bake the deferred LCM-LoRA into torch's base weights now. Adapter layers are dropped
         first (loaded again when a request asks for them), so no stack starts from weights
@@ -191,8 +226,10 @@ class Engine:
             if self._unbaked is None:
                 return
             self.clear_adapters()
-            bake_lora(self.base, self._unbaked, self.lcm_weight)
+            bake_lora(self.base, self._unbaked, self.lcm_weight,
+                      skip=frozenset(self._lcm_merged))
             self._unbaked = None
+            self._lcm_merged = set()
             for pipe in self.pipelines():  # what speed techniques left for torch's weights
                 for hook in self._hooks:
                     hook(pipe)
@@ -429,18 +466,38 @@ class Engine:
 
     def _call_pipeline(self, jobs: list["Job"]) -> np.ndarray:
         first = jobs[0].call
+        beside = False
         if self._unbaked is not None and not (self._served and self._served(first)):
-            self.bake()  # torch runs the base weights in this call
+            beside = self._runs_lcm_beside(first)
+            if not beside:
+                self.bake()  # torch runs the base weights in this call
         pipe = self.pipeline(first.task, **dict(first.components))
         loader = self._loader_for(pipe)
+        if beside and loader is not self.base:
+            beside = False
+            self.bake()
         stack = []
         for i, (ref, weight) in enumerate(first.loras):
             lora = self.lora(ref, f"loras.{i}")
             # every LoRA checked before any is applied
             check_fits(lora, type(loader), lora_models(loader, pipe.unet))
             stack.append((lora, weight))
-        apply_stack(loader, self._slots_for(pipe), stack)
+        if beside:
+            run_beside(loader, self._slots_for(pipe), self._unbaked, self.lcm_weight,
+                       self._lcm_merged, self._merge_pays(first, len(jobs)))
+        else:
+            apply_stack(loader, self._slots_for(pipe), stack)
+        self._lcm_beside_now = beside
         self.current_loras = tuple(first.loras)
+        try:
+            return self._run_pipeline(pipe, jobs)
+        finally:
+            if beside:  # never left on for the next call (a fused stack would not switch it off)
+                loader.disable_lora()
+                self._lcm_beside_now = False
+
+    def _run_pipeline(self, pipe, jobs: list["Job"]) -> np.ndarray:
+        first = jobs[0].call
 
         kwargs = dict(first.arguments)
         for name in first.batched:

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -256,20 +257,35 @@ def check_fits(lora: LoraFile, pipeline_cls, models: dict[str, torch.nn.Module],
     return complete
 
 
-def bake_lora(pipe, lora: LoraFile, weight: float) -> None:
+def bake_lora(pipe, lora: LoraFile, weight: float, skip: frozenset[str] = frozenset()) -> None:
     """Add `weight` x the LoRA into the base weights for good (used for the LCM-LoRA): the
-    model runs at plain speed afterwards, with no adapter layers in the way."""
+    model runs at plain speed afterwards, with no adapter layers in the way. `skip`: UNet
+    layers that hold it already (merged by `run_beside`)."""
     from peft.tuners.lora import LoraLayer
 
     name = "fs_bake"
     pipe.load_lora_weights(dict(lora.raw), adapter_name=name)
     try:
-        for model in lora_models(pipe, pipe.unet).values():
-            for module in model.modules():
-                if isinstance(module, LoraLayer) and name in module.lora_A:
+        for key, model in lora_models(pipe, pipe.unet).items():
+            for qualified, module in model.named_modules():
+                if isinstance(module, LoraLayer) and name in module.lora_A and \
+                        not (key == "unet" and qualified in skip):
                     _merge_into_new_weight(module, name, weight)
     finally:
         pipe.unload_lora_weights()
+
+
+def _mergeable(layer, name: str) -> bool:
+    """A plain LoRA on a Linear or Conv2d: merged with one matrix multiply-add."""
+    base = layer.get_base_layer()
+    lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    return (isinstance(base, (torch.nn.Linear, torch.nn.Conv2d))
+            and not layer.use_dora.get(name, False)
+            and not getattr(layer, "lora_bias", {}).get(name, False)
+            and not getattr(layer, "fan_in_fan_out", False)
+            and name not in getattr(layer, "lora_variant", {})
+            and lora_b.dim() in (2, 4) and lora_b[0].numel() == lora_b.shape[1]  # B: 1x1
+            and lora_a.shape[1:] == base.weight.shape[1:])
 
 
 def _merge_into_new_weight(layer, name: str, weight: float) -> None:
@@ -278,19 +294,12 @@ def _merge_into_new_weight(layer, name: str, weight: float) -> None:
     place: loaded weights are mapped from the file, and writing them copies them a page at a
     time (11 s against 2 s for the SD1.5 UNet on 2 cores). Other kinds of adapter (DoRA, a
     LoRA with a bias, a factorised kernel) are merged by peft."""
-    base = layer.get_base_layer()
-    lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
-    plain = (isinstance(base, (torch.nn.Linear, torch.nn.Conv2d))
-             and not layer.use_dora.get(name, False)
-             and not getattr(layer, "lora_bias", {}).get(name, False)
-             and not getattr(layer, "fan_in_fan_out", False)
-             and name not in getattr(layer, "lora_variant", {})
-             and lora_b.dim() in (2, 4) and lora_b[0].numel() == lora_b.shape[1]  # B: 1x1
-             and lora_a.shape[1:] == base.weight.shape[1:])
-    if not plain:
+    if not _mergeable(layer, name):
         layer.scale_layer(weight)
         layer.merge(adapter_names=[name])
         return
+    base = layer.get_base_layer()
+    lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
     old = base.weight
     with torch.no_grad():
         merged = torch.addmm(old.reshape(old.shape[0], -1),
@@ -392,6 +401,77 @@ def apply_stack(pipe, slots: AdapterSlots, stack: list[tuple[LoraFile, float]]) 
                           adapter_weights=[w for _, w in stack])
     else:
         pipe.disable_lora()
+
+
+def run_beside(pipe, slots: AdapterSlots, lora: LoraFile, weight: float, merged: set[str],
+               merge_pays: Callable[[str, Any], bool]) -> None:
+    """Make `lora` alone active on `pipe`'s UNet at `weight`, each layer either merged into its
+    weights or run beside them as a peft adapter (the recipe's way), whichever costs less for
+    the call about to run (`merge_pays(name, layer)`), even where stacks are fused
+    (`slots.fused`: its current stack must be empty). `merged` names the UNet layers whose
+    weights hold the LoRA (from earlier calls; grown here): they carry no adapter. The caller
+    switches the adapter off (`disable_lora`) after the call."""
+    from peft.tuners.lora import LoraLayer
+
+    name = slot_name(lora, slots.tag)
+    _load_adapters(pipe, slots, [(lora, weight)])
+    pipe.enable_lora()
+    pipe.set_adapters([name], adapter_weights=[weight])  # each layer's scaling holds it now
+    dropped = False
+    for qualified, layer in pipe.unet.named_modules():
+        if not isinstance(layer, LoraLayer) or name not in layer.lora_A:
+            continue
+        if qualified not in merged:
+            if not (_mergeable(layer, name) and merge_pays(qualified, layer)):
+                continue
+            _merge_into_new_weight(layer, name, 1.0)
+            merged.add(qualified)
+        layer.delete_adapter(name)
+        dropped = True
+    if dropped:  # a layer that lost its active adapter may have picked another one
+        pipe.set_adapters([name], adapter_weights=[weight])
+
+
+# what merging a layer and running it beside cost, measured on the SD1.5 UNet with the
+# LCM-LoRA (rank 64, float32, 2-core Xeon): merging all 857 M weights took 1.7 s; beside, the
+# adapters added 0.3 s to each 256x256 step, about half of it per layer whatever its size
+_MERGE_SECONDS_PER_WEIGHT = 1e-9  # plus as much again per 64 of rank
+_BESIDE_SECONDS_PER_UNIT = 1.3e-11  # per token x rank x (inputs + outputs)
+_BESIDE_SECONDS_PER_LAYER = 5e-4  # per layer and step
+
+
+def merge_pays(qualified: str, layer, adapter: str, latent: tuple[int, int], levels: int,
+               runs: int) -> bool:
+    """Whether merging a UNet layer's adapter costs less than running it beside the layer
+    for `runs` (steps x images) at `latent` (height, width), the tokens it sees taken from
+    where it sits in the UNet (`levels`: its resolutions)."""
+    weight = layer.get_base_layer().weight
+    rank = layer.lora_A[adapter].weight.shape[0]
+    inputs, outputs = weight[0].numel(), weight.shape[0]
+    merge = weight.numel() * _MERGE_SECONDS_PER_WEIGHT * (1 + rank / 64)
+    beside = _unet_tokens(qualified, latent, levels) * rank * (inputs + outputs) * \
+        _BESIDE_SECONDS_PER_UNIT + _BESIDE_SECONDS_PER_LAYER
+    return merge < runs * beside
+
+
+def _unet_tokens(qualified: str, latent: tuple[int, int], levels: int) -> int:
+    """The positions a layer of a diffusers UNet runs over for one image: the latent at its
+    block's resolution, the text tokens for a cross-attention's keys and values, one for the
+    time embeddings. A name it does not know counts as the full latent (merged sooner)."""
+    if qualified.startswith(("time_embedding", "add_embedding")) or \
+            qualified.endswith("time_emb_proj"):
+        return 1
+    if re.search(r"\.attn2\.to_[kv]$", qualified):
+        return 77
+    level = 0
+    if match := re.match(r"down_blocks\.(\d+)\.", qualified):
+        level = int(match[1]) + (".downsamplers." in qualified)
+    elif qualified.startswith("mid_block."):
+        level = levels - 1
+    elif match := re.match(r"up_blocks\.(\d+)\.", qualified):
+        level = levels - 1 - int(match[1]) - (".upsamplers." in qualified)
+    level = min(max(level, 0), levels - 1)
+    return max(1, latent[0] >> level) * max(1, latent[1] >> level)
 
 
 def _load_adapters(pipe, slots: AdapterSlots, stack: list[tuple[LoraFile, float]]) -> None:

@@ -418,9 +418,8 @@ class OpenVINOParts:
                 converted = None if args else parts._unet_for(engine, sample, timestep,
                                                               encoder_hidden_states, kwargs)
                 if converted is None:
-                    if not engine.baked:  # never torch's weights without the LCM-LoRA
-                        raise RuntimeError("the base UNet ran on torch before its LCM-LoRA "
-                                           "was baked in")
+                    if not engine.lcm_applied:  # never torch's weights without the LCM-LoRA
+                        raise RuntimeError("the base UNet ran on torch without its LCM-LoRA")
                     parts.calls["unet_torch"] += 1
                     return self.fn_ref.original_forward(sample, timestep, encoder_hidden_states,
                                                         *args, **kwargs)
