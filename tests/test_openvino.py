@@ -271,6 +271,21 @@ def test_int8_without_nncf_is_one_error_naming_the_option(tiny, monkeypatch):
     assert info.value.field == "openvino" and "fewstep[int8]" in info.value.message
 
 
+def _resident(buffer) -> int:
+    """Resident bytes of the mapping that holds `buffer` (an mmap)."""
+    address = np.frombuffer(buffer, dtype=np.uint8).ctypes.data  # read-only ones too
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            head = line.split()
+            if "-" in head[0] and not head[0].endswith(":"):
+                start, end = (int(x, 16) for x in head[0].split("-"))
+                inside = start <= address < end
+            elif inside and head[0] == "Rss:":
+                return int(head[1]) * 1024
+    return 0
+
+
 def test_clean_pages_of_mapped_weight_files_are_given_back(tmp_path):
     """What was only read from a mapped weight file leaves the resident set (the kernel reads it
     again when touched); a mapping with a written page is left alone."""
@@ -279,21 +294,7 @@ def test_clean_pages_of_mapped_weight_files_are_given_back(tmp_path):
 
     from fewstep.accel.memory import release_clean_file_pages
 
-    def resident(buffer) -> int:
-        import ctypes
-
-        address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
-        with open("/proc/self/smaps") as smaps:
-            inside = False
-            for line in smaps:
-                head = line.split()
-                if "-" in head[0] and not head[0].endswith(":"):
-                    start, end = (int(x, 16) for x in head[0].split("-"))
-                    inside = start <= address < end
-                elif inside and head[0] == "Rss:":
-                    return int(head[1]) * 1024
-        return 0
-
+    resident = _resident
     size = 8 * 2**20
     clean, dirty = tmp_path / "clean.safetensors", tmp_path / "dirty.safetensors"
     for path in (clean, dirty):
@@ -335,3 +336,35 @@ def test_pages_of_a_weight_file_just_written_are_given_back_too(tmp_path):
             assert release_clean_file_pages((".blob",)) >= size, flags
             assert read[7] == 2
             read.close()
+
+
+def test_blob_pages_are_given_back_while_they_are_read(tmp_path):
+    """While OpenVINO loads a blob and copies its weights at the first call, the pages of a
+    blob mapped shared and read-only are given back as it goes, not only afterwards (the
+    mapped blob and the copies made the peak: 6.7 GB against 4.3 after, SD1.5 at 256x256);
+    the bytes read stay the file's, and a writable mapping is never touched."""
+    import mmap
+    import time
+
+    from fewstep.accel.memory import releasing_blob_pages
+
+    size = 8 * 2**20
+    blob, other = tmp_path / "model.blob", tmp_path / "state.blob"
+    blob.write_bytes(bytes(range(256)) * (size // 256))
+    other.write_bytes(b"\3" * size)
+    with open(blob, "rb") as a, open(other, "r+b") as b:
+        shared = mmap.mmap(a.fileno(), size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        private = mmap.mmap(b.fileno(), size, flags=mmap.MAP_PRIVATE)
+        private[0] = 9  # a page of its own: dropping it would lose it
+        with releasing_blob_pages(interval=0.01):
+            total = 0
+            for i in range(0, size, 4096):
+                total += shared[i + 7]
+                private[i]
+            time.sleep(0.2)
+            assert _resident(shared) < size // 2
+            assert _resident(private) >= size
+        assert total == 7 * (size // 4096)  # every page read as written
+        assert private[0] == 9 and shared[4096 + 200] == 200
+        shared.close()
+        private.close()

@@ -339,7 +339,9 @@ class FastPath:
                     module.to(memory_format=torch.channels_last)
         vae = getattr(pipe, "vae", None)
         if opts.channels_last_vae and isinstance(vae, torch.nn.Module) and \
+                not (self.openvino is not None and self.openvino.vae_models) and \
                 self._first("channels_last", vae):
+            # not where a converted decoder serves: a copy of weights torch rarely runs then
             vae.to(memory_format=torch.channels_last)
 
     def _lazy(self, unet) -> bool:

@@ -31,6 +31,7 @@ from typing import Any, get_args
 import torch
 
 from ..config import OpenVINOMode
+from .memory import release_clean_file_pages, releasing_blob_pages
 
 MODES = get_args(OpenVINOMode)
 HOOK_NAME = "fewstep.openvino"  # in diffusers' hook registry of the UNet and the VAE decoder
@@ -230,11 +231,12 @@ class OpenVINOParts:
                         "INFERENCE_NUM_THREADS": torch.get_num_threads()}
         wanted_parts = self._wanted(engine)
         self._release()  # the pages its keys were read from
-        for wanted in wanted_parts:
-            if self._path(wanted).exists() or build:
-                self._build(engine, wanted, progress)
-            else:
-                self.missing.append(wanted)
+        with releasing_blob_pages():  # not both the mapped blob and the loaded copy
+            for wanted in wanted_parts:
+                if self._path(wanted).exists() or build:
+                    self._build(engine, wanted, progress)
+                else:
+                    self.missing.append(wanted)
         self.hooks = self._route(engine)
         engine.serve_without_torch(self.serves)
         self._release()
@@ -261,15 +263,14 @@ class OpenVINOParts:
         the cache (the converted model and its compiled blob) for the next process, as a
         one-shot command does after its output: nothing is kept in memory or run."""
         missing, self.missing = self.missing, []
-        for wanted in missing:
-            self._build(engine, wanted, progress, load=load)
+        with releasing_blob_pages():
+            for wanted in missing:
+                self._build(engine, wanted, progress, load=load)
         self._release()
 
     def _release(self) -> None:
         """The compiled models have copied their weights: the mapped blobs (and the weight
         files read for the keys) need not stay resident."""
-        from .memory import release_clean_file_pages
-
         self.released_bytes += release_clean_file_pages()
 
     # -- what to convert ---------------------------------------------------------------------
@@ -377,10 +378,14 @@ class OpenVINOParts:
     # -- running ------------------------------------------------------------------------
 
     def _results(self, converted: _Converted, tensors):
-        results = converted.request.infer(_arrays(tensors))
-        if not converted.ran:  # not warmed up (a one-shot command): its first call just
-            converted.ran = True  # copied the weights; their mapped pages are not read again
-            self._release()
+        if converted.ran:
+            return converted.request.infer(_arrays(tensors))
+        # not warmed up (a one-shot command): its first call copies the weights from the
+        # mapped blob, whose pages are not read again
+        with releasing_blob_pages():
+            results = converted.request.infer(_arrays(tensors))
+        converted.ran = True
+        self._release()
         return results
 
     def _infer(self, converted: _Converted, tensors) -> torch.Tensor:
