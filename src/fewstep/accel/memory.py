@@ -12,7 +12,8 @@ Dropping them only afterwards leaves both copies resident for a moment: while Op
 blob and copies the UNet's weights at its first call, the mapped pages and the copies add up
 (6.7 GB at the peak against 4.3 GB after, SD1.5 at 256x256). `releasing_blob_pages` drops the
 pages of blobs mapped shared and read-only, which can hold nothing but the file's own bytes,
-every few hundredths of a second while such a step runs.
+four times a second while such a step runs (every 30 ms, the pages OpenVINO was still reordering
+came back too often: a one-shot command right after the cache was written took 2 s longer).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _madvise():
 
 
 @contextlib.contextmanager
-def releasing_blob_pages(interval: float = 0.03, suffixes: tuple[str, ...] = (".blob", ".bin")):
+def releasing_blob_pages(interval: float = 0.25, suffixes: tuple[str, ...] = (".blob", ".bin")):
     """While the body runs, a thread gives back the resident pages of `suffixes` files mapped
     shared and read-only (OpenVINO's blobs and IR weights) every `interval` seconds: what is
     still to be read comes back from the page cache when touched (a minor fault), what was
