@@ -482,14 +482,14 @@ class Engine:
             # every LoRA checked before any is applied
             check_fits(lora, type(loader), lora_models(loader, pipe.unet))
             stack.append((lora, weight))
-        if beside:
-            run_beside(loader, self._slots_for(pipe), self._unbaked, self.lcm_weight,
-                       self._lcm_merged, self._merge_pays(first, len(jobs)))
-        else:
-            apply_stack(loader, self._slots_for(pipe), stack)
-        self._lcm_beside_now = beside
-        self.current_loras = tuple(first.loras)
         try:
+            if beside:
+                self._lcm_beside_now = True
+                run_beside(loader, self._slots_for(pipe), self._unbaked, self.lcm_weight,
+                           self._lcm_merged, self._merge_pays(first, len(jobs)))
+            else:
+                apply_stack(loader, self._slots_for(pipe), stack)
+            self.current_loras = tuple(first.loras)
             return self._run_pipeline(pipe, jobs)
         finally:
             if beside:  # never left on for the next call (a fused stack would not switch it off)
