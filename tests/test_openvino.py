@@ -339,10 +339,10 @@ def test_pages_of_a_weight_file_just_written_are_given_back_too(tmp_path):
 
 
 def test_blob_pages_are_given_back_while_they_are_read(tmp_path):
-    """While OpenVINO loads a blob and copies its weights at the first call, the pages of a
-    blob mapped shared and read-only are given back as it goes, not only afterwards (the
-    mapped blob and the copies made the peak: 6.7 GB against 4.3 after, SD1.5 at 256x256);
-    the bytes read stay the file's, and a writable mapping is never touched."""
+    """While models are converted and compiled into the cache, the pages of blobs and IR
+    weights mapped shared and read-only are given back as it goes, not only afterwards (a cold
+    command's preparing peaked at 13.0 GB); the bytes read stay the file's, and a writable
+    mapping is never touched."""
     import mmap
     import time
 

@@ -8,12 +8,13 @@ resident. Clean file-backed pages can be dropped at any time: the kernel reads t
 the file if they are touched. `release_clean_file_pages` drops them for mappings of weight
 files that hold no written page (so no data can be lost), on Linux; elsewhere it does nothing.
 
-Dropping them only afterwards leaves both copies resident for a moment: while OpenVINO loads a
-blob and copies the UNet's weights at its first call, the mapped pages and the copies add up
-(6.7 GB at the peak against 4.3 GB after, SD1.5 at 256x256). `releasing_blob_pages` drops the
-pages of blobs mapped shared and read-only, which can hold nothing but the file's own bytes,
-four times a second while such a step runs (every 30 ms, the pages OpenVINO was still reordering
-came back too often: a one-shot command right after the cache was written took 2 s longer).
+Dropping them only afterwards leaves both copies resident for a moment. `releasing_blob_pages`
+drops the pages of blobs and IR weights mapped shared and read-only, which can hold nothing but
+the file's own bytes, four times a second while a step runs: used where models are converted and
+compiled into the cache. Not while OpenVINO loads a blob and copies its weights at the first call
+(6.7 GB at that peak against 4.3 GB after, SD1.5 at 256x256): a warm one-shot command doing so
+peaked at 4.8 GB but took 19.8 s inside `fewstep bench` (whose own process holds GBs) against
+15 s alone; pages dropped while still being read may leave the page cache and come from disk.
 """
 
 from __future__ import annotations
