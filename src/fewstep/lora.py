@@ -8,9 +8,10 @@ unchanged.
 
 The family's LCM-LoRA is baked into the base weights once (`bake_lora`): it is the same for every
 request of an engine. A one-shot command's call merges only the layers where that pays for its
-steps and runs the rest beside them (`run_beside`, `merge_pays`); a later bake completes it. Style and motion LoRAs are peft adapters, activated per request with
-`set_adapters` and deactivated (not merely scaled to zero) when a request does not ask for them,
-so one request's stack never reaches the next."""
+steps and runs the rest beside them (`run_beside`, `merge_pays`); a later bake completes it.
+Style and motion LoRAs are peft adapters, activated per request with `set_adapters` and
+deactivated (not merely scaled to zero) when a request does not ask for them, so one request's
+stack never reaches the next."""
 
 from __future__ import annotations
 
