@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fewstep import bench
-from fewstep.bench import measure, models
+from fewstep.bench import measure, models, report
 
 ENGINE_MODES = ("default", "auto", "fastest")
 STAGE_KEYS = ("text_encode_ms", "unet_steps_ms", "unet_step_ms", "vae_decode_ms", "other_ms",
@@ -97,6 +97,19 @@ def test_exact_presets_match_the_recipe_and_outputs_are_written(smoke):
     for row in ("| recipe |", "| auto |", "Host syncs and compiles", "Cold start"):
         assert row in text
     assert (out / "smoke.png").stat().st_size > 0
+
+
+def test_the_wasted_decode_note_compares_one_call_with_its_batch(smoke):
+    # counts are per timed call, whatever the number of throughput repeats
+    data = json.loads(json.dumps(smoke[0]))
+    data["config"]["throughput_repeats"] = 3
+    for r in data["results"].values():
+        r["images_decoded_by_batch"] = {"1": 1, "2": 2}
+    assert "decoded" not in report.markdown(data)
+    data["results"]["default"]["images_decoded_by_batch"] = {"1": 1, "2": 4}
+    notes = [line for line in report.markdown(data).splitlines() if "decoded" in line]
+    assert notes == ["Note: default decoded 4 images in a batch-2 call: its images/s b2 counts "
+                     "only the 2 it returned."]
 
 
 # -- the measuring parts, on a fake pipeline ---------------------------------------------------
