@@ -4,6 +4,7 @@ off), their largest pixel difference, and the latency of each. Prints one JSON o
 
     PYTHONPATH=src python scripts/graph_loop_check.py --family sd15 --size 512     # real sizes
     PYTHONPATH=src python scripts/graph_loop_check.py --tiny                        # seconds
+    PYTHONPATH=src python scripts/graph_loop_check.py --speed auto   # over the compiled UNet
 
 On a machine without CUDA it says so and exits 2 (the runner captures nothing there);
 `--cpu-eager --tiny` runs the same check with the loop run eagerly on the CPU (this script's own
@@ -29,6 +30,8 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="the tiny test models, 64x64")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--cpu-eager", action="store_true", help="no graph: the loop, eagerly")
+    parser.add_argument("--speed", default="default", choices=("default", "auto", "fastest"),
+                        help="the preset under the graph (auto, fastest: the compiled UNet)")
     args = parser.parse_args()
 
     import numpy as np
@@ -37,7 +40,7 @@ def main() -> int:
     if not torch.cuda.is_available() and not args.cpu_eager:
         print(json.dumps({"error": "no CUDA device: the graph loop only runs on CUDA"}))
         return 2
-    from fewstep.accel import FastOptions, FastPath
+    from fewstep.accel import FastPath
     from fewstep.accel.graphs import GraphedTxt2ImgRunner
     from fewstep.bench.models import build_real, build_tiny
     from fewstep.build import build_engine
@@ -45,17 +48,18 @@ def main() -> int:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="graph-loop-"))
     if args.tiny:
-        model, lora, _ = build_tiny(work / "tiny", args.family)
+        model, lora, taesd = build_tiny(work / "tiny", args.family)
         size = 64
     else:
-        model, lora, _ = build_real(args.family, work / args.family, torch.float16, "cuda")
+        model, lora, taesd = build_real(args.family, work / args.family, torch.float16, "cuda")
         size = args.size or (512 if args.family == "sd15" else 1024)
     shape = (size, size, args.batch)
     device, dtype = ("cpu", "fp32") if args.cpu_eager else ("cuda", "fp16")
     began = time.perf_counter()
-    # speed "default" plus the graph loop for this shape and step count
-    path = FastPath(FastOptions(compile_shapes=(shape,), graph_steps=(args.steps,),
-                                cuda_graph_loop=not args.cpu_eager))
+    # the preset plus the graph loop for this shape and step count
+    path = FastPath.preset(args.speed, device, args.family, compile_shapes=(shape,),
+                           graph_steps=(args.steps,), cuda_graph_loop=not args.cpu_eager,
+                           **({"tiny_vae": str(taesd)} if args.speed == "fastest" else {}))
     engine = build_engine(model=str(model), lcm_lora=str(lora), device=device, dtype=dtype,
                           fast_path=path)
     runner = path.graph_runner
@@ -88,7 +92,8 @@ def main() -> int:
     plain, plain_s = timed(seeds)
     diff = max(float(np.abs(a - b).max()) for a, b in zip(graphed, plain))
     print(json.dumps({
-        "family": args.family, "shape": shape, "steps": args.steps, "tiny": args.tiny,
+        "family": args.family, "speed": args.speed, "shape": shape, "steps": args.steps,
+        "tiny": args.tiny,
         "applied": path.report.applied.get("cuda_graph_loop"),
         "capture_s": runner.capture_seconds, "engine_load_s": round(load_s, 2),
         "graphed_calls": graphed_calls, "last_declined": runner.declined,

@@ -107,9 +107,13 @@ def test_the_wasted_decode_note_compares_one_call_with_its_batch(smoke):
         r["images_decoded_by_batch"] = {"1": 1, "2": 2}
     assert "decoded" not in report.markdown(data)
     data["results"]["default"]["images_decoded_by_batch"] = {"1": 1, "2": 4}
-    notes = [line for line in report.markdown(data).splitlines() if "decoded" in line]
+    data["results"]["auto"]["images_decoded_by_batch"] = {"1": 0, "2": 0}  # a replayed graph
+    data["results"]["auto"]["graph_loop_calls"] = 7
+    text = report.markdown(data)
+    notes = [line for line in text.splitlines() if "decoded" in line]
     assert notes == ["Note: default decoded 4 images in a batch-2 call: its images/s b2 counts "
                      "only the 2 it returned."]
+    assert "Note: 7 of auto's measured calls replayed the whole-loop CUDA graph" in text
 
 
 # -- the measuring parts, on a fake pipeline ---------------------------------------------------

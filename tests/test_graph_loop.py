@@ -105,6 +105,59 @@ def test_runner_declines_on_cpu_and_the_fast_path_says_why(tiny):
     assert engine.generate(_request()).images.shape == (1, SIZE, SIZE, 3)
 
 
+def test_auto_captures_the_loop_only_where_it_was_measured_to_pay():
+    from fewstep.build import _graph_loop
+    from fewstep.config import EngineOptions
+
+    def decide(device="cuda", calls=None, **fields):
+        return _graph_loop(EngineOptions(model="m", **fields), device, calls)
+
+    assert EngineOptions(model="m").cuda_graph_loop == "auto"
+    # a service at speed default on CUDA: on (bitwise the pipeline's pixels, 3.85x on an H200)
+    assert decide(speed="default") == (True, None)
+    assert decide(speed="default", device="cuda:1") == (True, None)
+    # a one-shot command, a CPU, a compiled UNet not yet measured inside the graph: off, and why
+    assert decide(speed="default", calls=[]) == \
+        (False, "off (auto: a one-shot command; capturing takes longer than it saves)")
+    assert decide(speed="default", device="cpu") == (False, None)
+    for speed in ("auto", "fastest", "off"):
+        on, why = decide(speed=speed)
+        assert not on and f"speed {speed}" in why
+    # asked for, it is on everywhere (the runner then says why it captures nothing on a CPU)
+    assert decide(speed="auto", device="cpu", cuda_graph_loop="on") == (True, None)
+    assert decide(speed="default", cuda_graph_loop="off") == (False, None)
+
+
+def test_the_default_build_on_a_cpu_captures_nothing(tiny):
+    engine = build_engine(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu",
+                          dtype="fp32", speed="default")
+    assert engine.fast_report.applied["cuda_graph_loop"] == "off"
+    assert engine.fast_path.graph_runner is None
+
+
+@pytest.mark.parametrize("optional", [True, False])
+def test_a_failed_capture_leaves_an_optional_loop_off(tiny, monkeypatch, optional):
+    from fewstep.accel import FastOptions, FastPath
+
+    def fail(self, engine):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(GraphedTxt2ImgRunner, "install", fail)
+    path = FastPath(FastOptions(cuda_graph_loop=True, graph_loop_optional=optional))
+    build = dict(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15), device="cpu", dtype="fp32",
+                 fast_path=path)
+    if not optional:  # asked for by name: the start fails and says why
+        with pytest.raises(RuntimeError, match="stream is capturing"):
+            build_engine(**build)
+        return
+    engine = build_engine(**build)
+    assert engine.fast_report.applied["cuda_graph_loop"] == (
+        "skipped: the capture failed (RuntimeError: operation not permitted when stream is "
+        "capturing)")
+    assert path.graph_runner is None
+    assert engine.generate(_request()).images.shape == (1, SIZE, SIZE, 3)
+
+
 @pytest.mark.parametrize("case", ["controlnet", "guidance", "shape", "steps", "unfused loras"])
 def test_ineligible_calls_run_on_the_pipeline(sd15, tiny, case, monkeypatch):
     plain, looped, runner = sd15

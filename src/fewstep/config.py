@@ -179,9 +179,11 @@ class EngineOptions(_Options):
                                       "converted models for the next start (default "
                                       "~/.cache/fewstep/compile)",
                                       json_schema_extra=_flag(metavar="DIR"))
-    cuda_graph_loop: Literal["off", "on"] = Field(
-        "off", description="CUDA only: capture the whole text-to-image call (all steps and the "
-        "decode) as one CUDA graph per compile shape at start-up (4 steps; not yet measured)")
+    cuda_graph_loop: Literal["auto", "on", "off"] = Field(
+        "auto", description="CUDA only: capture the whole text-to-image call (all steps and the "
+        "decode) as one CUDA graph per compile shape at start-up (4 steps), replayed per "
+        "request with the same pixels (auto: on for a service with speed default, where it was "
+        "measured)")
     fuse_loras: bool = Field(True, description="write each request's LoRA stack into the "
                              "weights (else peft adapters run beside each layer)")
 

@@ -23,9 +23,11 @@ Captured at start-up with an empty LoRA stack, a graph stays valid across LoRA c
 fused stack is written in place into the same weight tensors (`lora.FusedStack`); an engine that
 computes adapters beside the layers instead gets no LoRA call through here.
 
-Status: the CPU tests run this loop eagerly (`eager=True`: same inputs, buffers and arithmetic,
-no capture) and compare it with the engine's plain pipeline path. The CUDA capture and replay
-(`_capture`) is unverified on a GPU in this repository so far.
+The CPU tests run this loop eagerly (`eager=True`: same inputs, buffers and arithmetic, no
+capture) and compare it with the engine's plain pipeline path. On an H200
+(`scripts/graph_loop_check.py`, speed `default`: the eager UNet) the replayed graphs gave bitwise
+the pipeline's pixels, SD1.5 512x512 in 54.6 ms a call against 210 ms; the builder's
+`cuda_graph_loop="auto"` turns it on there. Over a compiled UNet it has not run on a GPU yet.
 """
 
 from __future__ import annotations

@@ -52,6 +52,8 @@ def make_engine(args, mode: str, model, lora, taesd, shapes, cache_dir: str,
         options["tiny_vae"] = str(taesd)
     if mode in ("auto", "fastest"):  # the modes that may build ahead
         options.update(compile_shapes=shapes, compile_cache=cache_dir)
+    elif mode == "default":  # on CUDA its whole-loop graphs: for the timed shapes
+        options.update(compile_shapes=shapes)
     preload = {f"lora.{i}": ref for i, ref in enumerate(loras)}
     changes = overrides(args, mode)
     if not changes:
@@ -147,7 +149,11 @@ def _engine(args, mode: str, model: Path, lora: Path, taesd: Path) -> dict[str, 
               if "warmup" in report.seconds else None,
               "compiled_shapes": [f"{w}x{h}x{b}" for w, h, b in path.shapes(engine)]
               if compiles else []}
+    runner = path.graph_runner
+    replays = runner.replays if runner is not None else 0
     result.update(_measure(args, run, engine.base))
+    if runner is not None:  # calls replayed as one CUDA graph: the stage split sees inside none
+        result["graph_loop_calls"] = runner.replays - replays
     result["fast_path"] = {"built_with": built, "options": path.options.describe(),
                            "applied": report.applied, "checks": report.checks}
     if path.openvino is not None:  # which calls the converted models took (the rest: torch)
