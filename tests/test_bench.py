@@ -209,6 +209,15 @@ def test_ssd1b_config_has_published_sizes():
     assert 104e6 < lora < 106e6  # "105M for SSD-1B"
 
 
+def test_the_caches_of_cold_and_one_shot_runs_are_deleted(smoke):
+    _, out = smoke
+    work = out.parent / "work"
+    assert (work / "one-shot-recipe.png").exists()  # the runs happened in this folder
+    left = sorted(p.name for p in work.iterdir() if "cache" in p.name)
+    assert [name for name in left if name.startswith(("compile-cache-", "one-shot-cache-"))] \
+        == [], left
+
+
 def test_one_shot_commands_are_timed_to_the_file_written(smoke):
     """The recipe as a script and `fewstep txt2img` (empty cache, then the cache its first run
     prepared after its file), each from the process start to its output file."""

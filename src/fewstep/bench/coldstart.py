@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -100,11 +101,15 @@ def cold_starts(args, modes: list[str], model, lora, taesd, workdir: Path) -> di
     out: dict[str, Any] = {}
     for mode in modes:
         cache = tempfile.mkdtemp(prefix=f"compile-cache-{mode}-", dir=workdir)
-        first = _spawn(args, mode, model, lora, taesd, cache)
-        if first.get("compiles"):
-            out[mode] = {"cold": first, "warm": _spawn(args, mode, model, lora, taesd, cache)}
-        else:
-            out[mode] = first
+        try:
+            first = _spawn(args, mode, model, lora, taesd, cache)
+            if first.get("compiles"):
+                out[mode] = {"cold": first, "warm": _spawn(args, mode, model, lora, taesd,
+                                                           cache)}
+            else:
+                out[mode] = first
+        finally:  # GBs per mode (converted models, compiled graphs): a few runs fill a disk
+            shutil.rmtree(cache, ignore_errors=True)
     return out
 
 
@@ -119,10 +124,13 @@ def one_shot_commands(args, model, lora, taesd, modes: list[str],
     for mode in modes:
         cache = tempfile.mkdtemp(prefix=f"one-shot-cache-{mode}-", dir=workdir)
         runs = {}
-        for run in ("cold", "warm"):
-            target = workdir / f"one-shot-{mode}-{run}.png"
-            runs[run] = _timed_command(_fewstep_command(args, mode, model, lora, taesd, cache,
-                                                        target), target)
+        try:
+            for run in ("cold", "warm"):
+                target = workdir / f"one-shot-{mode}-{run}.png"
+                runs[run] = _timed_command(_fewstep_command(args, mode, model, lora, taesd,
+                                                            cache, target), target)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
         out[mode] = runs
     return out
 
