@@ -384,6 +384,8 @@ def _graph_loop(options: EngineOptions, device: str, calls) -> tuple[bool, str |
         return False, None  # CUDA graphs: nothing to say elsewhere
     if calls is not None:
         return False, "off (auto: a one-shot command; capturing takes longer than it saves)"
+    if options.speed == "off":
+        return False, None  # nothing beyond the recipe's own path
     if options.speed != "default":
         return False, (f"off (auto: not yet measured over speed {options.speed}'s UNet; "
                        "cuda_graph_loop=on asks for it)")
