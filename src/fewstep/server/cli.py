@@ -152,6 +152,7 @@ def _serve(settings, blueprint, catalog, sock) -> int:
     from .app import create_app
     from .catalog import Catalog
     from .connections import uvicorn_config
+    from .heap import freeze_startup_objects
     from .service import ServerOptions
 
     quiet_libraries()
@@ -172,6 +173,7 @@ def _serve(settings, blueprint, catalog, sock) -> int:
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     banner = (f"serving {catalog.model_name} ({engine.family.name}, {engine.device}, "
               f"{str(engine.dtype).removeprefix('torch.')}) at http://{address}")
+    freeze_startup_objects()  # full garbage collections skip the engine's half-million objects
     GracefulServer(config, app.state.service, log, banner).run(sockets=[sock])
     return 0
 

@@ -105,6 +105,7 @@ class EngineReplica:
     def __init__(self, spec: ServiceSpec):
         from ..logs import quiet_libraries
         from .convert.common import encode_result
+        from .heap import freeze_startup_objects
         from .local import LocalBackend
         from .service import default_max_batch
 
@@ -126,6 +127,7 @@ class EngineReplica:
             max_batch=options.max_batch or default_max_batch(getattr(engine, "device", "cpu")),
             batch_wait_s=options.batch_wait_ms / 1000)
         self.backend.start()
+        freeze_startup_objects()  # as `fewstep serve` does: full collections skip the engine
         log.info("replica %s ready: %s on %s (pid %d)", self.name, engine.family.name,
                  engine.device, os.getpid())
 
