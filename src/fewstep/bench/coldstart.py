@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -95,21 +94,25 @@ def _spawn(args, mode: str, model, lora, taesd, cache_dir: str) -> dict[str, Any
             "peak_rss_mb": run.peak_mb}
 
 
+def _scratch_cache(prefix: str, workdir: Path) -> tempfile.TemporaryDirectory:
+    """A compile cache folder in `workdir` for one mode's runs, deleted when they are done."""
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=workdir, ignore_cleanup_errors=True)
+
+
 def cold_starts(args, modes: list[str], model, lora, taesd, workdir: Path) -> dict[str, Any]:
     """{mode: timings} for the recipe and engines that do not compile; {mode: {"cold": timings,
     "warm": timings}} for an engine that compiles."""
     out: dict[str, Any] = {}
     for mode in modes:
-        cache = tempfile.mkdtemp(prefix=f"compile-cache-{mode}-", dir=workdir)
-        try:
+        # deleted after its runs: GBs per mode (converted models, compiled graphs), and a few
+        # runs fill a disk
+        with _scratch_cache(f"compile-cache-{mode}-", workdir) as cache:
             first = _spawn(args, mode, model, lora, taesd, cache)
             if first.get("compiles"):
                 out[mode] = {"cold": first, "warm": _spawn(args, mode, model, lora, taesd,
                                                            cache)}
             else:
                 out[mode] = first
-        finally:  # GBs per mode (converted models, compiled graphs): a few runs fill a disk
-            shutil.rmtree(cache, ignore_errors=True)
     return out
 
 
@@ -122,15 +125,12 @@ def one_shot_commands(args, model, lora, taesd, modes: list[str],
     out: dict[str, Any] = {"recipe": _timed_command(_recipe_command(args, model, lora, taesd),
                                                     workdir / "one-shot-recipe.png")}
     for mode in modes:
-        cache = tempfile.mkdtemp(prefix=f"one-shot-cache-{mode}-", dir=workdir)
         runs = {}
-        try:
+        with _scratch_cache(f"one-shot-cache-{mode}-", workdir) as cache:
             for run in ("cold", "warm"):
                 target = workdir / f"one-shot-{mode}-{run}.png"
                 runs[run] = _timed_command(_fewstep_command(args, mode, model, lora, taesd,
                                                             cache, target), target)
-        finally:
-            shutil.rmtree(cache, ignore_errors=True)
         out[mode] = runs
     return out
 
