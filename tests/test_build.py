@@ -177,9 +177,10 @@ def converted(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("FEWSTEP_OPENVINO", "auto")  # as a user has it (the suite turns it off)
     folder = tmp_path / "cache" / "fewstep" / "compile" / "openvino"
-    # part[-WxH]-key-ovVERSION.xml -> part[-WxH]
-    return lambda: sorted(p.name.rsplit("-ov", 1)[0].rsplit("-", 1)[0]
-                          for p in folder.glob("*.xml"))
+    # part[-WxH]-key-ovVERSION[.SHAPES].xml -> part[-WxH] (with .SHAPES: the same model fixed
+    # to a call's shapes, sharing its weights file)
+    return lambda: sorted({p.name.rsplit("-ov", 1)[0].rsplit("-", 1)[0]
+                           for p in folder.glob("*.xml")})
 
 
 def test_a_command_converts_the_size_it_generates(tiny, tmp_path, converted):
@@ -224,7 +225,8 @@ def test_the_fastest_preset_runs_then_prepares_from_float32_weights(tiny, tmp_pa
     assert "fast path ready" in err and converted() == [
         "decoder-32x32", "text_encoder", "unet-32x32"], err
     blobs = tmp_path / "cache" / "fewstep" / "compile" / "openvino" / "blobs"
-    assert len(list(blobs.rglob("*.blob"))) == 3  # compiled now, imported next time
+    # compiled now, imported next time: each part for any batch, and for this call's batch
+    assert len(list(blobs.rglob("*.blob"))) == 6 and len(list(blobs.rglob("*.ok"))) == 3
     assert main([*common, "--out", str(tmp_path / "b.png")]) == 0
     err = capsys.readouterr().err
     assert "from the cache" in err and "preparing" not in err

@@ -368,3 +368,69 @@ def test_blob_pages_are_given_back_while_they_are_read(tmp_path):
         assert private[0] == 9 and shared[4096 + 200] == 200
         shared.close()
         private.close()
+
+
+# -- a one-shot command: compiled at its first call, for that call's batch ----------------------
+
+def _one_shot(tiny, cache, count=1, seed=3):
+    """What `fewstep txt2img` builds and runs: an engine for its one call (the cache only)."""
+    from fewstep.build import inspect, prepare_next
+    from fewstep.config import EngineOptions
+    from fewstep.engine import Job
+
+    blueprint = inspect(EngineOptions(model=str(tiny.sd15), lcm_lora=str(tiny.lcm_sd15),
+                                      device="cpu", dtype="fp32", speed="auto", openvino="on",
+                                      compile_cache=str(cache)))
+    call = blueprint.plan(Txt2ImgRequest(prompt="a lighthouse", seed=seed, steps=4,
+                                         width=SIZE, height=SIZE, num_images=count))
+    engine = build_engine(blueprint, calls=[call])
+    images = engine.run([Job(call)])[0].images
+    prepare_next(engine, load=False)  # the command's last step
+    return engine, images
+
+
+def test_a_one_shot_command_compiles_for_its_own_batch(tiny, tmp_path):
+    """The first run (on torch) writes, beside the converted models, each one fixed to the
+    shapes its calls had, sharing the weights file (a link, not a copy), and their compiled
+    blobs; the next run compiles each part for its call's batch from those, with the plain
+    engine's pixels. A call of another batch is compiled for any batch, and right too."""
+    plain = _engine(tiny.sd15, tiny.lcm_sd15, speed="off", openvino="off")
+    first, torch_images = _one_shot(tiny, tmp_path)
+    assert first.fast_path.openvino.calls["unet"] == 0  # a cold cache: torch ran it
+    folder = tmp_path / "openvino"
+    latent = SIZE // 2  # the tiny model's VAE scales by 2
+    static = sorted(folder.glob(f"*.1x4x{latent}x{latent}*.xml"))
+    assert [p.name.split("-")[0] for p in static] == ["decoder", "unet"]
+    assert sorted(p.name.split("-")[0] for p in folder.glob("text_encoder-*.1x77.xml")) == \
+        ["text_encoder"]
+    for path in static:
+        dynamic = path.with_name(path.name.split(".1x")[0] + ".bin")
+        assert path.with_suffix(".bin").samefile(dynamic)  # one weights file on disk
+    assert len(list((folder / "blobs" / "f32").glob("*.ok"))) == 3
+
+    warm, images = _one_shot(tiny, tmp_path)
+    parts = warm.fast_path.openvino
+    assert parts.calls["unet"] == 4 and parts.calls["vae"] == 1 and parts.calls["text"] == 1
+    assert [m.batch for m in (*parts.unet_models.values(), *parts.vae_models.values(),
+                              *parts.text_models.values())] == [1, 1, 1]
+    assert np.abs(images - _txt2img(plain)).max() <= TOL
+    assert np.abs(images - torch_images).max() <= TOL
+
+    other, two = _one_shot(tiny, tmp_path, count=2)
+    assert [m.batch for m in other.fast_path.openvino.unet_models.values()] == [None]
+    assert other.fast_path.openvino.calls["unet"] == 4
+    assert np.abs(two - _txt2img(plain, count=2)).max() <= TOL
+
+
+def test_prepare_compiles_for_one_shot_commands(tiny, tmp_path):
+    """`fewstep prepare` (an engine converting ahead) also writes what a one-shot command's
+    first call looks for, so that command compiles for its batch from the cache."""
+    from fewstep.build import prepare_one_shots
+
+    engine = _engine(tiny.sd15, tiny.lcm_sd15, speed="auto", openvino="on",
+                     compile_shapes=((SIZE, SIZE, 1),), compile_cache=str(tmp_path))
+    assert sorted(prepare_one_shots(engine, [1])) == [f"decoder_{SIZE}x{SIZE}", "text_encoder",
+                                                      f"unet_{SIZE}x{SIZE}"]
+    assert prepare_one_shots(engine, [1]) == []  # already there
+    warm, _ = _one_shot(tiny, tmp_path)
+    assert [m.batch for m in warm.fast_path.openvino.unet_models.values()] == [1]

@@ -306,6 +306,16 @@ def prepare_next(engine, progress: Callable[[str], None] | None = None,
     return labels
 
 
+def prepare_one_shots(engine, batches: Sequence[int]) -> list[str]:
+    """Compile the converted models into the cache for one-shot commands making `batches`
+    images a call (they compile for their call's batch: `OpenVINOParts.write_static`).
+    Returns what was compiled now."""
+    parts = getattr(engine.fast_path, "openvino", None)
+    if parts is None:
+        return []
+    return [label for batch in batches for label in parts.write_static(batch)]
+
+
 def missing_parts(engine) -> list[str]:
     """What a one-shot build found missing in the cache (converted by `prepare_next`)."""
     parts = getattr(engine.fast_path, "openvino", None)

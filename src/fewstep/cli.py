@@ -260,7 +260,7 @@ def run_prepare(args) -> int:
     CUDA), kept in the cache, so that the first image of a later command or service is fast."""
     import time
 
-    from .build import build_engine, inspect
+    from .build import build_engine, inspect, prepare_one_shots
     from .config import EngineOptions, Settings, given, load, parse_shapes
 
     options = load(EngineOptions, given(args, EngineOptions), {"model_config_dir": "--config"})
@@ -291,6 +291,11 @@ def run_prepare(args) -> int:
         return 0
     for line in built:
         say(line)
+    with console.status("compiling for one-shot commands"):
+        # a command compiles for its own batch (the images it makes), which these blobs are
+        static = prepare_one_shots(engine, sorted({batch for _, _, batch in shapes}))
+    if static:
+        say(f"compiled for one-shot commands: {', '.join(static)}")
     console.print(f"[green]prepared[/] in {time.perf_counter() - began:.0f} s",
                   highlight=False)
     return 0
