@@ -252,3 +252,36 @@ def test_an_animation_builds_nothing_ahead(tiny, tmp_path, converted, capsys):
                  "--steps", "2", "--num-frames", "2", "--openvino", "on",
                  "--out", str(out)]) == 0
     assert out.exists() and converted() == []
+
+
+def test_the_same_command_again_compiles_its_models_while_it_starts(tiny, tmp_path, converted,
+                                                                    monkeypatch, capsys):
+    """A command's first run prepares the fast path and notes what its calls compile; the same
+    command again (another prompt and seed) compiles those beside its imports, and its calls
+    take them, with the pixels of a run that compiled at its calls. Another command (another
+    size) compiles nothing ahead."""
+    from fewstep import ahead
+
+    taken, started = [], []
+    take, start = ahead.take, ahead.start
+    monkeypatch.setattr(ahead, "take", lambda ir, settings: taken.append(
+        take(ir, settings)) or taken[-1])
+    monkeypatch.setattr(ahead, "start", lambda *a: started.append(start(*a)) or started[-1])
+    common = ["txt2img", *model_flags(tiny), "--steps", "2", "--overwrite"]
+    assert main([*common, "a cat", "--seed", "3", "--out", str(tmp_path / "a.png")]) == 0
+    # nothing noted yet; the fast path prepared after the image compiled its own
+    assert started == [0] and taken == [None] * 3
+    assert main([*common, "a dog", "--seed", "4", "--out", str(tmp_path / "b.png")]) == 0
+    assert started == [0, 3] and len(taken) == 6 and all(m is not None for m in taken[3:])
+    assert "from the cache" in capsys.readouterr().err
+    # the same call compiled at its calls (nothing noted: the note's file removed)
+    note = tmp_path / "cache" / "fewstep" / "compile" / "openvino" / ahead.NOTE
+    note.unlink()
+    assert main([*common, "a dog", "--seed", "4", "--out", str(tmp_path / "c.png")]) == 0
+    assert started[-1] == 0 and taken[6:] == [None] * 3
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")),
+                          np.asarray(Image.open(tmp_path / "c.png")))
+    assert note.is_file()  # noted again
+    assert main([*common, "a dog", "--width", "32", "--height", "32", "--out",
+                 str(tmp_path / "d.png")]) == 0
+    assert started[-1] == 0  # another size: another command

@@ -292,7 +292,7 @@ def test_clean_pages_of_mapped_weight_files_are_given_back(tmp_path):
     import mmap
     import os
 
-    from fewstep.accel.memory import release_clean_file_pages
+    from fewstep.pages import release_clean_file_pages
 
     resident = _resident
     size = 8 * 2**20
@@ -323,7 +323,7 @@ def test_pages_of_a_weight_file_just_written_are_given_back_too(tmp_path):
     command right after the one that prepared the cache peaked 1.4 GB higher)."""
     import mmap
 
-    from fewstep.accel.memory import release_clean_file_pages
+    from fewstep.pages import release_clean_file_pages
 
     size = 8 * 2**20
     path = tmp_path / "fresh.blob"
@@ -346,7 +346,7 @@ def test_blob_pages_are_given_back_while_they_are_read(tmp_path):
     import mmap
     import time
 
-    from fewstep.accel.memory import releasing_blob_pages
+    from fewstep.pages import releasing_blob_pages
 
     size = 8 * 2**20
     blob, other = tmp_path / "model.blob", tmp_path / "state.blob"
@@ -434,3 +434,40 @@ def test_prepare_compiles_for_one_shot_commands(tiny, tmp_path):
     assert prepare_one_shots(engine, [1]) == []  # already there
     warm, _ = _one_shot(tiny, tmp_path)
     assert [m.batch for m in warm.fast_path.openvino.unet_models.values()] == [1]
+
+
+def test_compiling_ahead_takes_only_what_the_note_of_the_same_command_lists(tmp_path):
+    """`fewstep.ahead`: the note of another command, an unreadable note or a missing IR start
+    nothing; a model compiled ahead is taken once, for its own IR and settings only; one that
+    failed to compile is not taken (the call compiles it)."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    from fewstep import ahead
+
+    x = ops.parameter([1, 4], ov.Type.f32)
+    ir = tmp_path / "openvino" / "tiny.xml"
+    ir.parent.mkdir()
+    ov.save_model(ov.Model([ops.relu(x)], [x]), str(ir))
+    broken = ir.with_name("broken.xml")
+    broken.write_text("<net>not a model</net>")
+    broken.with_suffix(".bin").write_bytes(b"")
+    settings = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1}
+    entry = {"ir": str(ir), "settings": settings, "blobs": str(tmp_path / "blobs")}
+    ahead.remember(tmp_path, "one", [entry, dict(entry, ir=str(broken)),
+                                     dict(entry, ir=str(tmp_path / "gone.xml"))])
+    assert ahead.start(tmp_path, "another") == 0
+    assert ahead.take(ir, settings) is None
+    assert ahead.start(tmp_path, "one") == 2  # the missing IR is left out
+    assert ahead.take(ir, dict(settings, INFERENCE_NUM_THREADS=2)) is None  # other settings
+    compiled = ahead.take(ir, settings)
+    out = compiled.create_infer_request().infer([np.array([[-1, 2, -3, 4]], np.float32)])[0]
+    assert out.tolist() == [[0, 2, 0, 4]]
+    assert ahead.take(ir, settings) is None  # taken once
+    assert ahead.take(broken, settings) is None  # it failed: the caller compiles
+    assert ahead.start(tmp_path, "one") == 2
+    ahead.keep_only([ir.with_name("other.xml")])  # other weights: nothing of these is taken
+    assert ahead.take(ir, settings) is None
+    (tmp_path / "openvino" / ahead.NOTE).write_text("{not json")
+    assert ahead.start(tmp_path, "one") == 0
+    assert not list((tmp_path / "openvino").glob(".*.tmp"))

@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from .errors import FewstepError
-from .preparing import prepare_after, speed_line
+from .preparing import compile_ahead, prepare_after, remember_compiled, speed_line
 from .terminal import Parser, console, progress, report_error, require_extra, warn
 
 TASK_OUT = {"animate": "fewstep.gif"}
@@ -213,15 +213,20 @@ def _engine_needs(request) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
 
 
 def run_task(args) -> int:
-    from .build import build_engine, inspect
     from .config import EngineOptions, Settings, given, load
+
+    task = args.command
+    options = load(EngineOptions, given(args, EngineOptions), {"model_config_dir": "--config"})
+    # the models the same command compiled last time, compiled now beside the imports below
+    digest = compile_ahead(options, task, {k: getattr(args, k, None) for k in (
+        "width", "height", "num_images", "guidance")})
+    options = _options_for(options, task)
+
+    from .build import build_engine, inspect
     from .logs import quiet_libraries
     from .outputs import check_record_fits, draft_record
     from .tasks import REQUESTS
 
-    task = args.command
-    options = load(EngineOptions, given(args, EngineOptions), {"model_config_dir": "--config"})
-    options = _options_for(options, task)
     settings = Settings.from_env()
     request = REQUESTS[task].build(settings=settings, **_request_values(args, task))
     out = _output(args.out, TASK_OUT.get(task, DEFAULT_OUT), args.overwrite,
@@ -252,6 +257,7 @@ def run_task(args) -> int:
     if args.prepare:
         prepare_after(engine, say=lambda text: console.print(text, style="dim",
                                                              highlight=False))
+    remember_compiled(engine, options, digest)
     return 0
 
 

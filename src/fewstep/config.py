@@ -463,6 +463,12 @@ def _help(info, cls, name: str) -> str:
     return f"{text}; env {_env_name(name)}" if text else f"env {_env_name(name)}"
 
 
+def default_cache_dir() -> Path:
+    """Where compiled graphs and converted models are kept when `compile_cache` is not set."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fewstep" / "compile"
+
+
 def given(args: argparse.Namespace, cls: type[BaseSettings]) -> dict[str, Any]:
     """The fields of `cls` that were given as flags."""
     return {name: getattr(args, name) for name in cls.model_fields if hasattr(args, name)}

@@ -74,3 +74,28 @@ def prepare_after(engine, say, ask_skip: bool = True) -> None:
         return
     say(f"fast path ready in {time.perf_counter() - began:.0f} s: the next run starts from "
         "the cache")
+
+
+def compile_ahead(options, task: str, asked: dict) -> str:
+    """Start compiling, beside the command's imports, what the same command's last run compiled
+    at its calls (`fewstep.ahead`); `asked`: the request's values that choose the shapes.
+    Returns the command's digest, for `remember_compiled`."""
+    from . import ahead
+    from .config import default_cache_dir
+
+    # the folder too: references may be relative to it
+    digest = ahead.command_digest(task, {"options": options.model_dump(mode="json"),
+                                         "folder": os.getcwd(), **asked})
+    ahead.start(options.compile_cache or default_cache_dir(), digest)
+    return digest
+
+
+def remember_compiled(engine, options, digest: str) -> None:
+    """Note what this command compiled at its calls, for its next start (`compile_ahead`)."""
+    from . import ahead
+    from .config import default_cache_dir
+
+    parts = getattr(engine.fast_path, "openvino", None)
+    if parts is not None and parts.compiled_static:
+        ahead.remember(options.compile_cache or default_cache_dir(), digest,
+                       parts.compiled_static)

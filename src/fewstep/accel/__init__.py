@@ -59,10 +59,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import pick_dtype
+from ..config import default_cache_dir, pick_dtype
 from ..prompts import PromptCache
-from .compile import DEFAULT_SHAPES, AheadOfTimeCompiler, configure_compiling, \
-    default_cache_dir
+from .compile import DEFAULT_SHAPES, AheadOfTimeCompiler, configure_compiling
 
 # the published tiny autoencoders, per family (taesd for SD1.x, taesdxl for SDXL and SSD-1B)
 TINY_VAE = {"sd15": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl",

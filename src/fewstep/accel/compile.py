@@ -22,11 +22,6 @@ DEFAULT_SHAPES = {
 }
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fewstep" / "compile"
-
-
 def configure_compiling(cache_dir: str | os.PathLike, shapes: int) -> Path:
     """The process-wide settings compiling ahead needs, set once for the process before the
     first compile (the builder calls it; a second engine in the process asks for the same):

@@ -35,7 +35,7 @@ from typing import Any, get_args
 import torch
 
 from ..config import OpenVINOMode
-from .memory import release_clean_file_pages, releasing_blob_pages
+from ..pages import release_clean_file_pages, releasing_blob_pages
 
 MODES = get_args(OpenVINOMode)
 HOOK_NAME = "fewstep.openvino"  # in diffusers' hook registry of the UNet and the VAE decoder
@@ -219,6 +219,8 @@ class OpenVINOParts:
     # (part, slot): what its compiled blobs are made for
     seen: dict = field(default_factory=dict)
     hooks: list = field(default_factory=list)  # the modules whose calls are routed here
+    # the fixed-shape IRs compiled (or prepared) for a one-shot command: `ahead.remember`
+    compiled_static: list = field(default_factory=list)
     released_bytes: int = 0  # resident pages of mapped weight files given back
 
     def install(self, engine, build: bool = True, progress=None) -> str:
@@ -241,6 +243,10 @@ class OpenVINOParts:
                         "INFERENCE_NUM_THREADS": torch.get_num_threads()}
         wanted_parts = self._wanted(engine)
         self._release()  # the pages its keys were read from
+        if not build:  # a one-shot command: what was compiled ahead for other weights goes
+            from .. import ahead
+
+            ahead.keep_only([self._path(wanted) for wanted in wanted_parts])
         for wanted in wanted_parts:
             if not build and self._in_cache(wanted):
                 self._defer(wanted)  # compiled at its first call, for that call's batch
@@ -453,7 +459,16 @@ class OpenVINOParts:
         Written as an IR of its own (its .bin a link to the weights of `path`): OpenVINO
         reuses a blob without reading the weights only for a model compiled from its file
         (from a reshaped model in memory it hashes all of them: 10.3 GB peak against 6.9)."""
+        from .. import ahead
+
         static = self._static_ir(path, arrays)
+        blobs = self._static_marker(path, arrays).parent
+        entry = {"ir": str(static), "settings": self._config, "blobs": str(blobs)}
+        if entry not in self.compiled_static:
+            self.compiled_static.append(entry)  # what the same command compiles ahead next
+        compiled = ahead.take(static, self._config)  # compiled while the command started
+        if compiled is not None:
+            return compiled
         if not (static.exists() and static.with_suffix(".bin").exists()):
             model = self._core.read_model(str(path))
             model.reshape({i: list(a.shape) for i, a in enumerate(arrays)})

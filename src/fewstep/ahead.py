@@ -1,0 +1,120 @@
+"""Compiling a one-shot command's converted models while the command starts.
+
+A one-shot command on a CPU spends its first seconds importing torch and diffusers (about 5 s on
+two cores), then, at its first calls, compiling its converted models from their cached blobs
+(the SD1.5 UNet: 4-6 s). The imports keep one core busy, the compile mostly the other. So a
+command leaves a note in the cache: a digest of what it was asked (its task, engine options,
+size, batch and guidance) and the fixed-shape IRs its calls compiled. The same command started
+again (another prompt or seed is the same command) compiles those on a thread from its first
+lines, beside the imports, and its calls take them ready.
+
+The note only predicts: a compiled model is taken for the very IR file and settings it was
+compiled from, which the builder finds by its own cache keys (digests of the weights). One
+compiled for nothing (the weights changed) is dropped. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+NOTE = "last-one-shot.json"
+_compiling: dict[tuple[str, str], Future] = {}  # (IR path, settings) -> its compiled model
+
+
+def command_digest(task: str, values: dict[str, Any]) -> str:
+    """What a command was asked, as a digest: the same for two runs that compile the same."""
+    text = json.dumps({"task": task, "values": values}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _note_path(cache_dir: str | os.PathLike) -> Path:
+    return Path(cache_dir).expanduser() / "openvino" / NOTE
+
+
+def _key(ir: str | os.PathLike, settings: dict) -> tuple[str, str]:
+    return str(Path(ir)), json.dumps(settings, sort_keys=True)
+
+
+def start(cache_dir: str | os.PathLike, digest: str) -> int:
+    """Begin compiling, on a thread, what the last command's note lists when it was the same
+    command. Returns how many models are being compiled (0: no note, or another command's)."""
+    try:
+        note = json.loads(_note_path(cache_dir).read_text(encoding="utf-8"))
+        if note.get("digest") != digest:
+            return 0
+        jobs = [(Path(item["ir"]), dict(item["settings"]), str(item["blobs"]))
+                for item in note["compiled"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0  # none, or unreadable: nothing ahead, the calls compile
+    jobs = [job for job in jobs if job[0].is_file() and job[0].with_suffix(".bin").is_file()]
+    futures = []
+    for ir, settings, _ in jobs:
+        future: Future = Future()
+        _compiling[_key(ir, settings)] = future
+        futures.append(future)
+    if jobs:
+        threading.Thread(target=_compile, args=(jobs, futures), name="fewstep-compile-ahead",
+                         daemon=True).start()
+    return len(jobs)
+
+
+def _compile(jobs, futures) -> None:
+    try:
+        import openvino as ov
+
+        from .pages import releasing_blob_pages
+
+        core = ov.Core()
+        # the blob's pages are given back as its weights are copied: one copy resident
+        with releasing_blob_pages():
+            for (ir, settings, blobs), future in zip(jobs, futures):
+                try:
+                    core.set_property({"CACHE_DIR": blobs})
+                    future.set_result(core.compile_model(str(ir), "CPU", settings))
+                except Exception as error:  # the call compiles it again, and says why
+                    future.set_exception(error)
+    except Exception as error:  # openvino not importable: nothing was compiled
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
+
+
+def take(ir: str | os.PathLike, settings: dict):
+    """The model compiled ahead from the IR at `ir` with `settings` (waiting for it when still
+    compiling), or None when none was (the caller compiles)."""
+    future = _compiling.pop(_key(ir, settings), None)
+    if future is None:
+        return None
+    try:
+        return future.result()
+    except Exception:
+        return None
+
+
+def keep_only(models: list[str | os.PathLike]) -> None:
+    """Drop what was compiled ahead from any IR but the fixed-shape ones of `models` (the
+    converted models the builder found for these weights): stale, it would only hold memory."""
+    stems = tuple(Path(model).with_suffix("").name + "." for model in models)
+    for key in list(_compiling):
+        if not Path(key[0]).name.startswith(stems):
+            del _compiling[key]
+
+
+def remember(cache_dir: str | os.PathLike, digest: str, compiled: list[dict]) -> None:
+    """Leave the note for the next start of the same command: `compiled` lists the IRs its
+    calls compiled ({"ir", "settings", "blobs"}). Written whole or not at all."""
+    if not compiled:
+        return
+    path = _note_path(cache_dir)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"digest": digest, "compiled": compiled}), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a read-only cache: the next start compiles at its calls
