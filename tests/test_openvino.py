@@ -454,20 +454,21 @@ def test_compiling_ahead_takes_only_what_the_note_of_the_same_command_lists(tmp_
     broken.with_suffix(".bin").write_bytes(b"")
     settings = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1}
     entry = {"ir": str(ir), "settings": settings, "blobs": str(tmp_path / "blobs")}
-    ahead.remember(tmp_path, "one", [entry, dict(entry, ir=str(broken)),
+    folder = ir.parent  # the OpenVINO cache
+    ahead.remember(folder, "one", [entry, dict(entry, ir=str(broken)),
                                      dict(entry, ir=str(tmp_path / "gone.xml"))])
-    assert ahead.start(tmp_path, "another") == 0
+    assert ahead.start(folder, "another") == 0
     assert ahead.take(ir, settings) is None
-    assert ahead.start(tmp_path, "one") == 2  # the missing IR is left out
+    assert ahead.start(folder, "one") == 2  # the missing IR is left out
     assert ahead.take(ir, dict(settings, INFERENCE_NUM_THREADS=2)) is None  # other settings
     compiled = ahead.take(ir, settings)
     out = compiled.create_infer_request().infer([np.array([[-1, 2, -3, 4]], np.float32)])[0]
     assert out.tolist() == [[0, 2, 0, 4]]
     assert ahead.take(ir, settings) is None  # taken once
     assert ahead.take(broken, settings) is None  # it failed: the caller compiles
-    assert ahead.start(tmp_path, "one") == 2
+    assert ahead.start(folder, "one") == 2
     ahead.keep_only([ir.with_name("other.xml")])  # other weights: nothing of these is taken
     assert ahead.take(ir, settings) is None
-    (tmp_path / "openvino" / ahead.NOTE).write_text("{not json")
-    assert ahead.start(tmp_path, "one") == 0
-    assert not list((tmp_path / "openvino").glob(".*.tmp"))
+    (folder / ahead.NOTE).write_text("{not json")
+    assert ahead.start(folder, "one") == 0
+    assert not list(folder.glob(".*.tmp"))

@@ -33,19 +33,20 @@ def command_digest(task: str, values: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def _note_path(cache_dir: str | os.PathLike) -> Path:
-    return Path(cache_dir).expanduser() / "openvino" / NOTE
+def _note_path(folder: str | os.PathLike) -> Path:
+    return Path(folder) / NOTE
 
 
 def _key(ir: str | os.PathLike, settings: dict) -> tuple[str, str]:
     return str(Path(ir)), json.dumps(settings, sort_keys=True)
 
 
-def start(cache_dir: str | os.PathLike, digest: str) -> int:
-    """Begin compiling, on a thread, what the last command's note lists when it was the same
-    command. Returns how many models are being compiled (0: no note, or another command's)."""
+def start(folder: str | os.PathLike, digest: str) -> int:
+    """Begin compiling, on a thread, what the last command's note in `folder` (the OpenVINO
+    cache: `config.openvino_cache_dir`) lists when it was the same command. Returns how many
+    models are being compiled (0: no note, or another command's)."""
     try:
-        note = json.loads(_note_path(cache_dir).read_text(encoding="utf-8"))
+        note = json.loads(_note_path(folder).read_text(encoding="utf-8"))
         if note.get("digest") != digest:
             return 0
         jobs = [(Path(item["ir"]), dict(item["settings"]), str(item["blobs"]))
@@ -106,12 +107,12 @@ def keep_only(models: list[str | os.PathLike]) -> None:
             del _compiling[key]
 
 
-def remember(cache_dir: str | os.PathLike, digest: str, compiled: list[dict]) -> None:
-    """Leave the note for the next start of the same command: `compiled` lists the IRs its
-    calls compiled ({"ir", "settings", "blobs"}). Written whole or not at all."""
+def remember(folder: str | os.PathLike, digest: str, compiled: list[dict]) -> None:
+    """Leave the note in `folder` for the next start of the same command: `compiled` lists
+    the IRs its calls compiled ({"ir", "settings", "blobs"}). Written whole or not at all."""
     if not compiled:
         return
-    path = _note_path(cache_dir)
+    path = _note_path(folder)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(json.dumps({"digest": digest, "compiled": compiled}), encoding="utf-8")

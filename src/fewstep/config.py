@@ -469,6 +469,12 @@ def default_cache_dir() -> Path:
     return Path(base) / "fewstep" / "compile"
 
 
+def openvino_cache_dir(compile_cache: str | os.PathLike | None) -> Path:
+    """Where the converted OpenVINO models, their blobs and a command's note of what it
+    compiled are kept, for a `compile_cache` setting (None: the default folder)."""
+    return Path(compile_cache or default_cache_dir()).expanduser() / "openvino"
+
+
 def given(args: argparse.Namespace, cls: type[BaseSettings]) -> dict[str, Any]:
     """The fields of `cls` that were given as flags."""
     return {name: getattr(args, name) for name in cls.model_fields if hasattr(args, name)}

@@ -81,21 +81,21 @@ def compile_ahead(options, task: str, asked: dict) -> str:
     at its calls (`fewstep.ahead`); `asked`: the request's values that choose the shapes.
     Returns the command's digest, for `remember_compiled`."""
     from . import ahead
-    from .config import default_cache_dir
+    from .config import openvino_cache_dir
 
     # the folder too: references may be relative to it
     digest = ahead.command_digest(task, {"options": options.model_dump(mode="json"),
                                          "folder": os.getcwd(), **asked})
-    ahead.start(options.compile_cache or default_cache_dir(), digest)
+    ahead.start(openvino_cache_dir(options.compile_cache), digest)
     return digest
 
 
 def remember_compiled(engine, options, digest: str) -> None:
     """Note what this command compiled at its calls, for its next start (`compile_ahead`)."""
     from . import ahead
-    from .config import default_cache_dir
+    from .config import openvino_cache_dir
 
     parts = getattr(engine.fast_path, "openvino", None)
     if parts is not None and parts.compiled_static:
-        ahead.remember(options.compile_cache or default_cache_dir(), digest,
+        ahead.remember(openvino_cache_dir(options.compile_cache), digest,
                        parts.compiled_static)

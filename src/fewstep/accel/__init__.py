@@ -54,12 +54,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ..config import default_cache_dir, pick_dtype
+from ..config import default_cache_dir, openvino_cache_dir, pick_dtype
 from ..prompts import PromptCache
 from .compile import DEFAULT_SHAPES, AheadOfTimeCompiler, configure_compiling
 
@@ -313,8 +312,7 @@ class FastPath:
         self.openvino = OpenVINOParts(opts.openvino, sizes, batches, decoder=decoder,
                                       text=opts.openvino_text, weights=opts.openvino_weights,
                                       tiny_decoder=opts.tiny_vae is not None,
-                                      cache_dir=Path(opts.compile_cache_dir or
-                                                     default_cache_dir()) / "openvino")
+                                      cache_dir=openvino_cache_dir(opts.compile_cache_dir))
         done = self.openvino.install(engine, build=opts.openvino_build, progress=progress)
         self.report.seconds["openvino"] = time.perf_counter() - start
         return done

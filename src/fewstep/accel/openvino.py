@@ -367,8 +367,7 @@ class OpenVINOParts:
 
     def _defer(self, wanted: _Wanted) -> None:
         """Take a cached part without compiling it yet: its first call compiles it."""
-        inputs = wanted.inputs()
-        wanted.table[wanted.slot] = _Converted(None, tuple(tuple(x.shape[1:]) for x in inputs),
+        wanted.table[wanted.slot] = _Converted(None, _shapes(wanted.inputs()),
                                                path=self._path(wanted), wanted=wanted)
         self.cached[wanted.label] = True
 
@@ -416,7 +415,7 @@ class OpenVINOParts:
                                             "CPU", self._config)
         if load:
             request = compiled.create_infer_request()
-            converted = _Converted(request, tuple(tuple(x.shape[1:]) for x in inputs),
+            converted = _Converted(request, _shapes(inputs),
                                    path=path if self._cache is not None else None,
                                    wanted=wanted)
             batches = self.batches if wanted.size is not None else self.batches[:1]
@@ -695,6 +694,11 @@ def _text_output(module, first, hidden):
 
         return CLIPTextModelOutput(text_embeds=first, hidden_states=hidden)
     return BaseModelOutputWithPooling(last_hidden_state=first, hidden_states=hidden)
+
+
+def _shapes(inputs) -> tuple:
+    """Each input's shape without the batch dimension (what `_Converted.shapes` holds)."""
+    return tuple(tuple(x.shape[1:]) for x in inputs)
 
 
 def _batched(x: torch.Tensor, batch: int) -> torch.Tensor:
