@@ -40,7 +40,7 @@ def plan_call(request, model: ModelView) -> PipelineCall:
         raise ModelError(
             f"{model.model_ref!r} is an inpainting model (9-channel UNet): it runs the inpaint "
             f"task only, not {request.task!r}", field="model")
-    model.family.pipeline_class(request.task)  # a task the family has
+    model.family.check_task(request.task)  # a task the family has
     return request.describe(model)
 
 

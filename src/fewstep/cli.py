@@ -222,8 +222,6 @@ def run_task(args) -> int:
         "width", "height", "num_images", "guidance")})
     options = _options_for(options, task)
 
-    from .build import build_engine, inspect
-    from .logs import quiet_libraries
     from .outputs import check_record_fits, draft_record
     from .tasks import REQUESTS
 
@@ -235,6 +233,14 @@ def run_task(args) -> int:
                                         lcm_lora=options.lcm_lora, tiny_vae=options.tiny_vae))
     for warning in request.warnings():
         warn(warning)
+    result = _run_direct(options, digest, request, settings, args.quiet)
+    if result is not None:  # the same command again, on its converted models alone
+        _report(result, out)
+        return 0
+
+    from .build import build_engine, inspect
+    from .logs import quiet_libraries
+
     quiet_libraries()
     # every check that configs and file headers allow, then the call planned against them:
     # sizes, images and components are refused here, before anything loads
@@ -249,16 +255,42 @@ def run_task(args) -> int:
     if line:
         console.print(line, style="dim", highlight=False)
     result = _run(engine, call, quiet=args.quiet)
-    paths = _save(result, out)
-    for path in paths:
-        print(path)
-    console.print(f"[green]done[/] {len(paths)} file(s), seed {call.seed}, "
-                  f"{result.seconds:.2f} s")
+    _report(result, out)
     if args.prepare:
         prepare_after(engine, say=lambda text: console.print(text, style="dim",
                                                              highlight=False))
-    remember_compiled(engine, options, digest)
+    remember_compiled(engine, options, digest, call)
     return 0
+
+
+def _run_direct(options, digest: str, request, settings, quiet: bool):
+    """The result of `request` from `fewstep.direct` when the last run of the same command
+    left a plan that repeats it, else None (the engine runs it). A bad request is refused as
+    the engine's blueprint would refuse it."""
+    from . import direct
+    from .config import openvino_cache_dir
+
+    plan = direct.noted(openvino_cache_dir(options.compile_cache), digest)
+    if not direct.usable(plan, request):
+        return None
+    call = direct.plan_call(plan, request, settings)
+    console.print(plan["speed_line"], style="dim", highlight=False)
+    try:
+        with progress(quiet, call.task) as on_step:
+            return direct.run(plan, call, on_step)
+    except (OSError, RuntimeError) as exc:  # a cache file gone or unreadable since the check
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+        console.print(f"the converted models could not run alone ({why}); loading the model",
+                      style="dim", highlight=False)
+        return None
+
+
+def _report(result, out) -> None:
+    paths = _save(result, out)
+    for path in paths:
+        print(path)
+    console.print(f"[green]done[/] {len(paths)} file(s), seed {result.record.request['seed']}, "
+                  f"{result.seconds:.2f} s")
 
 
 def run_prepare(args) -> int:

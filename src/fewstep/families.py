@@ -41,16 +41,20 @@ class Family:
     sdxl_like: bool
     pipelines: Mapping[str, str]  # task -> diffusers pipeline class name
 
-    def pipeline_class(self, task: str):
-        import diffusers
-
+    def check_task(self, task: str) -> str:
+        """The name of the diffusers pipeline class that runs `task` (nothing imported)."""
         name = self.pipelines.get(task)
         if name is None:
             raise ModelError(
                 f"task {task!r} is not available for {self.title} models",
                 field="task",
             )
-        return getattr(diffusers, name)
+        return name
+
+    def pipeline_class(self, task: str):
+        import diffusers
+
+        return getattr(diffusers, self.check_task(task))
 
 
 SD15 = Family(

@@ -90,12 +90,14 @@ def compile_ahead(options, task: str, asked: dict) -> str:
     return digest
 
 
-def remember_compiled(engine, options, digest: str) -> None:
-    """Note what this command compiled at its calls, for its next start (`compile_ahead`)."""
-    from . import ahead
+def remember_compiled(engine, options, digest: str, call) -> None:
+    """Note what this command compiled at its calls, for its next start (`compile_ahead`),
+    and how `fewstep.direct` repeats `call` on the converted models alone."""
+    from . import ahead, direct
     from .config import openvino_cache_dir
 
     parts = getattr(engine.fast_path, "openvino", None)
     if parts is not None and parts.compiled_static:
         ahead.remember(openvino_cache_dir(options.compile_cache), digest,
-                       parts.compiled_static)
+                       parts.compiled_static,
+                       direct=direct.plan(engine, call, options, parts.compiled_static))

@@ -462,7 +462,8 @@ class OpenVINOParts:
 
         static = self._static_ir(path, arrays)
         blobs = self._static_marker(path, arrays).parent
-        entry = {"ir": str(static), "settings": self._config, "blobs": str(blobs)}
+        entry = {"ir": str(static), "settings": self._config, "blobs": str(blobs),
+                 "part": path.name.split("-")[0], "batch": int(arrays[0].shape[0])}
         if entry not in self.compiled_static:
             self.compiled_static.append(entry)  # what the same command compiles ahead next
         compiled = ahead.take(static, self._config)  # compiled while the command started
