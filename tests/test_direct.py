@@ -129,9 +129,14 @@ def test_guidance_and_hub_references_run_on_the_engine(tiny, tmp_path, cache, ru
     for _ in range(3):
         assert main([*common, "--guidance", "2"]) == 0
         assert runs[-1][0] == "engine" and "direct" not in _note(cache)
-    assert direct._files(type("Options", (), {
-        "model": "stable-diffusion-v1-5/stable-diffusion-v1-5", "model_config_dir": None,
-        "lcm_lora": str(tiny.lcm_sd15)})()) is None
+    def options(model, lcm_lora):
+        return type("Options", (), {"model": str(model), "model_config_dir": None,
+                                    "lcm_lora": str(lcm_lora)})()
+
+    assert direct._files(options(tiny.sd15, tiny.lcm_sd15))  # local: the files it depends on
+    assert direct._files(options("stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                 tiny.lcm_sd15)) is None
+    assert direct._files(options(tiny.sd15, "auto")) is None  # the family's LCM-LoRA (hub)
 
 
 def test_the_tokenizer_file_gives_the_pipelines_input_ids(tiny, tmp_path):

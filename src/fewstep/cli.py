@@ -274,11 +274,12 @@ def _run_direct(options, digest: str, request, settings, quiet: bool):
     if not direct.usable(plan, request):
         return None
     call = direct.plan_call(plan, request, settings)
-    console.print(plan["speed_line"], style="dim", highlight=False)
+    console.print(f"{plan['speed_line']}; the converted models alone", style="dim",
+                  highlight=False)
     try:
         with progress(quiet, call.task) as on_step:
             return direct.run(plan, call, on_step)
-    except (OSError, RuntimeError) as exc:  # a cache file gone or unreadable since the check
+    except Exception as exc:  # noqa: BLE001 - a cache file gone or broken since the check
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
         console.print(f"the converted models could not run alone ({why}); loading the model",
                       style="dim", highlight=False)
