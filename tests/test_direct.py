@@ -5,6 +5,7 @@ plan depends on changed, and when the loop cannot run."""
 from __future__ import annotations
 
 import json
+import locale
 import os
 import shutil
 import subprocess
@@ -21,11 +22,16 @@ from fewstep.records import read_record
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """The OpenVINO cache folder of commands run with the fast path on, as a user has it."""
+    """The OpenVINO cache folder of commands run with the fast path on, as a user has it.
+    Afterwards the process's locale is the one it had: the models compiled ahead on two
+    threads did not leave OpenVINO's "C" (set while it reads a blob), which makes Python read
+    files as ASCII."""
     pytest.importorskip("openvino")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("FEWSTEP_OPENVINO", "auto")  # the suite turns it off
-    return tmp_path / "cache" / "fewstep" / "compile" / "openvino"
+    before = locale.setlocale(locale.LC_ALL)
+    yield tmp_path / "cache" / "fewstep" / "compile" / "openvino"
+    assert locale.setlocale(locale.LC_ALL) == before
 
 
 @pytest.fixture

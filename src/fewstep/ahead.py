@@ -106,10 +106,13 @@ def _compile_group(ov, pairs) -> None:
         for _, future in pairs:
             future.set_exception(error)
         return
+    from .locale_guard import keeping_locale
+
     for (ir, settings, blobs), future in pairs:
         try:
             core.set_property({"CACHE_DIR": blobs})
-            future.set_result(core.compile_model(str(ir), "CPU", settings))
+            with keeping_locale():
+                future.set_result(core.compile_model(str(ir), "CPU", settings))
         except Exception as error:  # the call compiles it again, and says why
             future.set_exception(error)
 

@@ -351,11 +351,12 @@ class _Model:
             return compiled
         import openvino as ov
 
+        from .locale_guard import keeping_locale
         from .pages import releasing_blob_pages
 
         core = ov.Core()
         core.set_property({"CACHE_DIR": self.spec["blobs"]})
-        with releasing_blob_pages():
+        with releasing_blob_pages(), keeping_locale():
             return core.compile_model(ir, "CPU", settings)
 
 

@@ -35,6 +35,7 @@ from typing import Any, get_args
 import torch
 
 from ..config import OpenVINOMode
+from ..locale_guard import keeping_locale
 from ..pages import release_clean_file_pages, releasing_blob_pages
 
 MODES = get_args(OpenVINOMode)
@@ -411,8 +412,9 @@ class OpenVINOParts:
                 model = _save(model, path)
         # from the file's path: only then does OpenVINO reuse its compiled blob (seconds, not
         # the half minute a UNet takes to compile), and the weights stay mapped from the file
-        compiled = self._core.compile_model(str(model) if isinstance(model, Path) else model,
-                                            "CPU", self._config)
+        with keeping_locale():
+            compiled = self._core.compile_model(
+                str(model) if isinstance(model, Path) else model, "CPU", self._config)
         if load:
             request = compiled.create_infer_request()
             converted = _Converted(request, _shapes(inputs),
@@ -474,7 +476,8 @@ class OpenVINOParts:
             model.reshape({i: list(a.shape) for i, a in enumerate(arrays)})
             _save(model, static, weights=path.with_suffix(".bin"))
             del model
-        compiled = self._core.compile_model(str(static), "CPU", self._config)
+        with keeping_locale():
+            compiled = self._core.compile_model(str(static), "CPU", self._config)
         self._static_marker(path, arrays).touch()
         return compiled
 
@@ -488,7 +491,8 @@ class OpenVINOParts:
                 compiled = self._compile_static(converted.path, arrays)
             converted.batch = arrays[0].shape[0]
         else:
-            compiled = self._core.compile_model(str(converted.path), "CPU", self._config)
+            with keeping_locale():
+                compiled = self._core.compile_model(str(converted.path), "CPU", self._config)
             converted.batch = None
         converted.request = compiled.create_infer_request()
         converted.ran = False
