@@ -106,15 +106,21 @@ def _compile_group(ov, pairs) -> None:
         for _, future in pairs:
             future.set_exception(error)
         return
-    from .locale_guard import keeping_locale
-
     for (ir, settings, blobs), future in pairs:
         try:
-            core.set_property({"CACHE_DIR": blobs})
-            with keeping_locale():
-                future.set_result(core.compile_model(str(ir), "CPU", settings))
+            future.set_result(compile_ir(core, ir, settings, blobs))
         except Exception as error:  # the call compiles it again, and says why
             future.set_exception(error)
+
+
+def compile_ir(core, ir: str | os.PathLike, settings: dict, blobs: str):
+    """Compile the IR at `ir` on `core` (an `openvino.Core`) with `settings`, its blob kept in
+    (or read from) the folder `blobs`, keeping the process's locale."""
+    from .locale_guard import keeping_locale
+
+    core.set_property({"CACHE_DIR": blobs})
+    with keeping_locale():
+        return core.compile_model(str(ir), "CPU", settings)
 
 
 def _weights_size(ir: Path) -> int:
@@ -152,13 +158,12 @@ def remember(folder: str | os.PathLike, digest: str, compiled: list[dict],
     `fewstep.direct` needs to repeat it. Written whole or not at all."""
     if not compiled:
         return
-    path = _note_path(folder)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    from .outputs import write_atomically
+
     note = {"digest": digest, "compiled": compiled}
     if direct is not None:
         note["direct"] = direct
     try:
-        tmp.write_text(json.dumps(note), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomically([(_note_path(folder), json.dumps(note).encode("utf-8"))])
     except OSError:
-        tmp.unlink(missing_ok=True)  # a read-only cache: the next start compiles at its calls
+        pass  # a read-only cache: the next start compiles at its calls

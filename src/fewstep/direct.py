@@ -174,13 +174,15 @@ def _save_tokenizer(tokenizer, cache: Path) -> dict[str, Any]:
     padding and truncation the pipeline asks for."""
     from tokenizers import Tokenizer
 
+    from .outputs import write_atomically
+
     backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     backend.no_padding()
     backend.no_truncation()
     text = backend.to_str()
     path = cache / f"tokenizer-{hashlib.sha256(text.encode()).hexdigest()[:20]}.json"
     if not path.is_file():
-        _write_atomically(path, text.encode())
+        write_atomically([(path, text.encode())])
     return {"file": str(path), "length": int(tokenizer.model_max_length),
             "pad_id": int(tokenizer.pad_token_id), "pad_token": str(tokenizer.pad_token),
             "padding_side": tokenizer.padding_side,
@@ -190,6 +192,8 @@ def _save_tokenizer(tokenizer, cache: Path) -> dict[str, Any]:
 def _save_post_quant_conv(vae, cache: Path) -> str | None:
     import torch
     from safetensors.torch import save
+
+    from .outputs import write_atomically
 
     conv = vae.post_quant_conv
     if conv is None:
@@ -201,17 +205,8 @@ def _save_post_quant_conv(vae, cache: Path) -> str | None:
     data = save(tensors)
     path = cache / f"post_quant_conv-{hashlib.sha256(data).hexdigest()[:20]}.safetensors"
     if not path.is_file():
-        _write_atomically(path, data)
+        write_atomically([(path, data)])
     return str(path)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -- the loop, for the same command again ----------------------------------------------------
@@ -351,13 +346,10 @@ class _Model:
             return compiled
         import openvino as ov
 
-        from .locale_guard import keeping_locale
         from .pages import releasing_blob_pages
 
-        core = ov.Core()
-        core.set_property({"CACHE_DIR": self.spec["blobs"]})
-        with releasing_blob_pages(), keeping_locale():
-            return core.compile_model(ir, "CPU", settings)
+        with releasing_blob_pages():
+            return ahead.compile_ir(ov.Core(), ir, settings, self.spec["blobs"])
 
 
 def noted(folder: str | os.PathLike, digest: str) -> dict | None:

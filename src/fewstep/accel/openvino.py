@@ -412,9 +412,7 @@ class OpenVINOParts:
                 model = _save(model, path)
         # from the file's path: only then does OpenVINO reuse its compiled blob (seconds, not
         # the half minute a UNet takes to compile), and the weights stay mapped from the file
-        with keeping_locale():
-            compiled = self._core.compile_model(
-                str(model) if isinstance(model, Path) else model, "CPU", self._config)
+        compiled = self._compile(model)
         if load:
             request = compiled.create_infer_request()
             converted = _Converted(request, _shapes(inputs),
@@ -455,6 +453,13 @@ class OpenVINOParts:
         shape = "_".join("x".join(map(str, a.shape)) or "s" for a in arrays)
         return path.with_name(f"{path.stem}.{shape}.xml")
 
+    def _compile(self, model):
+        """Compile `model` (an IR's path, or a model in memory) with this engine's settings,
+        keeping the process's locale (`fewstep.locale_guard`)."""
+        with keeping_locale():
+            return self._core.compile_model(str(model) if isinstance(model, Path) else model,
+                                            "CPU", self._config)
+
     def _compile_static(self, path: Path, arrays):
         """Compile the IR at `path` for exactly the shapes of `arrays`, into the blob cache.
         Written as an IR of its own (its .bin a link to the weights of `path`): OpenVINO
@@ -476,8 +481,7 @@ class OpenVINOParts:
             model.reshape({i: list(a.shape) for i, a in enumerate(arrays)})
             _save(model, static, weights=path.with_suffix(".bin"))
             del model
-        with keeping_locale():
-            compiled = self._core.compile_model(str(static), "CPU", self._config)
+        compiled = self._compile(static)
         self._static_marker(path, arrays).touch()
         return compiled
 
@@ -491,8 +495,7 @@ class OpenVINOParts:
                 compiled = self._compile_static(converted.path, arrays)
             converted.batch = arrays[0].shape[0]
         else:
-            with keeping_locale():
-                compiled = self._core.compile_model(str(converted.path), "CPU", self._config)
+            compiled = self._compile(converted.path)
             converted.batch = None
         converted.request = compiled.create_infer_request()
         converted.ran = False
