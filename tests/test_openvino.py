@@ -130,6 +130,24 @@ def test_controlnet_residuals_and_other_sizes_run_on_torch(sd15, tiny):
     assert np.abs(images - _txt2img(plain, size=SIZE + 16)).max() <= TOL
 
 
+def test_converted_upsamplings_run_as_phase_convolutions(sd15):
+    """The converted UNet and decoder double their images without a doubled tensor
+    (`fewstep.accel.subpixel`): no Interpolate in their graphs, and each upsampling's
+    convolution became four. The pictures are checked above."""
+    plain, _, cache = sd15
+    for part, module in (("unet", plain.base.unet), ("decoder", plain.base.vae.decoder)):
+        upsamplings = sum(type(m).__name__ == "Upsample2D" for m in module.modules())
+        convolutions = sum(isinstance(m, torch.nn.Conv2d) and "lora_" not in name
+                           for name, m in module.named_modules())  # (LoRAs earlier tests load)
+        assert upsamplings  # the tiny models have some to rewrite
+        graphs = list((cache / "openvino").glob(f"{part}-*.xml"))
+        assert graphs
+        for graph in graphs:
+            text = graph.read_text(encoding="utf-8")
+            assert 'type="Interpolate"' not in text, graph.name
+            assert text.count('type="Convolution"') == convolutions + 3 * upsamplings, graph.name
+
+
 def test_converted_models_are_reused_from_disk_and_keyed_by_weights(sd15, tiny):
     _, first, cache = sd15
     assert not any(first.fast_path.openvino.cached.values())  # converted on the first start

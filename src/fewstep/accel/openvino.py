@@ -18,6 +18,9 @@ How it is used, and why:
 * OpenVINO keeps the weights as constants. A request with a LoRA stack (written into torch's
   weights in place) or with ControlNet / T2I-Adapter residuals, an undeclared size or a longer
   prompt embedding runs on torch, at once: the converted models serve the base model only.
+* Their 2x upsamplings (nearest, then a 3x3 convolution) are converted as four 2x2
+  convolutions (`fewstep.accel.subpixel`): the same function in 4/9 of those layers' work,
+  13 % off the decoder and 10 % off a UNet step.
 * `f32` keeps the recipe's pictures (within 1e-4); `bf16` (the `fastest` preset, on CPUs with
   AVX512-BF16 or AMX) is approximate, as torch's bf16 is.
 """
@@ -37,8 +40,12 @@ import torch
 from ..config import OpenVINOMode
 from ..locale_guard import keeping_locale
 from ..pages import release_clean_file_pages, releasing_blob_pages
+from .subpixel import rewritten_upsampling
 
 MODES = get_args(OpenVINOMode)
+# in the keys of the converted UNets and decoders: their graphs run each 2x upsampling as four
+# 2x2 convolutions (`subpixel`), so a cache converted before holds other graphs
+_GRAPH = "+upsampling:phases"
 HOOK_NAME = "fewstep.openvino"  # in diffusers' hook registry of the UNet and the VAE decoder
 # the UNet keyword arguments a converted model cannot take (it has no inputs for them)
 _UNET_EXTRAS = ("class_labels", "timestep_cond", "attention_mask", "down_block_additional_residuals",
@@ -324,7 +331,7 @@ class OpenVINOParts:
         sdxl = engine.family.sdxl_like
         scale = base.vae_scale_factor
         lcm = "" if engine.baked else f"+lcm:{engine.pending_lcm}"
-        unet_key = _digest(fingerprint(unet) + lcm)
+        unet_key = _digest(fingerprint(unet) + lcm + _GRAPH)
         wanted = []
         for width, height in self.sizes:
             latent = (height // scale, width // scale)
@@ -335,7 +342,7 @@ class OpenVINOParts:
             if self.decoder:
                 channels = base.vae.config.latent_channels
                 wanted.append(_Wanted(
-                    "decoder", fingerprint(decoder), (width, height),
+                    "decoder", _digest(fingerprint(decoder) + _GRAPH), (width, height),
                     lambda: _DecoderGraph(decoder),
                     lambda latent=latent: (torch.zeros(1, channels, *latent),),
                     self.vae_models, latent))
@@ -396,12 +403,14 @@ class OpenVINOParts:
             shapes = [ov.PartialShape([-1, *x.shape[1:]]) if x.dim() else ov.PartialShape([])
                       for x in inputs]
             types = [ov.Type.i64 if x.dtype == torch.int64 else ov.Type.f32 for x in inputs]
-            with torch.no_grad(), warnings.catch_warnings():
+            graph = wanted.make()
+            with torch.no_grad(), warnings.catch_warnings(), rewritten_upsampling(graph):
                 # the trace's shape branches: the size is fixed per model; the batch-dependent
                 # ones in diffusers' upsampling only choose a memory layout
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                model = ov.convert_model(wanted.make(), example_input=inputs,
+                model = ov.convert_model(graph, example_input=inputs,
                                          input=list(zip(shapes, types)))
+            del graph
             if self._compressed(wanted):
                 import nncf
 
