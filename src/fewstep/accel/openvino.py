@@ -1,7 +1,8 @@
 """OpenVINO for the UNet and the VAE decoder on a CPU (optional: `pip install fewstep[openvino]`).
 
-On the CPUs measured here OpenVINO's CPU plugin runs the float32 SD1.5 UNet about 1.7x and the
-VAE decoder about 1.25x faster than torch, at differences of 1e-5 (`benchmarks/README.md`).
+On two AMD EPYC cores OpenVINO's CPU plugin runs the float32 SD1.5 UNet about 2.2x and the VAE
+decoder about 1.4x faster than torch at 256x256 (with the upsampling below), at differences of
+1e-5 (`benchmarks/README.md`).
 
 How it is used, and why:
 
