@@ -10,8 +10,10 @@ tensor in between. Up to the rounding of the summed weights (1e-6 of the outputs
 same function.
 
 The VAE decoder spends 28 % of its work in these layers, the SD1.5 UNet 10 %. Measured on two
-EPYC cores in OpenVINO at float32, 512x512: the decoder 11.85 s -> 10.25 s, a UNet step
-4.24 s -> 3.79 s. fewstep uses it only for the graphs it converts (`rewritten_upsampling`),
+EPYC cores in OpenVINO at float32: at 512x512 the decoder 11.85 s -> 10.25 s and a UNet step
+4.24 s -> 3.79 s (converted with fixed shapes; the engine's IR, converted with a free batch,
+4.0 s); in `fewstep bench` at 256x256 the decoder 3.03 s -> 2.51 s and a UNet step
+0.97 s -> 0.84 s. fewstep uses it only for the graphs it converts (`rewritten_upsampling`),
 never in torch's own modules, whose pixels stay the recipe's bit for bit.
 """
 
