@@ -411,7 +411,6 @@ class OpenVINOParts:
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 model = ov.convert_model(graph, example_input=inputs,
                                          input=list(zip(shapes, types)))
-            del graph
             if self._compressed(wanted):
                 import nncf
 

@@ -83,11 +83,10 @@ def rewritten_upsampling(module: torch.nn.Module):
     convolutions (for a trace or a conversion); its own forward is back afterwards."""
     patched = []
     try:
-        with torch.no_grad():
-            for child in module.modules():
-                if eligible(child) and "forward" not in vars(child):
-                    child.forward = _phase_forward(child, phase_kernels(child.conv.weight))
-                    patched.append(child)
+        for child in module.modules():
+            if eligible(child) and "forward" not in vars(child):
+                child.forward = _phase_forward(child, phase_kernels(child.conv.weight))
+                patched.append(child)
         yield len(patched)
     finally:
         for child in patched:
